@@ -1,0 +1,118 @@
+"""Shared pieces of the clipops benchmarks: timing statistics, the machine's
+measured copy bandwidth, and result files under bench/results/."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def summarize(times_s: Sequence[float]) -> dict:
+    """Median and spread of repeated timings, in seconds."""
+    t = sorted(times_s)
+    q = lambda p: t[min(len(t) - 1, int(round(p * (len(t) - 1))))]  # noqa: E731
+    return {
+        "median_s": statistics.median(t),
+        "p10_s": q(0.10),
+        "p90_s": q(0.90),
+        "min_s": t[0],
+        "repeats": len(t),
+    }
+
+
+def time_calls(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20,
+               min_time_s: float = 0.0, sync: Callable[[object], None] | None = None) -> dict:
+    """Times fn() after warm-up; `sync` forces completion of fn's result
+    (for example `lambda r: r[1].numpy()`), so lazy work is counted."""
+    sync = sync or (lambda r: None)
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return summarize(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 7) -> dict:
+    """Host memory copy bandwidth with all cores: bytes read + written per second.
+
+    NumPy's copy is single-threaded, so the buffer is split across one thread
+    per core (NumPy releases the GIL while copying)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = os.cpu_count() or 1
+    n = nbytes // 4
+    src = np.ones(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    bounds = np.linspace(0, n, threads + 1).astype(np.int64)
+
+    def part(k: int) -> None:
+        np.copyto(dst[bounds[k]:bounds[k + 1]], src[bounds[k]:bounds[k + 1]])
+
+    with ThreadPoolExecutor(threads) as pool:
+        def run() -> None:
+            list(pool.map(part, range(threads)))
+        stats = time_calls(run, warmup=2, repeats=repeats)
+    moved = 2 * nbytes  # read + write
+    return {"gbs": moved / stats["median_s"] / 1e9, "threads": threads, "bytes": nbytes, **stats}
+
+
+def machine_info() -> dict:
+    """The machine and versions, recorded beside every result."""
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "numpy": np.__version__,
+    }
+    for mod in ("tensorflow", "cupy", "torch", "jax", "optax"):
+        if mod in sys.modules:
+            info[mod] = getattr(sys.modules[mod], "__version__", "?")
+    try:
+        import clipops
+        info["clipops"] = clipops.__version__
+        info["clipops_build"] = clipops.build_info()
+    except Exception as exc:  # the benchmark may time only the peers
+        info["clipops"] = f"unavailable: {exc}"
+    try:
+        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except Exception:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """Writes payload as bench/results/<name>.json (or under out_dir)."""
+    out_dir = Path(out_dir) if out_dir else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    return path

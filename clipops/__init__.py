@@ -1,0 +1,43 @@
+"""clipops: fused global-norm gradient clipping.
+
+One pass (one CUDA launch on a GPU) computes the global norm of a whole list of
+tensors and scales every tensor, with TensorFlow's formula::
+
+    import clipops
+    grads, norm = clipops.clip_by_global_norm(grads, 15.0)  # tf.clip_by_global_norm
+    norm = clipops.global_norm(grads)                        # tf.linalg.global_norm
+
+Front ends, one core (csrc/core):
+  - clipops.clip_by_global_norm / clipops.global_norm: TensorFlow op (clipops.tensorflow)
+  - clipops.numpy: NumPy arrays on the CPU
+  - clipops.cupy: CuPy (and any __cuda_array_interface__ / DLPack) arrays on a GPU
+
+TensorFlow and CuPy are imported only when their front end is used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["clip_by_global_norm", "global_norm", "build_info", "__version__"]
+
+
+def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
+    """Drop-in for ``tf.clip_by_global_norm``; see clipops.tensorflow."""
+    from . import tensorflow as _tf
+
+    return _tf.clip_by_global_norm(t_list, clip_norm, use_norm=use_norm, name=name)
+
+
+def global_norm(t_list, name=None):
+    """Drop-in for ``tf.linalg.global_norm``; see clipops.tensorflow."""
+    from . import tensorflow as _tf
+
+    return _tf.global_norm(t_list, name=name)
+
+
+def build_info() -> dict:
+    """What this installation was built with (CUDA, architectures, TensorFlow)."""
+    from . import _build_info as b
+
+    return {"with_cuda": b.WITH_CUDA, "cuda_architectures": b.CUDA_ARCHITECTURES,
+            "with_tf": b.WITH_TF, "tf_version": b.TF_VERSION}

@@ -1,0 +1,55 @@
+"""Argument checks and dtype codes shared by the front ends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
+DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
+
+
+def load_core():
+    """The compiled pybind11 core, or an ImportError that says what to do."""
+    try:
+        from . import _core
+    except ImportError as exc:
+        raise ImportError(
+            "clipops' compiled core (clipops._core) is missing. Build and install the package "
+            "with `pip install --no-build-isolation .`, and import it from outside the source "
+            "tree (a `clipops/` folder in the current directory shadows the installed one)."
+        ) from exc
+    return _core
+
+
+def check_list(t_list) -> list:
+    """TF's rule: a sequence, not a string; returned as a list."""
+    if not isinstance(t_list, Sequence) or isinstance(t_list, (str, bytes)):
+        raise TypeError(f"`t_list` should be a sequence of tensors. Received {type(t_list)}.")
+    return list(t_list)
+
+
+def dtype_code(name: str, index: int) -> int:
+    try:
+        return DTYPE_CODES[name]
+    except KeyError:
+        raise TypeError(
+            f"t_list[{index}] has dtype {name}; clipops clips float16, bfloat16, float32 "
+            "and float64 tensors only") from None
+
+
+def norm_dtype_code(codes: list[int]) -> int:
+    """The norm's dtype: the list's own, or float32 for a mixed list."""
+    if not codes:
+        raise ValueError("t_list has no tensors (only None entries, or empty): "
+                         "there is no global norm to compute")
+    return codes[0] if all(c == codes[0] for c in codes) else DTYPE_CODES["float32"]
+
+
+def check_scalar(value, what: str):
+    """A Python number or a 0-d array-like; returns it unchanged."""
+    shape = getattr(value, "shape", ())
+    if tuple(shape) != ():
+        raise ValueError(f"{what} must be a scalar, got shape {tuple(shape)}")
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{what} must be a number or a 0-d array, got {type(value).__name__}")
+    return value

@@ -1,0 +1,175 @@
+"""TensorFlow front end: drop-ins for tf.clip_by_global_norm and
+tf.linalg.global_norm, backed by one fused custom op (csrc/tf/).
+
+Where clipops deliberately differs from TensorFlow (README, "Differences"):
+  - the sum of squares is accumulated in float32 or better, so float16 and
+    bfloat16 lists do not overflow where TF's own sum does;
+  - a list may mix float16, bfloat16, float32 and float64 (TF raises); the
+    norm of a mixed list is float32;
+  - clip_norm and use_norm may be tensors of any float dtype; they are cast to
+    the norm's dtype (TF raises on a mismatch);
+  - tensors on different devices raise ValueError instead of being copied.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+from . import _build_info, _common
+
+__all__ = ["clip_by_global_norm", "global_norm"]
+
+_TF_DTYPES = {0: tf.float16, 1: tf.bfloat16, 2: tf.float32, 3: tf.float64}
+
+
+def _load_op_library():
+    if not _build_info.WITH_TF:
+        raise ImportError(
+            "clipops was built without its TensorFlow op (TensorFlow was not importable at build "
+            "time). Reinstall with `pip install --no-build-isolation .` in an environment that "
+            "has tensorflow; clipops.numpy and clipops.cupy work without it.")
+    if tf.__version__ != _build_info.TF_VERSION:
+        raise ImportError(
+            f"clipops' TensorFlow op was compiled against TensorFlow {_build_info.TF_VERSION}, "
+            f"but TensorFlow {tf.__version__} is installed, and TF's C++ ABI changes between "
+            f"releases. Install tensorflow=={_build_info.TF_VERSION} or rebuild clipops with "
+            "`pip install --no-build-isolation --force-reinstall .`.")
+    return tf.load_op_library(os.path.join(os.path.dirname(__file__), "_clipops_tf.so"))
+
+
+_ops = _load_op_library()
+
+
+def _values(t_list: list):
+    """The non-None entries as tensors (IndexedSlices give their values), with
+    their positions and the norm dtype; raises on bad input."""
+    values, positions, codes = [], [], []
+    eager = tf.executing_eagerly()
+    device = None
+    for i, t in enumerate(t_list):
+        if t is None:
+            continue
+        v = t.values if isinstance(t, tf.IndexedSlices) else t
+        if not isinstance(v, (tf.Tensor, tf.Variable)):
+            v = tf.convert_to_tensor(v)
+        code = _common.DTYPE_CODES.get(v.dtype.name)
+        if code is None:
+            _common.dtype_code(v.dtype.name, i)  # raises TypeError naming it
+        if eager:
+            if device is None:
+                device = (i, v.device)
+            elif v.device != device[1]:
+                raise ValueError(
+                    f"t_list[{i}] is on {v.device} but t_list[{device[0]}] is on {device[1]}; "
+                    "clipops runs one kernel over the whole list, so every tensor must be on "
+                    "one device (move them first, e.g. with tf.identity under tf.device)")
+        values.append(v)
+        positions.append(i)
+        codes.append(code)
+    return values, positions, _common.norm_dtype_code(codes)
+
+
+def _scalar(value, dtype: tf.DType, what: str) -> tf.Tensor:
+    """clip_norm / use_norm as a scalar tensor of the norm dtype."""
+    _common.check_scalar(value, what)
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        if not value.dtype.is_floating:
+            raise TypeError(f"{what} must be a float, got a {value.dtype.name} tensor")
+        return value if value.dtype == dtype else tf.cast(value, dtype)
+    return tf.convert_to_tensor(value, dtype=dtype)
+
+
+def _rebuild(t_list: list, positions: list, outputs: list) -> list:
+    result = [None] * len(t_list)
+    for i, out in zip(positions, outputs):
+        t = t_list[i]
+        result[i] = tf.IndexedSlices(out, t.indices, t.dense_shape) \
+            if isinstance(t, tf.IndexedSlices) else out
+    return result
+
+
+def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
+    """Clips values of multiple tensors by the ratio of the sum of their norms.
+
+    Same signature and results as ``tf.clip_by_global_norm``: returns
+    ``(list_clipped, global_norm)``, where ``t_list[i] * clip_norm /
+    max(global_norm, clip_norm)`` is computed with TF's formula in the norm's
+    dtype, in one fused pass. A non-finite norm makes every output NaN. None
+    entries stay None; IndexedSlices keep their indices and dense_shape.
+
+    Args:
+      t_list: a sequence of Tensors, IndexedSlices or None (float16, bfloat16,
+        float32 or float64; dtypes may be mixed).
+      clip_norm: a scalar, Python number or tensor, > 0.
+      use_norm: optional scalar: the global norm to use instead of computing it;
+        it is returned as the norm.
+      name: optional name scope.
+
+    Raises:
+      TypeError: t_list is not a sequence, or holds a non-float tensor.
+      ValueError: the list has no tensors, a scalar argument is not a scalar, or
+        (eagerly) the tensors are on different devices.
+    """
+    t_list = _common.check_list(t_list)
+    with tf.name_scope(name or "clip_by_global_norm"):
+        values, positions, code = _values(t_list)
+        dtype = _TF_DTYPES[code]
+        clip = _scalar(clip_norm, dtype, "clip_norm")
+        given = use_norm is not None
+        use = _scalar(use_norm, dtype, "use_norm") if given else tf.zeros((), dtype)
+        clipped, norm = _ops.clipops_clip_by_global_norm(
+            t_list=values, clip_norm=clip, use_norm=use, use_given=given)
+    return _rebuild(t_list, positions, clipped), norm
+
+
+def global_norm(t_list, name=None):
+    """``tf.linalg.global_norm``: sqrt(sum of squares of all elements), with
+    the sum accumulated in float32 or better. None entries are ignored."""
+    t_list = _common.check_list(t_list)
+    with tf.name_scope(name or "global_norm"):
+        values, _, code = _values(t_list)
+        return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
+
+
+# ---- gradients: the chain rule of TF's own formula ---------------------------
+# y_i = s * t_i with s = c * min(1/n, 1/c) and n = ||t||. TF's minimum sends the
+# gradient to 1/n on ties (less_equal), so the clipped branch is 1/n <= 1/c.
+
+def _dot(grads, tensors, dtype):
+    terms = [tf.reduce_sum(tf.cast(g, dtype) * tf.cast(t, dtype))
+             for g, t in zip(grads, tensors) if g is not None]
+    return tf.add_n(terms) if terms else tf.zeros((), dtype)
+
+
+@tf.RegisterGradient("ClipopsClipByGlobalNorm")
+def _clip_by_global_norm_grad(op, *grads):
+    n = len(op.inputs) - 2
+    tensors, clip, norm = op.inputs[:n], op.inputs[n], op.outputs[n]
+    g_out, g_norm = grads[:n], grads[n]
+    dtype = norm.dtype
+    inv_n, inv_c = 1.0 / norm, 1.0 / clip
+    on_norm = inv_n <= inv_c
+    scale = clip * tf.minimum(inv_n, inv_c)
+    dot = _dot(g_out, tensors, dtype)
+    # d s / d n and d s / d c, on the branch TF's minimum picks
+    ds_dn = tf.where(on_norm, -clip * inv_n * inv_n, tf.zeros_like(norm))
+    ds_dc = tf.where(on_norm, inv_n, tf.zeros_like(norm))
+    g_n = dot * ds_dn + (g_norm if g_norm is not None else 0.0)
+    given = op.get_attr("use_given")
+    g_t = []
+    for t, g in zip(tensors, g_out):
+        gt = tf.zeros_like(t) if g is None else g * tf.cast(scale, t.dtype)
+        if not given:  # n depends on t: d n / d t = t / n
+            gt = gt + t * tf.cast(g_n * inv_n, t.dtype)
+        g_t.append(gt)
+    g_use = g_n if given else None
+    return g_t + [dot * ds_dc, g_use]
+
+
+@tf.RegisterGradient("ClipopsGlobalNorm")
+def _global_norm_grad(op, g_norm):
+    norm = op.outputs[0]
+    factor = g_norm / norm
+    return [t * tf.cast(factor, t.dtype) for t in op.inputs]

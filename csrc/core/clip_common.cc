@@ -1,0 +1,123 @@
+// Host-side pieces shared by the CPU kernel and the CUDA launcher.
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+#include "clipops.h"
+
+namespace clipops {
+
+using detail::kChunk;
+
+int norm_dtype_of(const TensorDesc* tensors, int num_tensors) {
+  if (num_tensors == 0) return kFloat32;
+  const int first = tensors[0].dtype;
+  for (int i = 1; i < num_tensors; ++i)
+    if (tensors[i].dtype != first) return kFloat32;
+  return first;
+}
+
+int64_t num_work_items(const TensorDesc* tensors, int num_tensors) {
+  int64_t items = 0;
+  for (int i = 0; i < num_tensors; ++i) items += (tensors[i].numel + kChunk - 1) / kChunk;
+  return items;
+}
+
+namespace {
+
+std::string where(int i) { return "tensor " + std::to_string(i) + ": "; }
+
+struct Range {
+  uintptr_t begin, end;
+  int index;
+  bool written;  // an output, or an input clipped in place
+};
+
+// A written range must not overlap any other range: scaling one tensor would
+// change another's data mid-call. Read-only inputs may share memory.
+Status check_overlaps(const TensorDesc* tensors, int num_tensors) {
+  std::vector<Range> ranges;
+  ranges.reserve(2 * static_cast<size_t>(num_tensors));
+  for (int i = 0; i < num_tensors; ++i) {
+    const TensorDesc& t = tensors[i];
+    if (t.numel == 0) continue;
+    const uintptr_t bytes = static_cast<uintptr_t>(t.numel) * detail::dtype_size(t.dtype);
+    const auto in = reinterpret_cast<uintptr_t>(t.in);
+    const auto out = reinterpret_cast<uintptr_t>(t.out);
+    ranges.push_back({in, in + bytes, i, t.out == t.in});
+    if (t.out != nullptr && t.out != t.in) ranges.push_back({out, out + bytes, i, true});
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  // Sweep in address order, remembering the furthest end of any earlier range
+  // and of any earlier written range: an overlap with either is a conflict.
+  const Range* far_any = nullptr;
+  const Range* far_written = nullptr;
+  for (const Range& r : ranges) {
+    const Range* hit = nullptr;
+    if (far_written != nullptr && r.begin < far_written->end) hit = far_written;
+    else if (r.written && far_any != nullptr && r.begin < far_any->end) hit = far_any;
+    if (hit != nullptr)
+      return Status::Error("tensors " + std::to_string(std::min(hit->index, r.index)) + " and " +
+                           std::to_string(std::max(hit->index, r.index)) +
+                           " share memory that would be written; pass each buffer once, "
+                           "and outputs that alias no other tensor");
+    if (far_any == nullptr || r.end > far_any->end) far_any = &r;
+    if (r.written && (far_written == nullptr || r.end > far_written->end)) far_written = &r;
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args) {
+  if (num_tensors < 0) return Status::Error("the number of tensors is negative");
+  if (num_tensors > 0 && tensors == nullptr) return Status::Error("the tensor list is null");
+  if (args.norm_dtype < kFloat16 || args.norm_dtype > kFloat64)
+    return Status::Error("unsupported norm dtype code " + std::to_string(args.norm_dtype));
+  if (args.norm_dtype != norm_dtype_of(tensors, num_tensors))
+    return Status::Error("the norm dtype must be the list's dtype, or float32 for a mixed list");
+  for (int i = 0; i < num_tensors; ++i) {
+    const TensorDesc& t = tensors[i];
+    if (t.dtype < kFloat16 || t.dtype > kFloat64)
+      return Status::Error(where(i) + "unsupported dtype code " + std::to_string(t.dtype) +
+                           " (float16, bfloat16, float32 and float64 are supported)");
+    if (t.numel < 0) return Status::Error(where(i) + "negative element count");
+    if (t.numel > 0 && t.in == nullptr) return Status::Error(where(i) + "null input pointer");
+    if (args.scale && t.numel > 0 && t.out == nullptr)
+      return Status::Error(where(i) + "null output pointer");
+  }
+  if (args.check_overlap && args.scale) return check_overlaps(tensors, num_tensors);
+  return Status::Ok();
+}
+
+ParallelFor default_parallel_for() {
+  return [](int64_t n, int64_t cost_per_item,
+            const std::function<void(int64_t, int64_t)>& fn) {
+    const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+    // Starting a thread costs tens of microseconds: only worth it for ~1 ms of work.
+    const int64_t by_cost = (n * std::max<int64_t>(cost_per_item, 1)) / 500000;
+    const int64_t threads = std::min({hw, n, std::max<int64_t>(by_cost, 1)});
+    if (threads <= 1) {
+      if (n > 0) fn(0, n);
+      return;
+    }
+    std::vector<std::thread> pool;
+    pool.reserve(threads - 1);
+    for (int64_t k = 1; k < threads; ++k)
+      pool.emplace_back([&fn, n, threads, k] { fn(n * k / threads, n * (k + 1) / threads); });
+    fn(0, n / threads);
+    for (auto& th : pool) th.join();
+  };
+}
+
+#if !defined(CLIPOPS_WITH_CUDA)
+bool cuda_compiled() { return false; }
+size_t cuda_workspace_bytes(const TensorDesc*, int) { return 0; }
+Status clip_by_global_norm_cuda(const TensorDesc*, int, const ClipArgs&, void*, size_t,
+                                cudaStream_t) {
+  return Status::Error("clipops was built without CUDA (nvcc was not found at build time)");
+}
+#endif
+
+}  // namespace clipops

@@ -1,0 +1,137 @@
+// The CPU kernel: the reduction order of clip_math.h, spread over threads by
+// work item. Built with -ffp-contract=off so no FMA changes the bits.
+#include <algorithm>
+#include <vector>
+
+#include "clipops.h"
+
+namespace clipops {
+namespace {
+
+using namespace detail;
+
+// Sum of squares of one chunk (count <= kChunk elements), lane by lane.
+template <int DT>
+double chunk_sumsq(const typename Storage<DT>::type* x, int64_t count) {
+  using Acc = typename Storage<DT>::acc;
+  const int used = static_cast<int>(std::min<int64_t>(count, kLanes));
+  Acc lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, Acc(0));
+  for (int64_t base = 0; base < count; base += kLanes) {
+    const typename Storage<DT>::type* row = x + base;
+    const int m = static_cast<int>(std::min<int64_t>(kLanes, count - base));
+    // independent lanes: the compiler vectorizes this without reassociating
+    for (int j = 0; j < m; ++j) lanes[j] = add_square(lanes[j], to_acc<DT>(row[j]));
+  }
+  double v[kThreads];
+  const int active = (used + kLanesPerThread - 1) / kLanesPerThread;
+  for (int t = 0; t < active; ++t) {
+    const Acc* l = lanes + kLanesPerThread * t;
+    v[t] = add_d(add_d(static_cast<double>(l[0]), static_cast<double>(l[1])),
+                 add_d(static_cast<double>(l[2]), static_cast<double>(l[3])));
+  }
+  std::fill(v + active, v + kThreads, 0.0);  // adding +0.0 is exact: same bits as the GPU
+  return halving_tree(v);
+}
+
+template <int DT>
+void scale_chunk(const typename Storage<DT>::type* in, typename Storage<DT>::type* out,
+                 int64_t count, const Scaler<DT>& scaler) {
+  for (int64_t i = 0; i < count; ++i) out[i] = scaler(in[i]);
+}
+
+// Calls fn(tensor, first element, count) for every work item in [begin, end).
+template <typename Fn>
+void for_items(const TensorDesc* tensors, const std::vector<int64_t>& first_item,
+               int64_t begin, int64_t end, Fn&& fn) {
+  // the last tensor whose first item is <= begin (empty tensors own no item)
+  int t = static_cast<int>(std::upper_bound(first_item.begin(), first_item.end(), begin) -
+                           first_item.begin()) - 1;
+  for (int64_t w = begin; w < end; ++w) {
+    while (w >= first_item[t + 1]) ++t;
+    const int64_t offset = (w - first_item[t]) * kChunk;
+    fn(tensors[t], offset, std::min<int64_t>(kChunk, tensors[t].numel - offset), w);
+  }
+}
+
+template <typename Fn>
+auto dispatch(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case kFloat16: return fn(std::integral_constant<int, kFloat16>());
+    case kBFloat16: return fn(std::integral_constant<int, kBFloat16>());
+    case kFloat32: return fn(std::integral_constant<int, kFloat32>());
+    default: return fn(std::integral_constant<int, kFloat64>());
+  }
+}
+
+double read_host_scalar(const Scalar& s) { return s.value; }
+
+void write_norm(void* out, double norm, int dtype) {
+  switch (dtype) {
+    case kFloat16: *static_cast<unsigned short*>(out) = float_to_half(static_cast<float>(norm)); break;
+    case kBFloat16: *static_cast<unsigned short*>(out) = float_to_bf16(static_cast<float>(norm)); break;
+    case kFloat32: *static_cast<float*>(out) = static_cast<float>(norm); break;
+    default: *static_cast<double*>(out) = norm;
+  }
+}
+
+// Roughly nanoseconds per element per pass, for the thread pool's sharding.
+constexpr int64_t kCostPerItem = kChunk / 2;
+
+}  // namespace
+
+Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
+                               const ClipArgs& args, const ParallelFor& parallel_for) {
+  Status status = validate(tensors, num_tensors, args);
+  if (!status.ok) return status;
+  if (args.clip_norm.device_ptr != nullptr || args.use_norm.device_ptr != nullptr)
+    return Status::Error("the CPU kernel takes clip_norm and use_norm as host values");
+
+  // first_item[t] = index of tensor t's first work item; first_item[n] = total
+  std::vector<int64_t> first_item(num_tensors + 1, 0);
+  for (int t = 0; t < num_tensors; ++t)
+    first_item[t + 1] = first_item[t] + (tensors[t].numel + kChunk - 1) / kChunk;
+  const int64_t items = first_item[num_tensors];
+
+  double norm;
+  if (args.has_use_norm) {
+    norm = read_host_scalar(args.use_norm);
+  } else {
+    // partials are summed in a fixed order, so the norm is bitwise reproducible
+    std::vector<double> partials(items);
+    parallel_for(items, kCostPerItem, [&](int64_t begin, int64_t end) {
+      for_items(tensors, first_item, begin, end,
+                [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t w) {
+                  partials[w] = dispatch(t.dtype, [&](auto dt) {
+                    using T = typename Storage<decltype(dt)::value>::type;
+                    return chunk_sumsq<decltype(dt)::value>(static_cast<const T*>(t.in) + offset,
+                                                            count);
+                  });
+                });
+    });
+    double u[kThreads] = {};
+    for (int64_t w = 0; w < items; ++w) u[w % kThreads] = add_d(u[w % kThreads], partials[w]);
+    norm = norm_from_sumsq(halving_tree(u), args.norm_dtype);
+  }
+  if (args.norm_out != nullptr) write_norm(args.norm_out, norm, args.norm_dtype);
+  if (!args.scale) return Status::Ok();
+
+  const double scale = clip_scale(norm, read_host_scalar(args.clip_norm), args.norm_dtype);
+  parallel_for(items, kCostPerItem, [&](int64_t begin, int64_t end) {
+    for_items(tensors, first_item, begin, end,
+              [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t) {
+                dispatch(t.dtype, [&](auto dt) {
+                  constexpr int DT = decltype(dt)::value;
+                  using T = typename Storage<DT>::type;
+                  const Scaler<DT> scaler(scale);
+                  // a forwarded buffer that needs no clipping is left untouched
+                  if (t.out == t.in && scaler.is_one()) return;
+                  scale_chunk<DT>(static_cast<const T*>(t.in) + offset,
+                                  static_cast<T*>(t.out) + offset, count, scaler);
+                });
+              });
+  });
+  return Status::Ok();
+}
+
+}  // namespace clipops

@@ -1,0 +1,271 @@
+// Scalar arithmetic and the reduction order shared by every clipops kernel.
+//
+// This one file is compiled by g++ (the CPU kernel), by nvcc (the CUDA kernel)
+// and by NVRTC at run time (the CuPy fallback), so the three produce the same
+// bits. It therefore includes nothing: NVRTC has no standard library.
+//
+// THE REDUCTION ORDER (identical on every device; see README "Reduction order")
+//   1. Each tensor is cut into work items ("chunks") of kChunk elements.
+//   2. Within a chunk, lane j (0 <= j < kLanes) sums the squares of elements
+//      j, j + kLanes, j + 2*kLanes, ... in increasing order. A lane accumulates
+//      in float for half/bfloat16/float inputs (at most kChunk/kLanes = 16 terms,
+//      so the relative error stays below 1e-6) and in double for double inputs.
+//      Squares and sums are separately rounded: no fused multiply-add.
+//   3. Lanes 4t..4t+3 become the value of "thread" t in double:
+//      (l0 + l1) + (l2 + l3). The kThreads values are then folded by a halving
+//      tree: for s = kThreads/2 .. 1, v[t] += v[t + s] for t < s. The chunk's
+//      partial is v[0].
+//   4. The partials, numbered tensor by tensor and chunk by chunk, are summed
+//      in double the same way: thread t sums partials t, t + kThreads, ... in
+//      increasing order, then the halving tree. The global norm is the
+//      correctly rounded sqrt of that sum, rounded to float and then, for a
+//      half or bfloat16 norm, to that type.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define CLIPOPS_HD __host__ __device__ __forceinline__
+#else
+#define CLIPOPS_HD inline
+#endif
+
+namespace clipops {
+
+// dtype codes shared by the C++ API, the kernels and the Python adapters.
+enum DTypeCode : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+namespace detail {
+
+constexpr long long kChunk = 16384;   // elements per work item
+constexpr int kLanes = 1024;          // accumulators per chunk
+constexpr int kThreads = 256;         // CUDA block size; thread t owns lanes 4t..4t+3
+constexpr int kLanesPerThread = kLanes / kThreads;
+constexpr int kRowsPerChunk = static_cast<int>(kChunk / kLanes);
+static_assert(kLanesPerThread == 4, "the kernels load four lanes per thread");
+
+CLIPOPS_HD int dtype_size(int dtype) {
+  return dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
+}
+
+// ---- bit casts ---------------------------------------------------------------
+CLIPOPS_HD unsigned int float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  unsigned int u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+CLIPOPS_HD float bits_float(unsigned int u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// ---- IEEE operations with an explicit rounding (never contracted to FMA) ------
+CLIPOPS_HD float mul_f(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;  // the CPU kernel is built with -ffp-contract=off
+#endif
+}
+CLIPOPS_HD float add_f(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+CLIPOPS_HD float div_f(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+CLIPOPS_HD double mul_d(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+CLIPOPS_HD double add_d(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+CLIPOPS_HD double div_d(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+CLIPOPS_HD double sqrt_d(double a) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(a);
+#else
+  return __builtin_sqrt(a);  // IEEE correctly rounded
+#endif
+}
+CLIPOPS_HD float double_to_float(double a) {
+#if defined(__CUDA_ARCH__)
+  return __double2float_rn(a);
+#else
+  return static_cast<float>(a);
+#endif
+}
+
+// ---- half and bfloat16, in integer arithmetic so every compiler agrees ---------
+CLIPOPS_HD float half_to_float(unsigned short h) {
+  const unsigned int sign = (static_cast<unsigned int>(h) & 0x8000u) << 16;
+  const unsigned int exp = (h >> 10) & 0x1fu;
+  const unsigned int man = h & 0x3ffu;
+  if (exp == 0x1fu) return bits_float(sign | 0x7f800000u | (man << 13));  // inf, nan
+  if (exp == 0u) {
+    // zero or subnormal: man * 2^-24, exact in float
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// float -> half, round to nearest even; overflow gives inf, nan stays nan.
+CLIPOPS_HD unsigned short float_to_half(float f) {
+  const unsigned int x = float_bits(f);
+  const unsigned int sign = (x >> 16) & 0x8000u;
+  unsigned int ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<unsigned short>(sign | 0x7e00u);  // nan
+  if (ax >= 0x477ff000u) return static_cast<unsigned short>(sign | 0x7c00u);  // >= 65520: inf
+  if (ax < 0x38800000u) {
+    // below 2^-14: half subnormal. Adding 0.5f rounds |f| to a multiple of
+    // 2^-24 (the ulp of [0.5, 1)), which is exactly the half subnormal step.
+    const float r = add_f(bits_float(ax), 0.5f);
+    return static_cast<unsigned short>(sign | (float_bits(r) - 0x3f000000u));
+  }
+  // normal: rebias the exponent by -112 and round the 13 dropped bits to even
+  ax += 0xc8000fffu + ((ax >> 13) & 1u);
+  return static_cast<unsigned short>(sign | (ax >> 13));
+}
+
+CLIPOPS_HD float bf16_to_float(unsigned short b) {
+  return bits_float(static_cast<unsigned int>(b) << 16);
+}
+
+CLIPOPS_HD unsigned short float_to_bf16(float f) {
+  unsigned int x = float_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (x & 0x80000000u) ? 0xffc0u : 0x7fc0u;
+  x += 0x7fffu + ((x >> 16) & 1u);  // round to nearest even
+  return static_cast<unsigned short>(x >> 16);
+}
+
+// Round a float to the precision of a 16-bit norm dtype (identity for float).
+CLIPOPS_HD float round_to(float x, int dtype) {
+  if (dtype == kFloat16) return half_to_float(float_to_half(x));
+  if (dtype == kBFloat16) return bf16_to_float(float_to_bf16(x));
+  return x;
+}
+
+// ---- TensorFlow's clip scale, op for op ----------------------------------------
+// TF computes  clip * min(1/norm, 1/clip) + (norm - norm)  in the norm's dtype.
+// A half or bfloat16 op is a float op rounded to that type (float has more than
+// twice their precision, so the double rounding is exact). min is Eigen's
+// `b < a ? b : a`. A non-finite norm makes the scale NaN.
+CLIPOPS_HD float tf_scale_f(float norm, float clip, int norm_dtype) {
+  const float a = round_to(div_f(1.0f, norm), norm_dtype);
+  const float b = round_to(div_f(1.0f, clip), norm_dtype);
+  const float m = (b < a) ? b : a;
+  const float s = round_to(mul_f(clip, m), norm_dtype);
+  const float z = round_to(add_f(norm, -norm), norm_dtype);
+  return round_to(add_f(s, z), norm_dtype);
+}
+
+CLIPOPS_HD double tf_scale_d(double norm, double clip) {
+  const double a = div_d(1.0, norm);
+  const double b = div_d(1.0, clip);
+  const double m = (b < a) ? b : a;
+  return add_d(mul_d(clip, m), add_d(norm, -norm));
+}
+
+// The global norm from the sum of squares, in the norm dtype (held in a double).
+CLIPOPS_HD double norm_from_sumsq(double sumsq, int norm_dtype) {
+  const double n = sqrt_d(sumsq);
+  if (norm_dtype == kFloat64) return n;
+  return static_cast<double>(round_to(double_to_float(n), norm_dtype));
+}
+
+// The scale in the norm dtype (held in a double), from values of that dtype.
+CLIPOPS_HD double clip_scale(double norm, double clip, int norm_dtype) {
+  if (norm_dtype == kFloat64) return tf_scale_d(norm, clip);
+  return static_cast<double>(
+      tf_scale_f(double_to_float(norm), double_to_float(clip), norm_dtype));
+}
+
+// ---- one element ---------------------------------------------------------------
+// Every kernel moves elements as raw bits of their storage type.
+template <int DT> struct Storage;
+template <> struct Storage<kFloat16> { typedef unsigned short type; typedef float acc; };
+template <> struct Storage<kBFloat16> { typedef unsigned short type; typedef float acc; };
+template <> struct Storage<kFloat32> { typedef float type; typedef float acc; };
+template <> struct Storage<kFloat64> { typedef double type; typedef double acc; };
+
+template <int DT> CLIPOPS_HD typename Storage<DT>::acc to_acc(typename Storage<DT>::type v);
+template <> CLIPOPS_HD float to_acc<kFloat16>(unsigned short v) { return half_to_float(v); }
+template <> CLIPOPS_HD float to_acc<kBFloat16>(unsigned short v) { return bf16_to_float(v); }
+template <> CLIPOPS_HD float to_acc<kFloat32>(float v) { return v; }
+template <> CLIPOPS_HD double to_acc<kFloat64>(double v) { return v; }
+
+// lane += v*v, rounded twice (the order every device follows)
+CLIPOPS_HD float add_square(float lane, float v) { return add_f(lane, mul_f(v, v)); }
+CLIPOPS_HD double add_square(double lane, double v) { return add_d(lane, mul_d(v, v)); }
+
+// The scale cast to a tensor's dtype, as TF's `math_ops.cast(scale, v.dtype)`.
+template <int DT> struct Scaler;
+template <> struct Scaler<kFloat16> {
+  float s;
+  CLIPOPS_HD explicit Scaler(double scale) : s(half_to_float(float_to_half(double_to_float(scale)))) {}
+  CLIPOPS_HD unsigned short operator()(unsigned short v) const {
+    return float_to_half(mul_f(half_to_float(v), s));  // exact product, one rounding
+  }
+  CLIPOPS_HD bool is_one() const { return s == 1.0f; }
+};
+template <> struct Scaler<kBFloat16> {
+  float s;
+  CLIPOPS_HD explicit Scaler(double scale) : s(bf16_to_float(float_to_bf16(double_to_float(scale)))) {}
+  CLIPOPS_HD unsigned short operator()(unsigned short v) const {
+    return float_to_bf16(mul_f(bf16_to_float(v), s));
+  }
+  CLIPOPS_HD bool is_one() const { return s == 1.0f; }
+};
+template <> struct Scaler<kFloat32> {
+  float s;
+  CLIPOPS_HD explicit Scaler(double scale) : s(double_to_float(scale)) {}
+  CLIPOPS_HD float operator()(float v) const { return mul_f(v, s); }
+  CLIPOPS_HD bool is_one() const { return s == 1.0f; }
+};
+template <> struct Scaler<kFloat64> {
+  double s;
+  CLIPOPS_HD explicit Scaler(double scale) : s(scale) {}
+  CLIPOPS_HD double operator()(double v) const { return mul_d(v, s); }
+  CLIPOPS_HD bool is_one() const { return s == 1.0; }
+};
+
+// Fold kThreads values in place with the halving tree of step 3/4 (host side;
+// the CUDA kernel does the same folds across its threads).
+CLIPOPS_HD double halving_tree(double* v) {
+  for (int s = kThreads / 2; s > 0; s >>= 1)
+    for (int t = 0; t < s; ++t) v[t] = add_d(v[t], v[t + s]);
+  return v[0];
+}
+
+}  // namespace detail
+}  // namespace clipops

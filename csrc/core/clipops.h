@@ -1,0 +1,105 @@
+// clipops core API: fused global-norm gradient clipping over a list of tensors.
+//
+// Framework-free: no TensorFlow, pybind11 or CuPy here. Adapters turn their
+// tensors into TensorDesc and call one of the two entry points below. Both
+// follow the reduction order documented in clip_math.h, so CPU and CUDA
+// results are bitwise equal.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "clip_math.h"
+
+// The CUDA runtime's own declaration, repeated so this header needs no CUDA.
+typedef struct CUstream_st* cudaStream_t;
+
+namespace clipops {
+
+// One tensor of the list. `out` may equal `in` (clip in place, or a buffer the
+// framework forwarded); it must not overlap any other tensor's input or output.
+struct TensorDesc {
+  const void* in = nullptr;  // numel elements of `dtype`, contiguous
+  void* out = nullptr;       // numel elements, or nullptr for "norm only"
+  int64_t numel = 0;
+  int dtype = kFloat32;      // a DTypeCode
+};
+
+// A scalar argument: a host value, or (CUDA only) a device pointer to one
+// element of the norm dtype, read by the kernel so the host never waits.
+struct Scalar {
+  double value = 0.0;
+  const void* device_ptr = nullptr;
+};
+
+// What to compute. The norm dtype is the list's dtype, or float32 for a list
+// of mixed dtypes (see norm_dtype_of).
+struct ClipArgs {
+  int norm_dtype = kFloat32;
+  bool scale = true;       // false: compute the global norm only
+  Scalar clip_norm;        // the clip threshold, exactly representable in norm_dtype
+  bool has_use_norm = false;
+  Scalar use_norm;         // replaces the computed norm when has_use_norm
+  void* norm_out = nullptr;  // one element of norm_dtype (host for CPU, device for CUDA); may be null
+  bool check_overlap = true;  // false when the caller allocated every output itself
+};
+
+// Success, or a message naming what is wrong with the input.
+struct Status {
+  bool ok = true;
+  std::string message;
+  static Status Ok() { return {}; }
+  static Status Error(std::string m) { return {false, std::move(m)}; }
+};
+
+// The dtype of the returned norm: the common dtype, or float32 if mixed.
+int norm_dtype_of(const TensorDesc* tensors, int num_tensors);
+
+// Number of work items (chunks) of a list, the length of the partials array.
+int64_t num_work_items(const TensorDesc* tensors, int num_tensors);
+
+// Checks dtypes, sizes, pointers and (if args.check_overlap) that no output
+// overlaps another tensor. Both entry points call it before touching data.
+Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args);
+
+// ---- CPU -------------------------------------------------------------------
+// Runs fn(begin, end) over [0, n) split into pieces; adapters supply their
+// framework's thread pool. cost_per_item is in nanoseconds, a sharding hint.
+using ParallelFor =
+    std::function<void(int64_t n, int64_t cost_per_item,
+                       const std::function<void(int64_t begin, int64_t end)>& fn)>;
+
+// A ParallelFor on std::thread, one thread per core for large lists.
+ParallelFor default_parallel_for();
+
+// Computes the global norm and (if args.scale) writes every scaled tensor.
+// \param[in] tensors      the list; host memory
+// \param[in] num_tensors  its length (may be 0: the norm is then 0)
+// \param[in] args         norm dtype, clip_norm, use_norm; host scalars only
+// \param[in] parallel_for how to spread work items over threads
+// \return an error status on invalid input; nothing is written then
+Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
+                               const ClipArgs& args, const ParallelFor& parallel_for);
+
+// ---- CUDA ------------------------------------------------------------------
+// True when this build has the CUDA kernel compiled in.
+bool cuda_compiled();
+
+// Bytes of device workspace clip_by_global_norm_cuda needs for this list.
+size_t cuda_workspace_bytes(const TensorDesc* tensors, int num_tensors);
+
+// One cooperative kernel launch on `stream`: norm, then scale. Never waits for
+// the device. Returns an error for invalid input or a failed launch.
+// \param[in] tensors          the list; device pointers, host array
+// \param[in] num_tensors      its length
+// \param[in] args             as for the CPU; norm_out is a device pointer
+// \param[in] workspace        cuda_workspace_bytes() of device memory, 16-byte aligned
+// \param[in] workspace_bytes  its size
+// \param[in] stream           the caller's stream
+Status clip_by_global_norm_cuda(const TensorDesc* tensors, int num_tensors,
+                                const ClipArgs& args, void* workspace,
+                                size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace clipops

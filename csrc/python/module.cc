@@ -1,0 +1,117 @@
+// pybind11 adapter: exposes the core to the NumPy and CuPy front ends
+// (clipops/numpy.py, clipops/cupy.py). It takes raw pointers so that it needs
+// neither NumPy's nor CuPy's headers; the Python side keeps the arrays alive.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "clipops.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// (input address, output address or 0, element count, dtype code)
+using Desc = std::tuple<uintptr_t, uintptr_t, int64_t, int>;
+
+std::vector<clipops::TensorDesc> to_descs(const std::vector<Desc>& descs) {
+  std::vector<clipops::TensorDesc> out(descs.size());
+  for (size_t i = 0; i < descs.size(); ++i) {
+    out[i].in = reinterpret_cast<const void*>(std::get<0>(descs[i]));
+    out[i].out = reinterpret_cast<void*>(std::get<1>(descs[i]));
+    out[i].numel = std::get<2>(descs[i]);
+    out[i].dtype = std::get<3>(descs[i]);
+  }
+  return out;
+}
+
+clipops::ClipArgs to_args(int norm_dtype, bool scale, double clip, uintptr_t clip_ptr,
+                          std::optional<double> use_norm, uintptr_t use_ptr,
+                          uintptr_t norm_out, bool check_overlap) {
+  clipops::ClipArgs a;
+  a.norm_dtype = norm_dtype;
+  a.scale = scale;
+  a.clip_norm = {clip, reinterpret_cast<const void*>(clip_ptr)};
+  a.has_use_norm = use_norm.has_value() || use_ptr != 0;
+  a.use_norm = {use_norm.value_or(0.0), reinterpret_cast<const void*>(use_ptr)};
+  a.norm_out = reinterpret_cast<void*>(norm_out);
+  a.check_overlap = check_overlap;
+  return a;
+}
+
+void raise_if_error(const clipops::Status& s) {
+  if (!s.ok) throw py::value_error(s.message);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "clipops core: fused global-norm clipping (CPU and CUDA), framework-free";
+  m.attr("CHUNK") = clipops::detail::kChunk;
+  m.attr("LANES") = clipops::detail::kLanes;
+  m.attr("THREADS") = clipops::detail::kThreads;
+  m.attr("DTYPE_CODES") = py::dict(py::arg("float16") = int(clipops::kFloat16),
+                                   py::arg("bfloat16") = int(clipops::kBFloat16),
+                                   py::arg("float32") = int(clipops::kFloat32),
+                                   py::arg("float64") = int(clipops::kFloat64));
+
+  m.def("cuda_compiled", &clipops::cuda_compiled,
+        "True when the CUDA kernel was compiled into this build.");
+
+  m.def(
+      "norm_dtype_of",
+      [](const std::vector<int>& dtypes) {
+        std::vector<clipops::TensorDesc> d(dtypes.size());
+        for (size_t i = 0; i < d.size(); ++i) d[i].dtype = dtypes[i];
+        return clipops::norm_dtype_of(d.data(), static_cast<int>(d.size()));
+      },
+      py::arg("dtype_codes"), "The norm's dtype code: the common dtype, or float32 if mixed.");
+
+  m.def(
+      "clip_cpu",
+      [](const std::vector<Desc>& descs, int norm_dtype, bool scale, double clip_norm,
+         std::optional<double> use_norm, uintptr_t norm_out, bool check_overlap) {
+        const auto t = to_descs(descs);
+        const auto args = to_args(norm_dtype, scale, clip_norm, 0, use_norm, 0, norm_out, check_overlap);
+        clipops::Status s;
+        {
+          py::gil_scoped_release release;
+          s = clipops::clip_by_global_norm_cpu(t.data(), static_cast<int>(t.size()), args,
+                                               clipops::default_parallel_for());
+        }
+        raise_if_error(s);
+      },
+      py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),
+      py::arg("use_norm"), py::arg("norm_out"), py::arg("check_overlap") = true,
+      "Run the CPU kernel over host buffers; raises ValueError on invalid input.");
+
+  m.def(
+      "cuda_workspace_bytes",
+      [](const std::vector<Desc>& descs) {
+        const auto t = to_descs(descs);
+        return clipops::cuda_workspace_bytes(t.data(), static_cast<int>(t.size()));
+      },
+      py::arg("descs"), "Device workspace bytes clip_cuda needs for this list.");
+
+  m.def(
+      "clip_cuda",
+      [](const std::vector<Desc>& descs, int norm_dtype, bool scale, double clip_norm,
+         uintptr_t clip_ptr, std::optional<double> use_norm, uintptr_t use_ptr,
+         uintptr_t norm_out, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
+         bool check_overlap) {
+        const auto t = to_descs(descs);
+        const auto args =
+            to_args(norm_dtype, scale, clip_norm, clip_ptr, use_norm, use_ptr, norm_out, check_overlap);
+        raise_if_error(clipops::clip_by_global_norm_cuda(
+            t.data(), static_cast<int>(t.size()), args, reinterpret_cast<void*>(workspace),
+            workspace_bytes, reinterpret_cast<cudaStream_t>(stream)));
+      },
+      py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),
+      py::arg("clip_ptr"), py::arg("use_norm"), py::arg("use_ptr"), py::arg("norm_out"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      py::arg("check_overlap") = true,
+      "One cooperative launch on `stream` over device buffers; never waits for the GPU.");
+}

@@ -1,0 +1,146 @@
+// TensorFlow kernels: turn the op's tensors into core descriptors and call the
+// core (csrc/core/clipops.h). CPU and GPU share everything but the last call.
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+
+#if defined(CLIPOPS_WITH_CUDA)
+#include "xla/stream_executor/stream.h"
+#endif
+
+#include "clipops.h"
+
+namespace {
+
+using tensorflow::DataType;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+
+int DTypeCode(DataType dt) {
+  switch (dt) {
+    case tensorflow::DT_HALF: return clipops::kFloat16;
+    case tensorflow::DT_BFLOAT16: return clipops::kBFloat16;
+    case tensorflow::DT_FLOAT: return clipops::kFloat32;
+    default: return clipops::kFloat64;  // the op's attrs admit nothing else
+  }
+}
+
+double ScalarValue(const Tensor& t) {
+  switch (t.dtype()) {
+    case tensorflow::DT_HALF: return static_cast<float>(t.scalar<Eigen::half>()());
+    case tensorflow::DT_BFLOAT16: return static_cast<float>(t.scalar<Eigen::bfloat16>()());
+    case tensorflow::DT_FLOAT: return t.scalar<float>()();
+    default: return t.scalar<double>()();
+  }
+}
+
+enum class Device { kCpu, kGpu };
+
+// kClip: ClipopsClipByGlobalNorm; otherwise ClipopsGlobalNorm.
+template <Device kDevice, bool kClip>
+class ClipByGlobalNormOp : public OpKernel {
+ public:
+  explicit ClipByGlobalNormOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    if (kClip) OP_REQUIRES_OK(ctx, ctx->GetAttr("use_given", &use_given_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::OpInputList inputs;
+    OP_REQUIRES_OK(ctx, ctx->input_list("t_list", &inputs));
+    const int n = inputs.size();
+    std::vector<clipops::TensorDesc> descs(n);
+    for (int i = 0; i < n; ++i) {
+      const Tensor& t = inputs[i];
+      descs[i].in = t.data();
+      descs[i].numel = t.NumElements();
+      descs[i].dtype = DTypeCode(t.dtype());
+    }
+
+    clipops::ClipArgs args;
+    args.norm_dtype = clipops::norm_dtype_of(descs.data(), n);
+    args.scale = kClip;
+    args.check_overlap = false;  // TF allocated (or forwarded) every output itself
+    if (kClip) {
+      const Tensor& clip = ctx->input(n);
+      const Tensor& use = ctx->input(n + 1);
+      OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(clip.shape()),
+                  absl::InvalidArgumentError("clip_norm must be a scalar, got shape " +
+                                             clip.shape().DebugString()));
+      OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(use.shape()),
+                  absl::InvalidArgumentError("use_norm must be a scalar, got shape " +
+                                             use.shape().DebugString()));
+      args.clip_norm.value = ScalarValue(clip);
+      args.has_use_norm = use_given_;
+      args.use_norm.value = ScalarValue(use);
+      for (int i = 0; i < n; ++i) {
+        Tensor* out = nullptr;
+        // reuse the gradient's buffer when nothing else holds it
+        OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({i}, i, inputs[i].shape(), &out));
+        descs[i].out = out->data();
+      }
+    }
+    Tensor* norm = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(kClip ? n : 0, {}, &norm));
+    args.norm_out = norm->data();
+
+    clipops::Status status;
+    if constexpr (kDevice == Device::kCpu) {
+      auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+      clipops::ParallelFor parallel_for =
+          [pool](int64_t items, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {
+            pool->ParallelFor(items, tsl::thread::ThreadPool::SchedulingParams::Adaptive(cost), fn);
+          };
+      status = clipops::clip_by_global_norm_cpu(descs.data(), n, args, parallel_for);
+    } else {
+#if defined(CLIPOPS_WITH_CUDA)
+      const size_t bytes = clipops::cuda_workspace_bytes(descs.data(), n);
+      Tensor workspace;
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8,
+                                             {static_cast<int64_t>(bytes)}, &workspace));
+      auto* stream = static_cast<cudaStream_t>(
+          ctx->op_device_context()->stream()->platform_specific_handle().stream);
+      status = clipops::clip_by_global_norm_cuda(descs.data(), n, args,
+                                                 workspace.data(),
+                                                 bytes, stream);
+#endif
+    }
+    OP_REQUIRES(ctx, status.ok, absl::InvalidArgumentError(status.message));
+  }
+
+ private:
+  bool use_given_ = false;
+};
+
+#define CLIPOPS_REGISTER_CPU(T)                                                         \
+  REGISTER_KERNEL_BUILDER(                                                              \
+      Name("ClipopsClipByGlobalNorm").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("Tnorm"), \
+      (ClipByGlobalNormOp<Device::kCpu, true>));                                        \
+  REGISTER_KERNEL_BUILDER(                                                              \
+      Name("ClipopsGlobalNorm").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("Tnorm"), \
+      (ClipByGlobalNormOp<Device::kCpu, false>));
+CLIPOPS_REGISTER_CPU(Eigen::half)
+CLIPOPS_REGISTER_CPU(Eigen::bfloat16)
+CLIPOPS_REGISTER_CPU(float)
+CLIPOPS_REGISTER_CPU(double)
+
+#if defined(CLIPOPS_WITH_CUDA)
+// clip_norm and use_norm stay on the host: the kernel takes them by value.
+#define CLIPOPS_REGISTER_GPU(T)                                                         \
+  REGISTER_KERNEL_BUILDER(Name("ClipopsClipByGlobalNorm")                               \
+                              .Device(tensorflow::DEVICE_GPU)                           \
+                              .TypeConstraint<T>("Tnorm")                               \
+                              .HostMemory("clip_norm")                                  \
+                              .HostMemory("use_norm"),                                  \
+                          (ClipByGlobalNormOp<Device::kGpu, true>));                    \
+  REGISTER_KERNEL_BUILDER(                                                              \
+      Name("ClipopsGlobalNorm").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("Tnorm"), \
+      (ClipByGlobalNormOp<Device::kGpu, false>));
+CLIPOPS_REGISTER_GPU(Eigen::half)
+CLIPOPS_REGISTER_GPU(Eigen::bfloat16)
+CLIPOPS_REGISTER_GPU(float)
+CLIPOPS_REGISTER_GPU(double)
+#endif
+
+}  // namespace

@@ -1,0 +1,47 @@
+// Op definitions of the TensorFlow adapter. The kernels are in
+// clip_by_global_norm_kernels.cc; the Python wrapper is clipops/tensorflow.py.
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace {
+
+using tensorflow::shape_inference::InferenceContext;
+using tensorflow::shape_inference::ShapeHandle;
+
+absl::Status ClipShape(InferenceContext* c) {
+  const int n = c->num_inputs() - 2;  // t_list..., clip_norm, use_norm
+  ShapeHandle scalar;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(n), 0, &scalar));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(n + 1), 0, &scalar));
+  for (int i = 0; i < n; ++i) c->set_output(i, c->input(i));
+  c->set_output(n, c->Scalar());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// Tnorm is the list's dtype, or float32 when the list mixes dtypes.
+REGISTER_OP("ClipopsClipByGlobalNorm")
+    .Input("t_list: T")
+    .Input("clip_norm: Tnorm")
+    .Input("use_norm: Tnorm")
+    .Output("clipped: T")
+    .Output("global_norm: Tnorm")
+    .Attr("T: list({half, bfloat16, float, double}) >= 1")
+    .Attr("Tnorm: {half, bfloat16, float, double}")
+    .Attr("use_given: bool = false")
+    .SetShapeFn(ClipShape)
+    .Doc(R"doc(
+Scales every tensor of t_list by clip_norm / max(global_norm, clip_norm) in one
+fused pass, with TensorFlow's clip_by_global_norm formula. When use_given is
+true, use_norm replaces the computed global norm and is returned.
+)doc");
+
+REGISTER_OP("ClipopsGlobalNorm")
+    .Input("t_list: T")
+    .Output("global_norm: Tnorm")
+    .Attr("T: list({half, bfloat16, float, double}) >= 1")
+    .Attr("Tnorm: {half, bfloat16, float, double}")
+    .SetShapeFn(tensorflow::shape_inference::ScalarShape)
+    .Doc("sqrt of the sum of squares of every element of t_list, accumulated in float32 or better.");
