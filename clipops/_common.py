@@ -48,6 +48,8 @@ def norm_dtype_code(codes: list[int]) -> int:
 def check_scalar(value, what: str):
     """A Python number or a 0-d array-like; returns it unchanged."""
     shape = getattr(value, "shape", ())
+    if getattr(shape, "rank", 0) is None:
+        return value  # a graph tensor of unknown rank: the op's kernel checks it
     if tuple(shape) != ():
         raise ValueError(f"{what} must be a scalar, got shape {tuple(shape)}")
     if isinstance(value, (str, bytes)) or value is None:

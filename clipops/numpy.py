@@ -73,6 +73,6 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
     descs = [(a.ctypes.data, o.ctypes.data, a.size, c) for (_, a, c), o in zip(present, outs)]
     _common.load_core().clip_cpu(descs, norm_code, True, clip, use, norm.ctypes.data)
     result = [None] * len(arrays)
-    for (i, a, _), o in zip(present, outs):
-        result[i] = o.reshape(a.shape)
+    for (i, _, _), o in zip(present, outs):
+        result[i] = o  # in place: the caller's own array object
     return result, norm

@@ -71,8 +71,21 @@ def _values(t_list: list):
     return values, positions, _common.norm_dtype_code(codes)
 
 
+# Eager calls reuse scalar tensors: building one costs more than the whole clip
+# of a small list. Keyed by (Python number, dtype); bounded.
+_EAGER_SCALARS: dict = {}
+
+
 def _scalar(value, dtype: tf.DType, what: str) -> tf.Tensor:
     """clip_norm / use_norm as a scalar tensor of the norm dtype."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and tf.executing_eagerly():
+        key = (value, dtype)
+        cached = _EAGER_SCALARS.get(key)
+        if cached is None:
+            if len(_EAGER_SCALARS) >= 256:
+                _EAGER_SCALARS.clear()
+            cached = _EAGER_SCALARS[key] = tf.constant(value, dtype)
+        return cached
     _common.check_scalar(value, what)
     if isinstance(value, (tf.Tensor, tf.Variable)):
         if not value.dtype.is_floating:
@@ -113,14 +126,20 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
         (eagerly) the tensors are on different devices.
     """
     t_list = _common.check_list(t_list)
+    if tf.executing_eagerly():  # name scopes do nothing eagerly, and cost time
+        return _clip(t_list, clip_norm, use_norm)
     with tf.name_scope(name or "clip_by_global_norm"):
-        values, positions, code = _values(t_list)
-        dtype = _TF_DTYPES[code]
-        clip = _scalar(clip_norm, dtype, "clip_norm")
-        given = use_norm is not None
-        use = _scalar(use_norm, dtype, "use_norm") if given else tf.zeros((), dtype)
-        clipped, norm = _ops.clipops_clip_by_global_norm(
-            t_list=values, clip_norm=clip, use_norm=use, use_given=given)
+        return _clip(t_list, clip_norm, use_norm)
+
+
+def _clip(t_list: list, clip_norm, use_norm):
+    values, positions, code = _values(t_list)
+    dtype = _TF_DTYPES[code]
+    clip = _scalar(clip_norm, dtype, "clip_norm")
+    given = use_norm is not None
+    use = _scalar(use_norm if given else 0.0, dtype, "use_norm")
+    clipped, norm = _ops.clipops_clip_by_global_norm(
+        t_list=values, clip_norm=clip, use_norm=use, use_given=given)
     return _rebuild(t_list, positions, clipped), norm
 
 
@@ -128,6 +147,9 @@ def global_norm(t_list, name=None):
     """``tf.linalg.global_norm``: sqrt(sum of squares of all elements), with
     the sum accumulated in float32 or better. None entries are ignored."""
     t_list = _common.check_list(t_list)
+    if tf.executing_eagerly():
+        values, _, code = _values(t_list)
+        return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
     with tf.name_scope(name or "global_norm"):
         values, _, code = _values(t_list)
         return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])

@@ -10,6 +10,53 @@ namespace {
 
 using namespace detail;
 
+// Adds the squares of `rows` full rows of kLanes elements into the lanes.
+// Blocks of 32 lanes stay in registers while the rows stream past; the lanes
+// are independent, so any vector width gives the same bits. The AVX2 clone is
+// picked at load time where the CPU has it (no FMA: separate roundings).
+template <int DT>
+inline void add_rows(const typename Storage<DT>::type* x, int64_t rows,
+                     typename Storage<DT>::acc* lanes) {
+  using Acc = typename Storage<DT>::acc;
+  constexpr int kBlock = 32;
+  for (int jb = 0; jb < kLanes; jb += kBlock) {
+    Acc acc[kBlock];
+    for (int k = 0; k < kBlock; ++k) acc[k] = lanes[jb + k];
+    for (int64_t r = 0; r < rows; ++r) {
+      const typename Storage<DT>::type* p = x + r * kLanes + jb;
+      for (int k = 0; k < kBlock; ++k) acc[k] = add_square(acc[k], to_acc<DT>(p[k]));
+    }
+    for (int k = 0; k < kBlock; ++k) lanes[jb + k] = acc[k];
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLIPOPS_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLIPOPS_SIMD_CLONES
+#endif
+
+CLIPOPS_SIMD_CLONES void add_rows_f32(const float* x, int64_t rows, float* lanes) {
+  add_rows<kFloat32>(x, rows, lanes);
+}
+CLIPOPS_SIMD_CLONES void add_rows_f64(const double* x, int64_t rows, double* lanes) {
+  add_rows<kFloat64>(x, rows, lanes);
+}
+CLIPOPS_SIMD_CLONES void add_rows_f16(const unsigned short* x, int64_t rows, float* lanes) {
+  add_rows<kFloat16>(x, rows, lanes);
+}
+CLIPOPS_SIMD_CLONES void add_rows_bf16(const unsigned short* x, int64_t rows, float* lanes) {
+  add_rows<kBFloat16>(x, rows, lanes);
+}
+inline void add_rows_any(const float* x, int64_t rows, float* lanes) { add_rows_f32(x, rows, lanes); }
+inline void add_rows_any(const double* x, int64_t rows, double* lanes) { add_rows_f64(x, rows, lanes); }
+template <int DT>
+inline void add_rows_dt(const typename Storage<DT>::type* x, int64_t rows, typename Storage<DT>::acc* lanes) {
+  if constexpr (DT == kFloat16) add_rows_f16(x, rows, lanes);
+  else if constexpr (DT == kBFloat16) add_rows_bf16(x, rows, lanes);
+  else add_rows_any(x, rows, lanes);
+}
+
 // Sum of squares of one chunk (count <= kChunk elements), lane by lane.
 template <int DT>
 double chunk_sumsq(const typename Storage<DT>::type* x, int64_t count) {
@@ -17,12 +64,12 @@ double chunk_sumsq(const typename Storage<DT>::type* x, int64_t count) {
   const int used = static_cast<int>(std::min<int64_t>(count, kLanes));
   Acc lanes[kLanes];
   std::fill(lanes, lanes + kLanes, Acc(0));
-  for (int64_t base = 0; base < count; base += kLanes) {
-    const typename Storage<DT>::type* row = x + base;
-    const int m = static_cast<int>(std::min<int64_t>(kLanes, count - base));
-    // independent lanes: the compiler vectorizes this without reassociating
-    for (int j = 0; j < m; ++j) lanes[j] = add_square(lanes[j], to_acc<DT>(row[j]));
-  }
+  const int64_t full_rows = count / kLanes;
+  add_rows_dt<DT>(x, full_rows, lanes);
+  // the last, partial row comes last in every lane's order, as on the GPU
+  const typename Storage<DT>::type* tail = x + full_rows * kLanes;
+  const int rem = static_cast<int>(count - full_rows * kLanes);
+  for (int j = 0; j < rem; ++j) lanes[j] = add_square(lanes[j], to_acc<DT>(tail[j]));
   double v[kThreads];
   const int active = (used + kLanesPerThread - 1) / kLanesPerThread;
   for (int t = 0; t < active; ++t) {

@@ -1,0 +1,205 @@
+"""The framework-free CPU path (clipops.numpy -> pybind11 -> core), without TF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import clipops.numpy as cn
+from conftest import (BF16, BOUNDARY_SIZES, CHUNK, THREADS, assert_close, model_norm,
+                      model_scale, random_array, ref_clip, ref_norm)
+
+DTYPES = [np.float16, np.float32, np.float64] + ([BF16] if BF16 is not None else [])
+
+
+def scaled_list(rng, sizes, dtype):
+    # 16-bit lists are kept small in magnitude only so the float64 reference
+    # comparison stays far from half's range; clipops itself does not need it.
+    scale = 0.05 if np.dtype(dtype).itemsize == 2 else 1.0
+    return [random_array(rng, (n,), dtype, scale) for n in sizes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("clip_factor", [0.5, 2.0], ids=["clipped", "not-clipped"])
+def test_boundary_sizes_against_float64(rng, dtype, clip_factor):
+    arrays = scaled_list(rng, BOUNDARY_SIZES, dtype)
+    norm64 = ref_norm(arrays)
+    clip = float(np.asarray(norm64 * clip_factor).astype(dtype))
+    out, norm = cn.clip_by_global_norm(arrays, clip)
+    assert norm.dtype == np.dtype(dtype) and norm.shape == ()
+    assert_close(norm, norm64, dtype, "norm")
+    ref, _ = ref_clip(arrays, clip)
+    for i, (o, r, a) in enumerate(zip(out, ref, arrays)):
+        assert o.dtype == a.dtype and o.shape == a.shape
+        assert_close(o, r, dtype, f"tensor {i} (size {a.size})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_bitwise_equal_to_documented_order(rng, dtype):
+    """The kernel follows README's reduction order exactly: an independent
+    NumPy model of that order gives the same bits, for norm and outputs."""
+    sizes = BOUNDARY_SIZES + list(rng.integers(1, 3 * CHUNK, size=20))
+    arrays = scaled_list(rng, sizes, dtype)
+    clip = float(np.asarray(ref_norm(arrays) * 0.3).astype(dtype))
+    out, norm = cn.clip_by_global_norm(arrays, clip)
+    want_norm = model_norm(arrays, dtype)
+    assert norm.tobytes() == want_norm.tobytes(), (norm, want_norm)
+    scale = model_scale(want_norm, clip, dtype)
+    for o, a in zip(out, arrays):
+        want = (a.astype(np.float32) * np.float32(scale)).astype(dtype) if a.dtype.itemsize == 2 \
+            else a * a.dtype.type(scale)
+        assert o.tobytes() == want.tobytes()
+
+
+def test_more_partials_than_threads_and_many_tensors(rng):
+    # 5,000 tensors, and more work items than one block has threads (256), so
+    # the final fold wraps around several times.
+    sizes = list(rng.integers(0, 300, size=5000)) + [CHUNK * (THREADS + 7) + 11]
+    arrays = scaled_list(rng, sizes, np.float32)
+    out, norm = cn.clip_by_global_norm(arrays, 1.0)
+    assert norm.tobytes() == model_norm(arrays, np.float32).tobytes()
+    ref, _ = ref_clip(arrays, 1.0)
+    for i in rng.choice(len(arrays), 50, replace=False).tolist() + [len(arrays) - 1]:
+        assert_close(out[i], ref[i], np.float32, f"tensor {i}")
+
+
+def test_mixed_dtypes_one_call(rng):
+    dts = [np.float16, np.float32, np.float64, np.float32] + ([BF16] if BF16 is not None else [])
+    arrays = [random_array(rng, (CHUNK + 5,), dt, 0.05) for dt in dts]
+    out, norm = cn.clip_by_global_norm(arrays, 1.0)
+    assert norm.dtype == np.float32  # a mixed list's norm is float32
+    assert_close(norm, ref_norm(arrays), np.float32, "norm")
+    ref, _ = ref_clip(arrays, float(np.float32(1.0)))
+    for o, r, a in zip(out, ref, arrays):
+        assert o.dtype == a.dtype
+        # the scale is float32 (the norm's dtype), so float64 outputs are float32-accurate
+        coarser = a.dtype if a.dtype.itemsize <= 4 else np.float32
+        assert_close(o, r, coarser, str(a.dtype))
+
+
+def test_float16_sum_does_not_overflow():
+    # TF sums float16 in float16 and gets inf here; clipops accumulates in float.
+    ones = np.ones(100_000, np.float16)
+    norm = cn.global_norm([ones])
+    assert norm.dtype == np.float16
+    assert float(norm) == float(np.float16(np.sqrt(100_000)))  # 316.2 -> 316.25 in half
+    out, _ = cn.clip_by_global_norm([ones], 100.0)
+    assert_close(out[0], np.full(100_000, 100.0 / 316.25), np.float16, "clipped ones")
+
+
+def test_float32_accuracy_at_1e8_elements():
+    """Norm within 1e-6 relative of float64 at 10^8 float32 elements."""
+    rng = np.random.default_rng(7)
+    parts = [rng.standard_normal(25_000_000, dtype=np.float32) + np.float32(0.5) for _ in range(4)]
+    norm = cn.global_norm(parts)
+    ref = ref_norm(parts)
+    assert abs(float(norm) - ref) <= 1e-6 * ref, (float(norm), ref)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_makes_every_output_nan(rng, bad):
+    arrays = [random_array(rng, (100,), np.float32), random_array(rng, (CHUNK + 1,), np.float32)]
+    arrays[1][CHUNK] = bad
+    out, norm = cn.clip_by_global_norm(arrays, 5.0)
+    assert np.isinf(norm) if np.isinf(bad) else np.isnan(norm)
+    assert all(np.isnan(o).all() for o in out)
+
+
+def test_zeros_give_zeros_and_norm_zero():
+    arrays = [np.zeros((3, 4), np.float32), np.zeros(0, np.float32), np.zeros(7, np.float32)]
+    out, norm = cn.clip_by_global_norm(arrays, 1.0)
+    assert float(norm) == 0.0
+    assert all((o == 0).all() for o in out)
+
+
+def test_use_norm_replaces_and_is_returned(rng):
+    arrays = [random_array(rng, (50,), np.float64)]
+    out, norm = cn.clip_by_global_norm(arrays, 2.0, use_norm=8.0)
+    assert float(norm) == 8.0
+    np.testing.assert_array_equal(out[0], arrays[0] * (2.0 * (1.0 / 8.0)))
+
+
+def test_none_entries_stay_none(rng):
+    arrays = [None, random_array(rng, (4,), np.float32), None]
+    out, _ = cn.clip_by_global_norm(arrays, 1.0)
+    assert out[0] is None and out[2] is None and out[1].shape == (4,)
+
+
+def test_in_place_writes_every_element_and_leaves_copy_mode_inputs_alone(rng):
+    arrays = [random_array(rng, (n,), np.float32) for n in (1, CHUNK - 1, CHUNK + 1)]
+    originals = [a.copy() for a in arrays]
+    out, _ = cn.clip_by_global_norm(arrays, 0.1)  # copy mode: inputs untouched
+    for a, o in zip(arrays, originals):
+        np.testing.assert_array_equal(a, o)
+    out_ip, _ = cn.clip_by_global_norm(arrays, 0.1, in_place=True)
+    for a, o, o_ip in zip(arrays, out, out_ip):
+        assert o_ip is a  # the caller's array, every element rewritten
+        np.testing.assert_array_equal(a, o)
+
+
+def test_in_place_identity_scale_leaves_buffer_untouched(rng):
+    a = random_array(rng, (CHUNK * 2,), np.float32)
+    before = a.copy()
+    out, _ = cn.clip_by_global_norm([a], 1e9, in_place=True)  # scale is exactly 1
+    assert out[0] is a
+    assert a.tobytes() == before.tobytes()
+
+
+def test_bitwise_reproducible_across_runs(rng):
+    # large enough that the CPU kernel runs on several threads
+    arrays = [random_array(rng, (n,), np.float32) for n in (3_000_000, 17, 1_234_567)]
+    first = cn.clip_by_global_norm(arrays, 1.0)
+    for _ in range(5):
+        again = cn.clip_by_global_norm(arrays, 1.0)
+        assert again[1].tobytes() == first[1].tobytes()
+        assert all(x.tobytes() == y.tobytes() for x, y in zip(again[0], first[0]))
+
+
+def test_non_contiguous_inputs_are_copied_in_copy_mode(rng):
+    base = random_array(rng, (64, 64), np.float32)
+    view = base[:, ::2]
+    out, norm = cn.clip_by_global_norm([view], 1.0)
+    assert_close(norm, ref_norm([view]), np.float32, "norm")
+    assert_close(out[0], ref_clip([view], 1.0)[0][0], np.float32, "out")
+
+
+# ---- bad input: a clear exception, nothing written -------------------------------
+
+def test_errors_name_the_problem(rng):
+    a = random_array(rng, (5,), np.float32)
+    with pytest.raises(TypeError, match="sequence"):
+        cn.clip_by_global_norm(a, 1.0)
+    with pytest.raises(TypeError, match="sequence"):
+        cn.global_norm("abc")
+    with pytest.raises(ValueError, match="no tensors"):
+        cn.clip_by_global_norm([], 1.0)
+    with pytest.raises(ValueError, match="no tensors"):
+        cn.clip_by_global_norm([None, None], 1.0)
+    with pytest.raises(TypeError, match=r"\[1\] has dtype int32"):
+        cn.clip_by_global_norm([a, np.arange(3, dtype=np.int32)], 1.0)
+    with pytest.raises(ValueError, match="clip_norm must be a scalar"):
+        cn.clip_by_global_norm([a], np.ones(2))
+    with pytest.raises(ValueError, match="use_norm must be a scalar"):
+        cn.clip_by_global_norm([a], 1.0, use_norm=np.ones((1, 1)))
+
+
+def test_in_place_rejects_aliasing_without_touching_data(rng):
+    a = random_array(rng, (100,), np.float32)
+    before = a.copy()
+    with pytest.raises(ValueError, match="share memory"):
+        cn.clip_by_global_norm([a, a], 0.01, in_place=True)  # would be scaled twice
+    with pytest.raises(ValueError, match="share memory"):
+        cn.clip_by_global_norm([a[10:60], a[50:]], 0.01, in_place=True)  # overlapping views
+    np.testing.assert_array_equal(a, before)
+    # reading the same buffer twice is fine when nothing is written in place
+    out, norm = cn.clip_by_global_norm([a, a], 0.01)
+    assert_close(norm, ref_norm([a, a]), np.float32, "norm")
+
+
+def test_in_place_rejects_non_contiguous_and_read_only(rng):
+    a = random_array(rng, (10, 10), np.float32)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        cn.clip_by_global_norm([a[:, ::2]], 1.0, in_place=True)
+    a.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        cn.clip_by_global_norm([a], 1.0, in_place=True)

@@ -1,0 +1,312 @@
+"""The TensorFlow op against tf.clip_by_global_norm and a float64 reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="the TensorFlow op needs tensorflow")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import clipops  # noqa: E402
+from conftest import BF16, CHUNK, LANES, assert_close, ref_clip, ref_norm  # noqa: E402
+
+TF_DTYPES = {"float16": tf.float16, "bfloat16": tf.bfloat16, "float32": tf.float32,
+             "float64": tf.float64}
+
+# Against tf.clip_by_global_norm when clipping: both scale by clip/norm, and the
+# norms differ only in summation order. TF sums float32 per tensor, then across
+# tensors, in float32 (~1e-6 relative for these sizes); clipops to ~1e-7. So
+# float32 outputs agree to rtol 1e-5; float64 ones to 1e-12.
+VS_TF_RTOL = {"float32": 1e-5, "float64": 1e-12}
+
+
+def np_of(t):
+    return None if t is None else np.asarray(t.numpy(), dtype=np.float64)
+
+
+def eager_and_function(fn):
+    """fn itself and fn inside a tf.function: every check runs in both modes."""
+    return pytest.mark.parametrize("mode", ["eager", "function"])(fn)
+
+
+def run(mode, f, *args):
+    return f(*args) if mode == "eager" else tf.function(f)(*args)
+
+
+# ---- random lists against tf.clip_by_global_norm (hypothesis) ----------------
+
+SIZES = st.one_of(st.sampled_from([0, 1, LANES - 1, LANES + 1, CHUNK - 1, CHUNK, CHUNK + 1]),
+                  st.integers(0, 3000))
+SHAPES = st.one_of(st.just(()), SIZES.map(lambda n: (n,)),
+                   st.tuples(st.integers(0, 40), st.integers(0, 40)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes=st.lists(SHAPES, min_size=1, max_size=300),
+       dtype=st.sampled_from(["float32", "float64"]),
+       clip_factor=st.sampled_from([0.01, 0.7, 1.5, 100.0]),
+       seed=st.integers(0, 2**32 - 1), mode=st.sampled_from(["eager", "function"]))
+def test_random_lists_match_tf(shapes, dtype, clip_factor, seed, mode):
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    norm64 = ref_norm(arrays)
+    clip = float(np.asarray(max(norm64, 1e-3) * clip_factor).astype(dtype))
+    tensors = [tf.constant(a) for a in arrays]
+    (ours, n_ours) = run(mode, lambda t: clipops.clip_by_global_norm(t, clip), tensors)
+    (theirs, n_tf) = tf.clip_by_global_norm(tensors, clip)
+    assert n_ours.dtype == n_tf.dtype
+    assert_close(n_ours.numpy(), norm64, dtype, "norm vs float64")
+    for i, (o, t) in enumerate(zip(ours, theirs)):
+        assert o.shape == t.shape and o.dtype == t.dtype
+        if clip_factor >= 1.5:
+            # not clipped: TF's own formula gives the same scale: bit-identical
+            assert o.numpy().tobytes() == t.numpy().tobytes(), f"tensor {i}"
+        else:
+            np.testing.assert_allclose(np_of(o), np_of(t), rtol=VS_TF_RTOL[dtype], atol=1e-30,
+                                       err_msg=f"tensor {i}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@eager_and_function
+def test_every_dtype_against_float64(rng, dtype, mode):
+    if dtype == "bfloat16" and BF16 is None:
+        pytest.skip("ml_dtypes is not installed")
+    np_dt = BF16 if dtype == "bfloat16" else np.dtype(dtype)
+    arrays = [(rng.standard_normal(n) * 0.05).astype(np_dt) for n in (1, 33, CHUNK + 9, 700)]
+    clip = float(np.asarray(ref_norm(arrays) * 0.5).astype(np_dt))
+    ours, norm = run(mode, lambda t: clipops.clip_by_global_norm(t, clip),
+                     [tf.constant(a) for a in arrays])
+    assert norm.dtype == TF_DTYPES[dtype]
+    ref, norm64 = ref_clip(arrays, clip)
+    assert_close(np_of(norm), norm64, dtype, "norm")
+    for o, r in zip(ours, ref):
+        assert o.dtype == TF_DTYPES[dtype]
+        assert_close(np_of(o), r, dtype, "output")
+
+
+# ---- TensorFlow's own cases ----------------------------------------------------
+
+def classic():
+    # norm sqrt(4 + 16 + 1 + 4) = 5
+    return [tf.constant([[-2.0, 0.0, 0.0], [4.0, 0.0, 0.0]]), tf.constant([1.0, -2.0])]
+
+
+@eager_and_function
+def test_classic_clipped_at_4(mode):
+    out, norm = run(mode, lambda t: clipops.clip_by_global_norm(t, 4.0), classic())
+    assert norm.numpy() == 5.0
+    np.testing.assert_allclose(out[0].numpy(), [[-1.6, 0, 0], [3.2, 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(out[1].numpy(), [0.8, -1.6], rtol=1e-6)
+
+
+@eager_and_function
+def test_classic_not_clipped_at_6(mode):
+    out, norm = run(mode, lambda t: clipops.clip_by_global_norm(t, 6.0), classic())
+    tf_out, _ = tf.clip_by_global_norm(classic(), 6.0)
+    assert norm.numpy() == 5.0
+    for o, t in zip(out, tf_out):
+        assert o.numpy().tobytes() == t.numpy().tobytes()
+
+
+@eager_and_function
+def test_none_entries_and_indexed_slices(mode):
+    def f(values):
+        slices = tf.IndexedSlices(values, tf.constant([0, 2]), tf.constant([4, 3]))
+        return clipops.clip_by_global_norm([None, slices, tf.constant([1.0, -2.0]), None], 4.0)
+
+    out, norm = run(mode, f, tf.constant([[-2.0, 0.0, 0.0], [4.0, 0.0, 0.0]]))
+    assert out[0] is None and out[3] is None
+    assert isinstance(out[1], tf.IndexedSlices)
+    np.testing.assert_array_equal(out[1].indices.numpy(), [0, 2])
+    np.testing.assert_array_equal(out[1].dense_shape.numpy(), [4, 3])
+    np.testing.assert_allclose(out[1].values.numpy(), [[-1.6, 0, 0], [3.2, 0, 0]], rtol=1e-6)
+    assert norm.numpy() == 5.0
+
+
+@eager_and_function
+def test_zeros(mode):
+    out, norm = run(mode, lambda t: clipops.clip_by_global_norm(t, 1.0),
+                    [tf.zeros((2, 3)), tf.zeros((5,))])
+    assert norm.numpy() == 0.0
+    assert all((o.numpy() == 0).all() for o in out)
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+@eager_and_function
+def test_inf_and_nan_make_every_output_nan(mode, bad):
+    values = [tf.constant([1.0, bad]), tf.constant([3.0, 4.0])]
+    out, norm = run(mode, lambda t: clipops.clip_by_global_norm(t, 1.0), values)
+    tf_out, tf_norm = tf.clip_by_global_norm(values, 1.0)
+    assert np.isinf(norm.numpy()) == np.isinf(tf_norm.numpy())
+    assert np.isnan(norm.numpy()) == np.isnan(tf_norm.numpy())
+    assert all(np.isnan(o.numpy()).all() for o in out)
+    assert all(np.isnan(t.numpy()).all() for t in tf_out)
+
+
+# ---- beyond TF ----------------------------------------------------------------
+
+@eager_and_function
+def test_use_norm_replaces_the_norm(mode, rng):
+    values = [tf.constant(rng.standard_normal(10).astype(np.float32))]
+    out, norm = run(mode, lambda t: clipops.clip_by_global_norm(t, 2.0, use_norm=tf.constant(8.0)),
+                    values)
+    tf_out, tf_norm = tf.clip_by_global_norm(values, 2.0, use_norm=tf.constant(8.0))
+    assert norm.numpy() == tf_norm.numpy() == 8.0
+    assert out[0].numpy().tobytes() == tf_out[0].numpy().tobytes()
+
+
+@eager_and_function
+def test_mixed_dtypes_in_one_call(mode, rng):
+    arrays = [rng.standard_normal(50).astype(np.float16), rng.standard_normal(70).astype(np.float32),
+              rng.standard_normal(30).astype(np.float64)]
+    out, norm = run(mode, lambda t: clipops.clip_by_global_norm(t, 1.0),
+                    [tf.constant(a) for a in arrays])
+    assert norm.dtype == tf.float32
+    ref, norm64 = ref_clip(arrays, 1.0)
+    assert_close(norm.numpy(), norm64, "float32", "norm")
+    for o, r, a in zip(out, ref, arrays):
+        assert o.dtype.name == a.dtype.name
+        assert_close(np_of(o), r, a.dtype if a.dtype.itemsize <= 4 else "float32", a.dtype.name)
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        tf.clip_by_global_norm([tf.constant(a) for a in arrays], 1.0)  # TF itself refuses
+
+
+def test_float16_overflow_where_tf_overflows():
+    ones = tf.ones((100_000,), tf.float16)
+    assert np.isinf(tf.linalg.global_norm([ones]).numpy())  # TF sums in half
+    norm = clipops.global_norm([ones])
+    assert norm.dtype == tf.float16 and float(norm.numpy()) == 316.25
+
+
+@eager_and_function
+def test_global_norm_matches(mode, rng):
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in [(3, 4), (), (CHUNK + 1,)]]
+    norm = run(mode, clipops.global_norm, [tf.constant(a) for a in arrays])
+    assert_close(norm.numpy(), ref_norm(arrays), "float32", "global_norm")
+
+
+@pytest.mark.parametrize("clip", [0.5, 100.0], ids=["clipped", "not-clipped"])
+@pytest.mark.parametrize("use_norm", [None, 3.0], ids=["computed", "use_norm"])
+@eager_and_function
+def test_gradients_match_tf(mode, rng, clip, use_norm):
+    values = [tf.constant(rng.standard_normal(s)) for s in [(4, 3), (5,), ()]]
+    weights = [tf.constant(rng.standard_normal(v.shape)) for v in values]
+
+    def grads(fn, vs):
+        with tf.GradientTape() as tape:
+            tape.watch(vs)
+            out, norm = fn(vs, clip, use_norm=None if use_norm is None else tf.constant(use_norm,
+                                                                                      tf.float64))
+            loss = tf.add_n([tf.reduce_sum(w * o) for w, o in zip(weights, out)]) + 0.3 * norm
+        return tape.gradient(loss, vs)
+
+    ours = run(mode, lambda vs: grads(clipops.clip_by_global_norm, vs), values)
+    theirs = grads(tf.clip_by_global_norm, values)
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(o.numpy(), t.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_global_norm_gradient_matches_tf(rng):
+    values = [tf.constant(rng.standard_normal(s)) for s in [(4, 3), (5,)]]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(values)
+        ours, theirs = clipops.global_norm(values), tf.linalg.global_norm(values)
+    for o, t in zip(tape.gradient(ours, values), tape.gradient(theirs, values)):
+        np.testing.assert_allclose(o.numpy(), t.numpy(), rtol=1e-12)
+
+
+def test_clip_norm_as_tensor_and_variable(rng):
+    values = [tf.constant(rng.standard_normal(20).astype(np.float32))]
+    for clip in (tf.constant(0.5), tf.Variable(0.5), tf.constant(0.5, tf.float64), np.float32(0.5)):
+        out, _ = clipops.clip_by_global_norm(values, clip)
+        tf_out, _ = tf.clip_by_global_norm(values, 0.5)
+        np.testing.assert_allclose(out[0].numpy(), tf_out[0].numpy(), rtol=1e-6)
+
+
+def test_variables_are_not_modified(rng):
+    v = tf.Variable(rng.standard_normal(100).astype(np.float32))
+    before = v.numpy().copy()
+    out, _ = clipops.clip_by_global_norm([v], 0.01)
+    np.testing.assert_array_equal(v.numpy(), before)
+    assert not np.array_equal(out[0].numpy(), before)
+
+
+# ---- the op and its kernels ----------------------------------------------------
+
+def test_every_dtype_has_cpu_and_gpu_kernels():
+    from tensorflow.python.framework import kernels
+
+    for op in ("ClipopsClipByGlobalNorm", "ClipopsGlobalNorm"):
+        found = {}
+        for k in kernels.get_registered_kernels_for_op(op).kernel:
+            for c in k.constraint:
+                if c.name == "Tnorm":
+                    for t in c.allowed_values.list.type:
+                        found.setdefault(k.device_type, set()).add(tf.dtypes.as_dtype(t).name)
+        want = {"float16", "bfloat16", "float32", "float64"}
+        assert found.get("CPU") == want, (op, found)
+        if clipops.build_info()["with_cuda"]:
+            assert found.get("GPU") == want, (op, found)
+
+
+def test_one_fused_op_in_the_graph():
+    f = tf.function(lambda t: clipops.clip_by_global_norm(t, 1.0))
+    graph = f.get_concrete_function([tf.TensorSpec((3,)), tf.TensorSpec((4, 2))]).graph
+    types = [op.type for op in graph.get_operations()]
+    assert types.count("ClipopsClipByGlobalNorm") == 1
+    assert not {"L2Loss", "Sqrt", "Mul", "Minimum"} & set(types), types
+
+
+# ---- bad input: clear exceptions -------------------------------------------------
+
+def test_bad_input_raises_clearly():
+    x = tf.constant([1.0, 2.0])
+    with pytest.raises(TypeError, match="sequence"):
+        clipops.clip_by_global_norm(x, 1.0)
+    with pytest.raises(ValueError, match="no tensors"):
+        clipops.clip_by_global_norm([], 1.0)
+    with pytest.raises(ValueError, match="no tensors"):
+        clipops.global_norm([None])
+    with pytest.raises(TypeError, match=r"t_list\[1\] has dtype int32"):
+        clipops.clip_by_global_norm([x, tf.constant([1, 2])], 1.0)
+    with pytest.raises(ValueError, match="clip_norm must be a scalar"):
+        clipops.clip_by_global_norm([x], tf.constant([1.0, 2.0]))
+    with pytest.raises(TypeError, match="clip_norm must be a float"):
+        clipops.clip_by_global_norm([x], tf.constant(1))
+
+
+def test_non_scalar_clip_norm_inside_function_raises():
+    f = tf.function(lambda t, c: clipops.clip_by_global_norm(t, c),
+                    input_signature=[[tf.TensorSpec((2,))], tf.TensorSpec(None)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="clip_norm must be a scalar"):
+        f([tf.constant([1.0, 2.0])], tf.constant([1.0, 2.0]))
+
+
+def test_tensors_on_different_devices_raise():
+    # Two logical CPUs must be configured before TF starts: use a fresh process.
+    code = textwrap.dedent("""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import clipops
+        with tf.device("/CPU:0"):
+            a = tf.constant([1.0])
+        with tf.device("/CPU:1"):
+            b = tf.constant([2.0])
+        try:
+            clipops.clip_by_global_norm([a, b], 1.0)
+        except ValueError as e:
+            print("RAISED", e)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=os.path.dirname(__file__))
+    assert "RAISED t_list[1] is on" in out.stdout, out.stdout + out.stderr
