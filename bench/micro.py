@@ -1,0 +1,692 @@
+#!/usr/bin/env python
+"""Microbenchmark: clipping alone, clipops against tf.clip_by_global_norm.
+
+Times ``tf.clip_by_global_norm`` eagerly, in ``tf.function`` and in
+``tf.function(jit_compile=True)`` against ``clipops.clip_by_global_norm``
+eagerly and in ``tf.function``, and against the NumPy front end
+(``clipops.numpy``, copying and in place), on these gradient lists:
+
+  mnist            the MNIST MLP's 6 float32 gradients (535,818 elements)
+  resnet50         torchvision ResNet-50's 161 parameter shapes (25,557,032)
+  bert_base        BERT-base's 199 parameter shapes (109,482,240)
+  small_10k        10,000 small float32 tensors (1 to 2,047 elements each)
+  mixed_f16_f32    ResNet-50's shapes, kernels and the classifier weight float16,
+                   BatchNorm parameters and the bias float32
+  *_noclip         the same lists with clip_norm far above the norm
+
+Every case is validated before it is timed: each clipops variant's outputs and
+norm against ``tf.clip_by_global_norm`` and the norm against a float64 NumPy
+reference. A mismatch skips the case's timing and makes the exit status 1.
+
+Results go to bench/results/micro.json (or --out), then micro.md and micro.png
+are drawn from that JSON file by bench/plot.py. See bench/plot.py's module
+docstring for what each column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import clipops  # noqa: E402
+import clipops.numpy as cnp  # noqa: E402
+import plot  # noqa: E402  (bench/plot.py)
+from common import RESULTS, copy_bandwidth_gbs, machine_info, summarize, write_json  # noqa: E402
+
+Shape = tuple[int, ...]
+ClipFn = Callable[[Sequence, object], tuple]
+
+DATA_SCALE = 1e-3        # gradients ~ N(0, 1e-3)
+NORM_RTOL = 1e-5         # the norm against TF and against float64
+OUT_TOL = {              # (rtol, atol) of the outputs against TF, by dtype
+    "float32": (1e-5, 1e-9),
+    # TF raises on a mixed list; its reference scales float32 casts and rounds
+    # once, clipops casts the scale to float16 first as TF does for a float16
+    # list: up to 2 float16 ulps apart (2 subnormal steps near zero).
+    "float16": (2e-3, 1.2e-7),
+}
+XLA_MAX_TENSORS = 1000   # jit_compile of 1,000 tensors already takes ~50 s here
+MIN_REPEATS = 5
+BUSY_WARNING_CORES = 0.15  # other processes' CPU use that makes a case's timing suspect
+
+
+# ---- gradient lists ------------------------------------------------------------
+
+def mnist_shapes() -> list[Shape]:
+    """The MNIST MLP 784-512-256-10: kernels and biases."""
+    return [(784, 512), (512,), (512, 256), (256,), (256, 10), (10,)]
+
+
+def _conv_bn(k: int, cin: int, cout: int) -> list[Shape]:
+    """A bias-free conv kernel (TF's HWIO layout) and its BatchNorm gamma, beta."""
+    return [(k, k, cin, cout), (cout,), (cout,)]
+
+
+def _bottleneck(cin: int, mid: int, cout: int, downsample: bool) -> list[Shape]:
+    shapes = _conv_bn(1, cin, mid) + _conv_bn(3, mid, mid) + _conv_bn(1, mid, cout)
+    return shapes + (_conv_bn(1, cin, cout) if downsample else [])
+
+
+def resnet50_shapes(width: int = 64, classes: int = 1000) -> list[Shape]:
+    """torchvision's ResNet-50 parameters in model order: 161 tensors,
+    25,557,032 elements at the default width (53 convs, 53 BatchNorms, fc)."""
+    shapes = _conv_bn(7, 3, width)
+    cin = width
+    for stage, blocks in enumerate((3, 4, 6, 3)):
+        mid = width * 2 ** stage
+        for block in range(blocks):
+            shapes += _bottleneck(cin, mid, 4 * mid, downsample=block == 0)
+            cin = 4 * mid
+    return shapes + [(cin, classes), (classes,)]
+
+
+def _dense(n_in: int, n_out: int) -> list[Shape]:
+    return [(n_in, n_out), (n_out,)]
+
+
+def bert_shapes(vocab: int = 30522, hidden: int = 768, layers: int = 12,
+                inner: int = 3072, positions: int = 512) -> list[Shape]:
+    """BERT-base's parameters (with pooler): 199 tensors, 109,482,240 elements
+    at the defaults: 3 embeddings and a LayerNorm, 16 tensors per layer."""
+    layer_norm = [(hidden,), (hidden,)]
+    shapes = [(vocab, hidden), (positions, hidden), (2, hidden)] + layer_norm
+    for _ in range(layers):
+        shapes += _dense(hidden, hidden) * 4 + layer_norm  # q, k, v, attention output
+        shapes += _dense(hidden, inner) + _dense(inner, hidden) + layer_norm
+    return shapes + _dense(hidden, hidden)
+
+
+def small_shapes(count: int = 10_000, max_size: int = 2048, seed: int = 1) -> list[Shape]:
+    """`count` 1-D tensors with log-uniform sizes in [1, max_size)."""
+    rng = np.random.default_rng(seed)
+    sizes = np.exp(rng.uniform(0.0, math.log(max_size), count)).astype(np.int64)
+    return [(int(s),) for s in sizes]
+
+
+def mixed_dtypes(shapes: Sequence[Shape]) -> tuple[str, ...]:
+    """float16 for kernels and weight matrices (rank >= 2), float32 otherwise."""
+    return tuple("float16" if len(s) >= 2 else "float32" for s in shapes)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One gradient list and whether it needs clipping."""
+    name: str
+    description: str
+    shapes: tuple[Shape, ...]
+    dtypes: tuple[str, ...]
+    clipping: bool
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(s) * np.dtype(d).itemsize for s, d in zip(self.shapes, self.dtypes))
+
+    @property
+    def mixed(self) -> bool:
+        return len(set(self.dtypes)) > 1
+
+
+def _case(name: str, description: str, shapes: list[Shape], clipping: bool = True,
+          dtypes: tuple[str, ...] | None = None) -> Case:
+    return Case(name, description, tuple(shapes), dtypes or ("float32",) * len(shapes), clipping)
+
+
+def build_cases(smoke: bool) -> list[Case]:
+    """The full cases, or (smoke) the same kinds of list at toy sizes."""
+    resnet = resnet50_shapes(8, 100) if smoke else resnet50_shapes()
+    bert = bert_shapes(1000, 64, 2, 256, 64) if smoke else bert_shapes()
+    small = small_shapes(200 if smoke else 10_000)
+    noclip = "; clip_norm far above the norm (a power of two, so the scale is exactly 1)"
+    return [
+        _case("mnist", "MNIST MLP 784-512-256-10 gradients, float32", mnist_shapes()),
+        _case("mnist_noclip", "MNIST MLP gradients" + noclip, mnist_shapes(), clipping=False),
+        _case("small_10k", f"{len(small)} small 1-D float32 tensors, log-uniform sizes in "
+              "[1, 2047]", small),
+        _case("resnet50", "ResNet-50-like: torchvision ResNet-50 parameter shapes, float32",
+              resnet),
+        _case("resnet50_noclip", "ResNet-50-like list" + noclip, resnet, clipping=False),
+        _case("mixed_f16_f32", "ResNet-50 shapes; conv kernels and fc weight float16, "
+              "BatchNorm and fc bias float32", resnet, dtypes=mixed_dtypes(resnet)),
+        _case("bert_base", "BERT-base-like: BERT-base parameter shapes (with pooler), float32",
+              bert),
+    ]
+
+
+# ---- data ---------------------------------------------------------------------
+
+@dataclass
+class CaseData:
+    """A case's tensors, with NumPy copies and the float64 reference norm."""
+    case: Case
+    arrays: list[np.ndarray]     # pristine; the NumPy front end reads these
+    work: list[np.ndarray]       # clipped in place by numpy_inplace
+    tensors: list[tf.Tensor]
+    norm64: float
+    clip_norm: float
+
+
+def reference_norm(arrays: Sequence[np.ndarray]) -> float:
+    """The global norm, accumulated in float64."""
+    total = 0.0
+    for a in arrays:
+        v = a.ravel().astype(np.float64)
+        total += float(np.dot(v, v))
+    return math.sqrt(total)
+
+
+def choose_clip_norm(norm: float, clipping: bool) -> float:
+    """Half the norm (float32) when clipping; otherwise a power of two far above
+    it, so that TF's scale clip * (1 / clip) is exactly 1."""
+    if clipping:
+        return float(np.float32(norm / 2))
+    return 2.0 ** math.ceil(math.log2(norm * 1e3))
+
+
+def make_data(case: Case, seed: int) -> CaseData:
+    rng = np.random.default_rng(seed)
+    arrays = [(rng.standard_normal(s, dtype=np.float32) * DATA_SCALE).astype(d, copy=False)
+              for s, d in zip(case.shapes, case.dtypes)]
+    norm = reference_norm(arrays)
+    return CaseData(case, arrays, [a.copy() for a in arrays], [tf.constant(a) for a in arrays],
+                    norm, choose_clip_norm(norm, case.clipping))
+
+
+# ---- implementations ----------------------------------------------------------
+
+@dataclass
+class Runner:
+    """One implementation bound to a case's data."""
+    call: Callable[[], object]                 # one timed call
+    sync: Callable[[object], None]             # forces the result to be computed
+    fetch: Callable[[object], tuple[list[np.ndarray], float]] | None  # outputs, norm
+    setup: Callable[[], None] | None = None    # untimed, before every call
+
+
+def _tf_runner(call: Callable[[], tuple]) -> Runner:
+    # CPU ops and tf.function calls return once computed; .numpy() is a cheap fence
+    return Runner(call, sync=lambda r: r[1].numpy(),
+                  fetch=lambda r: ([t.numpy() for t in r[0]], float(r[1])))
+
+
+def _np_runner(call: Callable[[], tuple], setup: Callable[[], None] | None = None) -> Runner:
+    return Runner(call, sync=lambda r: None, setup=setup,
+                  fetch=lambda r: ([np.array(a) for a in r[0]], float(r[1])))
+
+
+def _norm_runner(call: Callable[[], object]) -> Runner:
+    return Runner(call, sync=lambda r: np.asarray(r), fetch=lambda r: ([], float(np.asarray(r))))
+
+
+def tf_clip_via_float32(t_list: Sequence[tf.Tensor], clip_norm) -> tuple[list, tf.Tensor]:
+    """What a TF user writes for a mixed list (tf.clip_by_global_norm raises on
+    one): clip float32 casts, then cast each result back to its dtype."""
+    wide = [tf.cast(t, tf.float32) for t in t_list]
+    clipped, norm = tf.clip_by_global_norm(wide, clip_norm)
+    return [tf.cast(c, t.dtype) for c, t in zip(clipped, t_list)], norm
+
+
+def tf_clip_for(d: CaseData) -> ClipFn:
+    return tf_clip_via_float32 if d.case.mixed else tf.clip_by_global_norm
+
+
+def clipops_clip_for(d: CaseData) -> ClipFn:
+    return clipops.clip_by_global_norm
+
+
+def eager(clip_for: Callable[[CaseData], ClipFn]) -> Callable[[CaseData], Runner]:
+    def build(d: CaseData) -> Runner:
+        clip = clip_for(d)
+        return _tf_runner(lambda: clip(d.tensors, d.clip_norm))
+    return build
+
+
+def graph(clip_for: Callable[[CaseData], ClipFn], jit: bool = False) -> Callable[[CaseData], Runner]:
+    """tf.function taking the tensors and clip_norm as arguments (traced once)."""
+    def build(d: CaseData) -> Runner:
+        clip = clip_for(d)
+
+        def step(xs, c):
+            return clip(xs, c)
+
+        f = tf.function(step, jit_compile=jit, autograph=False)
+        c = tf.constant(d.clip_norm, tf.float32)
+        return _tf_runner(lambda: f(d.tensors, c))
+    return build
+
+
+def _make_gradients(xs: Sequence[tf.Tensor], one: tf.Tensor) -> list[tf.Tensor]:
+    """Stand-in gradients computed inside the function: x * one, with `one` an
+    argument (a constant 1 would be folded away by Grappler). Each is a fresh
+    temporary that nothing else holds, so the clip may forward its buffer."""
+    return [x * tf.cast(one, x.dtype) for x in xs]
+
+
+def forwarded(clip_for: Callable[[CaseData], ClipFn]) -> Callable[[CaseData], Runner]:
+    """tf.function that computes the gradients and clips them, so the gradient
+    buffers are forwardable; its net time subtracts a `producer` call's."""
+    def build(d: CaseData) -> Runner:
+        clip = clip_for(d)
+
+        def step(xs, one, c):
+            return clip(_make_gradients(xs, one), c)
+
+        f = tf.function(step, autograph=False)
+        one, c = tf.constant(1.0), tf.constant(d.clip_norm, tf.float32)
+        return _tf_runner(lambda: f(d.tensors, one, c))
+    return build
+
+
+def producer(d: CaseData) -> Runner:
+    """The gradient computation of `forwarded` alone."""
+    f = tf.function(_make_gradients, autograph=False)
+    one = tf.constant(1.0)
+    return Runner(lambda: f(d.tensors, one), sync=lambda r: r[0].numpy(), fetch=None)
+
+
+def numpy_copy(d: CaseData) -> Runner:
+    return _np_runner(lambda: cnp.clip_by_global_norm(d.arrays, d.clip_norm))
+
+
+def _restore(d: CaseData) -> None:
+    for w, a in zip(d.work, d.arrays):
+        np.copyto(w, a)
+
+
+def numpy_inplace(d: CaseData) -> Runner:
+    """in_place=True on `work`; restored (untimed) before each call when clipping,
+    because a clipped list would need no clipping the next time."""
+    setup = (lambda: _restore(d)) if d.case.clipping else None
+    return _np_runner(lambda: cnp.clip_by_global_norm(d.work, d.clip_norm, in_place=True), setup)
+
+
+@dataclass(frozen=True)
+class Impl:
+    """An implementation: what it is, how to build it, and when it runs.
+
+    role: "clip" (the comparison proper), "forwarded" (no-clip cases, gradients
+    made inside the function; net of `producer`), "producer" (that baseline),
+    or "norm_pass" (the norm alone: the first of clipping's two passes)."""
+    name: str
+    family: str
+    role: str
+    build: Callable[[CaseData], Runner]
+    skip: Callable[[Case], str | None] = lambda case: None
+
+
+def _skip_xla(case: Case) -> str | None:
+    if len(case.shapes) > XLA_MAX_TENSORS:
+        return (f"not run: jit_compile of {len(case.shapes)} tensors takes minutes here "
+                "(1,000 tensors: ~50 s)")
+    return None
+
+
+def _only_noclip(case: Case) -> str | None:
+    return None if not case.clipping else "only for the no-clip cases"
+
+
+def _not_mixed(case: Case) -> str | None:
+    return "tf.linalg.global_norm raises on mixed dtypes" if case.mixed else None
+
+
+IMPLS: tuple[Impl, ...] = (
+    Impl("tf_eager", "tf", "clip", eager(tf_clip_for)),
+    Impl("tf_function", "tf", "clip", graph(tf_clip_for)),
+    Impl("tf_xla", "tf", "clip", graph(tf_clip_for, jit=True), skip=_skip_xla),
+    Impl("clipops_eager", "clipops", "clip", eager(clipops_clip_for)),
+    Impl("clipops_function", "clipops", "clip", graph(clipops_clip_for)),
+    Impl("numpy", "clipops", "clip", numpy_copy),
+    Impl("numpy_inplace", "clipops", "clip", numpy_inplace),
+    Impl("producer", "baseline", "producer", producer, skip=_only_noclip),
+    Impl("tf_function_fwd", "tf", "forwarded", forwarded(tf_clip_for), skip=_only_noclip),
+    Impl("clipops_function_fwd", "clipops", "forwarded", forwarded(clipops_clip_for),
+         skip=_only_noclip),
+    Impl("tf_norm_eager", "tf", "norm_pass",
+         lambda d: _norm_runner(lambda: tf.linalg.global_norm(d.tensors)), skip=_not_mixed),
+    Impl("clipops_norm_eager", "clipops", "norm_pass",
+         lambda d: _norm_runner(lambda: clipops.global_norm(d.tensors))),
+    Impl("numpy_norm", "clipops", "norm_pass",
+         lambda d: _norm_runner(lambda: cnp.global_norm(d.arrays))),
+)
+
+# (name, TF implementation, clipops implementation): TF's time / clipops' time
+RATIOS = (
+    ("eager", "tf_eager", "clipops_eager"),
+    ("function", "tf_function", "clipops_function"),
+    ("function_forwarded", "tf_function_fwd", "clipops_function_fwd"),
+    ("xla_vs_clipops_function", "tf_xla", "clipops_function"),
+)
+
+
+def floor_bytes(case: Case, role: str) -> int:
+    """Bytes the work must move at least: clipping reads the list twice and
+    writes it once; without clipping, forwarded buffers are only read."""
+    per_list = {"clip": 3 if case.clipping else 1, "forwarded": 1, "norm_pass": 1,
+                "producer": 2}[role]
+    return per_list * case.nbytes
+
+
+# ---- validation ----------------------------------------------------------------
+
+def _outputs_report(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> dict:
+    """Worst deviation of outputs from the reference, by the dtype's tolerance."""
+    worst_excess, worst_abs, ok = -math.inf, 0.0, len(outs) == len(refs)
+    for o, r in zip(outs, refs):
+        rtol, atol = OUT_TOL[r.dtype.name]
+        ok = ok and o.dtype == r.dtype and o.shape == r.shape
+        err = np.abs(o.astype(np.float32) - r.astype(np.float32))
+        excess = float(np.max(err - rtol * np.abs(r.astype(np.float32)) - atol, initial=-math.inf))
+        worst_excess = max(worst_excess, excess)
+        worst_abs = max(worst_abs, float(np.max(err, initial=0.0)))
+    return {"outputs_ok": bool(ok and worst_excess <= 0), "max_abs_err": worst_abs}
+
+
+def check(outs: list[np.ndarray] | None, norm: float, ref: tuple[list[np.ndarray], float],
+          norm64: float, inputs: Sequence[np.ndarray], clipping: bool) -> dict:
+    """One implementation's result against TF's and the float64 norm."""
+    report = {"norm": norm, "norm_rel_err_tf": abs(norm - ref[1]) / ref[1],
+              "norm_rel_err_f64": abs(norm - norm64) / norm64}
+    report["norm_ok"] = max(report["norm_rel_err_tf"], report["norm_rel_err_f64"]) <= NORM_RTOL
+    if outs:
+        report.update(_outputs_report(outs, ref[0]))
+        if not clipping:  # the scale is exactly 1: the outputs are the inputs
+            report["unchanged"] = all(np.array_equal(o, a) for o, a in zip(outs, inputs))
+            report["outputs_ok"] = report["outputs_ok"] and report["unchanged"]
+    report["ok"] = report["norm_ok"] and report.get("outputs_ok", True)
+    return report
+
+
+def validate(d: CaseData, runners: dict[str, tuple[Impl, Runner]]) -> dict:
+    """Checks every implementation once; only clipops' results can fail the case."""
+    ref_out, ref_norm = tf_clip_for(d)(d.tensors, d.clip_norm)
+    ref = ([t.numpy() for t in ref_out], float(ref_norm))
+    report = {"tf_norm_rel_err_f64": abs(ref[1] - d.norm64) / d.norm64, "impls": {}}
+    for name, (impl, runner) in runners.items():
+        if runner.fetch is None:
+            continue
+        if runner.setup:
+            runner.setup()
+        t0 = time.perf_counter()
+        result = runner.call()
+        runner.sync(result)
+        first_call_s = time.perf_counter() - t0  # includes tracing and compiling
+        outs, norm = runner.fetch(result)
+        report["impls"][name] = check(outs, norm, ref, d.norm64, d.arrays, d.case.clipping)
+        report["impls"][name]["first_call_s"] = first_call_s
+    report["ok"] = all(r["ok"] for n, r in report["impls"].items()
+                       if runners[n][0].family == "clipops")
+    return report
+
+
+# ---- timing -------------------------------------------------------------------
+
+def _timed(runner: Runner) -> float:
+    if runner.setup:
+        runner.setup()
+    t0 = time.perf_counter()
+    runner.sync(runner.call())  # the result is dropped before the next call
+    return time.perf_counter() - t0
+
+
+def _sample(runner: Runner, baseline: Runner | None) -> tuple[float, float]:
+    """One timed call, and (with a baseline) its time minus the baseline's,
+    the two called back to back so that drift in the machine cancels."""
+    t = _timed(runner)
+    return t, (t - _timed(baseline)) if baseline else t
+
+
+def measure(runner: Runner, warmup: int, repeats: int, budget_s: float,
+            baseline: Runner | None = None) -> dict:
+    """Warm-up calls, then up to `repeats` timed calls, fewer (not under
+    MIN_REPEATS) when they would overrun budget_s. With a baseline, also the
+    net time: each call's time minus a baseline call's right after it."""
+    warm = [sum(_sample(runner, baseline)) for _ in range(max(warmup, 1))]
+    count = max(MIN_REPEATS, min(repeats, int(budget_s / max(statistics.median(warm), 1e-9))))
+    gc.collect()
+    gc.disable()
+    try:
+        samples = [_sample(runner, baseline) for _ in range(count)]
+    finally:
+        gc.enable()
+    stats = summarize([t for t, _ in samples])
+    if baseline:
+        net = summarize([n for _, n in samples])
+        stats.update(net_median_s=net["median_s"], net_p10_s=net["p10_s"], net_p90_s=net["p90_s"])
+    return stats
+
+
+# ---- the machine: bandwidth and other load ---------------------------------------
+
+def measure_bandwidth(tries: int = 3) -> dict:
+    """copy_bandwidth_gbs(), measured again if it used fewer threads than this
+    process has cores (os.cpu_count() was once seen to answer 1 here)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for _ in range(tries):
+        bw = copy_bandwidth_gbs()
+        if bw["threads"] >= (cores or 1):
+            break
+    return bw
+
+
+CpuSnapshot = tuple[float, float, float]
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """(CPU seconds busy on the whole machine, including time stolen by the
+    hypervisor; CPU seconds of this process; wall seconds), or None without /proc."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+    own = os.times()
+    return busy, own.user + own.system, time.perf_counter()
+
+
+def background_cores(before: CpuSnapshot | None, after: CpuSnapshot | None) -> float | None:
+    """Cores' worth of CPU that other processes (or the hypervisor) took meanwhile."""
+    if before is None or after is None:
+        return None
+    busy, own, wall = (a - b for a, b in zip(after, before))
+    return max(0.0, (busy - own) / wall)
+
+
+# ---- one case -----------------------------------------------------------------
+
+@dataclass
+class Settings:
+    warmup: int
+    repeats: int
+    budget_s: float
+    seed: int
+    gbs: float  # copy bandwidth, for the progress lines
+
+
+def _progress(case: Case, name: str, r: dict, floor_s: float) -> None:
+    t = r.get("net_median_s", r["median_s"])
+    net = " net" if "net_median_s" in r else ""
+    first = "" if r["first_call_s"] is None else f"  first call {r['first_call_s']:.2f} s"
+    print(f"  [{case.name}] {name:22s} {r['median_s'] * 1e3:10.3f} ms  "
+          f"(p10 {r['p10_s'] * 1e3:.3f}, p90 {r['p90_s'] * 1e3:.3f}, n={r['repeats']})  "
+          f"x{t / floor_s:.2f} floor{net}{first}", flush=True)
+
+
+def time_case(d: CaseData, runners: dict[str, tuple[Impl, Runner]], s: Settings,
+              checked: dict[str, dict]) -> dict:
+    """Times each runner; the first call (made by validation) is reported apart."""
+    results = {}
+    for name, (impl, runner) in runners.items():
+        baseline = runners["producer"][1] if impl.role == "forwarded" else None
+        r = measure(runner, s.warmup, s.repeats, s.budget_s, baseline)
+        r.update(family=impl.family, role=impl.role,
+                 first_call_s=checked.get(name, {}).get("first_call_s"))
+        results[name] = r
+        _progress(d.case, name, r, floor_bytes(d.case, impl.role) / (s.gbs * 1e9))
+    return results
+
+
+def case_header(case: Case, d: CaseData) -> dict:
+    dtypes = {dt: case.dtypes.count(dt) for dt in sorted(set(case.dtypes))}
+    return {"description": case.description, "num_tensors": len(case.shapes),
+            "numel": case.numel, "nbytes": case.nbytes, "dtypes": dtypes,
+            "clipping": case.clipping, "clip_norm": d.clip_norm, "norm_f64": d.norm64,
+            "largest_tensor": max(math.prod(s) for s in case.shapes)}
+
+
+def run_case(case: Case, s: Settings) -> dict:
+    """Validates, then times, every implementation that applies to the case."""
+    print(f"[{case.name}] {len(case.shapes)} tensors, {case.numel:,} elements, "
+          f"{case.nbytes / 1e6:.1f} MB", flush=True)
+    d = make_data(case, s.seed)
+    out = case_header(case, d)
+    out["skipped"] = {i.name: i.skip(case) for i in IMPLS if i.skip(case)}
+    runners = {i.name: (i, i.build(d)) for i in IMPLS if not i.skip(case)}
+    out["validation"] = validate(d, runners)
+    if not out["validation"]["ok"]:
+        bad = [n for n, r in out["validation"]["impls"].items() if not r["ok"]]
+        print(f"  [{case.name}] VALIDATION FAILED: {bad}; not timed", flush=True)
+        return out
+    before = cpu_snapshot()
+    out["results"] = time_case(d, runners, s, out["validation"]["impls"])
+    out["background_cores"] = background_cores(before, cpu_snapshot())
+    if (out["background_cores"] or 0.0) > BUSY_WARNING_CORES:
+        print(f"  [{case.name}] WARNING: other processes used {out['background_cores']:.2f} "
+              "cores while this case was timed; its numbers are disturbed", flush=True)
+    return out
+
+
+# ---- derived numbers and targets ------------------------------------------------
+
+def _time(r: dict) -> float:
+    return r.get("net_median_s", r["median_s"])
+
+
+def add_derived(cases: dict, defs: Sequence[Case], gbs: float) -> None:
+    """Floors (at bandwidth `gbs`), time/floor per implementation, and TF/clipops ratios."""
+    for case in defs:
+        c = cases[case.name]
+        results = c.get("results")
+        if not results:
+            continue
+        for r in results.values():
+            r["floor_s"] = floor_bytes(case, r["role"]) / (gbs * 1e9)
+            r["floor_ratio"] = _time(r) / r["floor_s"]
+        c["floor_s"] = floor_bytes(case, "clip") / (gbs * 1e9)
+        c["ratios"] = {key: _time(results[a]) / _time(results[b])
+                       for key, a, b in RATIOS if a in results and b in results}
+        if "tf_function_fwd" in results and "clipops_function_fwd" in results:
+            c["ratios"]["function_forwarded_gross"] = (results["tf_function_fwd"]["median_s"] /
+                                                       results["clipops_function_fwd"]["median_s"])
+
+
+# (description, case, kind, key, op, threshold): kind "ratio" reads case["ratios"][key],
+# kind "floor" reads case["results"][key]["floor_ratio"]
+TARGETS = [
+    ("small list, eager: clipops >= 6x faster than TF", "mnist", "ratio", "eager", ">=", 6.0),
+    ("small list, tf.function: clipops >= 1.5x faster than TF", "mnist", "ratio",
+     "function", ">=", 1.5),
+    *[(f"large list, clipping: {impl} within 1.15x of the bandwidth floor", case, "floor",
+       impl, "<=", 1.15)
+      for case in ("resnet50", "bert_base")
+      for impl in ("clipops_function", "clipops_eager", "numpy", "numpy_inplace")],
+    *[("no clipping, forwarded buffers: clipops >= 2x faster than TF (net of the producer)",
+       case, "ratio", "function_forwarded", ">=", 2.0)
+      for case in ("mnist_noclip", "resnet50_noclip")],
+]
+
+
+def evaluate_targets(cases: dict) -> list[dict]:
+    rows = []
+    for text, case, kind, key, op, threshold in TARGETS:
+        c = cases.get(case, {})
+        source = c.get("ratios", {}) if kind == "ratio" else {
+            k: v["floor_ratio"] for k, v in c.get("results", {}).items()}
+        value = source.get(key)
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        rows.append({"target": text, "case": case, "metric": key, "op": op,
+                     "threshold": threshold, "value": value, "met": met})
+    return rows
+
+
+# ---- main ----------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    names = [c.name for c in build_cases(smoke=True)]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="directory for micro.json, micro.md and micro.png (default: %(default)s)")
+    p.add_argument("--smoke", action="store_true",
+                   help="toy sizes and few repeats, under a minute (CI: keeps the script alive)")
+    p.add_argument("--cases", nargs="+", choices=names, metavar="CASE",
+                   help=f"cases to run (default: all): {', '.join(names)}")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per implementation, at most (default 30; smoke 5); "
+                        "fewer when they would take longer than --budget, never under 5")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed calls per implementation and case (default 3; smoke 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random gradients")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace, gbs: float) -> Settings:
+    pick = lambda value, full, smoke: value if value is not None else (smoke if args.smoke else full)  # noqa: E731
+    return Settings(warmup=pick(args.warmup, 3, 1), repeats=pick(args.repeats, 30, MIN_REPEATS),
+                    budget_s=pick(args.budget, 3.0, 0.2), seed=args.seed, gbs=gbs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    snapshot = cpu_snapshot()
+    bandwidth_start = measure_bandwidth()
+    print(f"copy bandwidth: {bandwidth_start['gbs']:.1f} GB/s "
+          f"({bandwidth_start['threads']} threads, read + written)", flush=True)
+    s = settings_from(args, bandwidth_start["gbs"])
+    selected = [c for c in build_cases(args.smoke) if not args.cases or c.name in args.cases]
+    cases = {c.name: run_case(c, s) for c in selected}
+    bandwidth_end = measure_bandwidth()
+    # the floors use the higher of the two measurements: the stricter floor
+    gbs = max(bandwidth_start["gbs"], bandwidth_end["gbs"])
+    add_derived(cases, selected, gbs)
+    payload = {
+        "benchmark": "micro", "smoke": args.smoke, "machine": machine_info(),
+        "tf_threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                       "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+        "settings": {"warmup": s.warmup, "repeats": s.repeats, "budget_s": s.budget_s,
+                     "min_repeats": MIN_REPEATS, "seed": s.seed, "data_scale": DATA_SCALE},
+        "bandwidth": {"gbs": gbs, "start": bandwidth_start, "end": bandwidth_end},
+        "cases": cases, "targets": evaluate_targets(cases),
+        "wall_s": time.perf_counter() - started,
+        "background_cores": background_cores(snapshot, cpu_snapshot()),
+    }
+    path = write_json("micro", payload, args.out)
+    md_path, png_path = plot.render_all(path)
+    print(md_path.read_text())
+    print(f"wrote {path}, {md_path}, {png_path} in {payload['wall_s']:.0f} s")
+    failed = [n for n, c in cases.items() if not c["validation"]["ok"]]
+    if failed:
+        print(f"VALIDATION FAILED for {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

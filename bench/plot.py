@@ -1,0 +1,263 @@
+#!/usr/bin/env python
+"""The markdown table and the PNG plot of a micro.json, drawn from that file.
+
+    python bench/plot.py [bench/results/micro.json]   # writes micro.md, micro.png beside it
+
+What the numbers mean (bench/micro.py writes them):
+  - times are medians of repeated calls, with p10 and p90; the first call
+    (tracing, compiling) is timed apart and left out;
+  - "x floor" is time / floor, where the floor is the bytes the work must move
+    at the copy bandwidth measured in the same run (common.copy_bandwidth_gbs,
+    bytes read + written, all cores): 3x the list's bytes when clipping (read
+    for the norm, read and write for the scale; 12 bytes per float32 element),
+    1x when no clipping is needed and the buffers are forwarded;
+  - ratios are TF's time / clipops' time in the same run (> 1: clipops faster);
+  - *_fwd rows (no-clip cases) compute stand-in gradients (x * one) inside the
+    same tf.function so their buffers can be forwarded; their "net" time
+    subtracts the `producer` row, the gradient computation alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterable
+
+MAIN_IMPLS = ("tf_eager", "tf_function", "tf_xla", "clipops_eager", "clipops_function",
+              "numpy", "numpy_inplace", "producer", "tf_function_fwd", "clipops_function_fwd")
+NORM_IMPLS = ("tf_norm_eager", "clipops_norm_eager", "numpy_norm")
+# a clip implementation and its norm pass alone: clip - norm = the scale pass
+PASS_PAIRS = (("clipops_eager", "clipops_norm_eager"), ("numpy", "numpy_norm"),
+              ("tf_eager", "tf_norm_eager"))
+RATIO_LABELS = {
+    "eager": "eager: tf / clipops",
+    "function": "tf.function: tf / clipops",
+    "function_forwarded": "tf.function, forwarded, net",
+    "function_forwarded_gross": "forwarded, gross",
+    "xla_vs_clipops_function": "XLA / clipops tf.function",
+}
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _case_label(name: str, c: dict) -> str:
+    return (f"{name} ({c['num_tensors']} t, {c['numel'] / 1e6:.2f}M el, "
+            f"floor {_ms(c.get('floor_s'))} ms)")
+
+
+def _cores(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _cell(r: dict | None) -> str:
+    """median ms and x floor (net of the producer for forwarded rows)."""
+    if r is None:
+        return "-"
+    net = r.get("net_median_s")
+    core = f"{_ms(r['median_s'])}" + (f", net {_ms(net)}" if net is not None else "")
+    return f"{core} ({r['floor_ratio']:.2f}x)"
+
+
+def header_section(p: dict) -> list[str]:
+    m, bw = p["machine"], p["bandwidth"]
+    lines = [f"# clipops microbenchmark{' (SMOKE: toy sizes, not meaningful)' if p['smoke'] else ''}",
+             "",
+             f"{m.get('date')}, {m.get('cpu')} x {m.get('cpu_count')}, Python {m.get('python')}, "
+             f"TensorFlow {m.get('tensorflow')}, NumPy {m.get('numpy')}, clipops "
+             f"{m.get('clipops')} (git {m.get('git', '?')}); TF threads (0 = default) "
+             f"{p['tf_threads']}.",
+             "",
+             f"Copy bandwidth (read + written, {bw['start']['threads']} threads): "
+             f"{bw['start']['gbs']:.1f} GB/s at the start, {bw['end']['gbs']:.1f} GB/s at the end; "
+             f"floors use the higher, **{bw['gbs']:.1f} GB/s**. Run time {p['wall_s']:.0f} s.",
+             "",
+             f"CPU taken by other processes (or the hypervisor) during the run: "
+             f"{_cores(p.get('background_cores'))} cores on average; per case in the last table.",
+             ""]
+    return lines
+
+
+def times_section(p: dict) -> list[str]:
+    lines = ["## Median time, ms (time / floor)", ""]
+    rows = [[_case_label(n, c)] + [_cell(c["results"].get(i)) for i in MAIN_IMPLS]
+            for n, c in p["cases"].items() if c.get("results")]
+    return lines + _table(["case"] + list(MAIN_IMPLS), rows) + [""]
+
+
+def ratios_section(p: dict) -> list[str]:
+    rows = [[n] + [f"{c['ratios'][k]:.2f}x" if k in c["ratios"] else "-" for k in RATIO_LABELS]
+            for n, c in p["cases"].items() if c.get("ratios") is not None]
+    return ["## Speed-up of clipops (TF time / clipops time, same run)", ""] + \
+        _table(["case"] + list(RATIO_LABELS.values()), rows) + [""]
+
+
+def targets_section(p: dict) -> list[str]:
+    def verdict(t: dict) -> str:
+        return "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+    rows = [[t["target"], t["case"], t["metric"],
+             "-" if t["value"] is None else f"{t['value']:.2f}", f"{t['op']} {t['threshold']}",
+             verdict(t)] for t in p["targets"]]
+    return ["## Targets", ""] + \
+        _table(["target", "case", "metric", "value", "needed", "verdict"], rows) + [""]
+
+
+def passes_section(p: dict) -> list[str]:
+    """The two passes: the norm alone, and clip - norm (the scale pass)."""
+    rows = []
+    for n, c in p["cases"].items():
+        res = c.get("results", {})
+        for clip, norm in PASS_PAIRS:
+            if clip not in res or norm not in res or not c["clipping"]:
+                continue
+            scale_s = res[clip]["median_s"] - res[norm]["median_s"]
+            scale_floor = 2 * res[norm]["floor_s"]  # read and write the list once
+            rows.append([n, clip, f"{_ms(res[norm]['median_s'])} ({res[norm]['floor_ratio']:.2f}x)",
+                         f"{_ms(scale_s)} ({scale_s / scale_floor:.2f}x)",
+                         f"{_ms(res[clip]['median_s'])} ({res[clip]['floor_ratio']:.2f}x)"])
+    return ["## The two passes: norm alone, and clip minus norm", "",
+            "Norm floor: the list read once; scale floor: read and written once.", ""] + \
+        _table(["case", "implementation", "norm pass ms (x floor)", "scale pass ms (x floor)",
+                "clip ms (x floor)"], rows) + [""]
+
+
+def spread_section(p: dict) -> list[str]:
+    rows = []
+    for n, c in p["cases"].items():
+        for i, r in c.get("results", {}).items():
+            rows.append([n, i, _ms(r["median_s"]), _ms(r["p10_s"]), _ms(r["p90_s"]),
+                         _ms(r.get("net_median_s")), f"{r['floor_ratio']:.2f}",
+                         str(r["repeats"]),
+                         "-" if r.get("first_call_s") is None else f"{r['first_call_s']:.2f}"])
+    return ["## All timings", ""] + _table(
+        ["case", "implementation", "median ms", "p10 ms", "p90 ms", "net ms", "x floor",
+         "repeats", "first call s"], rows) + [""]
+
+
+def validation_section(p: dict) -> list[str]:
+    rows = []
+    for n, c in p["cases"].items():
+        v = c["validation"]
+        clip = {i: r for i, r in v["impls"].items() if i.startswith(("clipops", "numpy"))}
+        rows.append([n, "ok" if v["ok"] else "**FAILED**",
+                     f"{max(r['norm_rel_err_tf'] for r in clip.values()):.1e}",
+                     f"{max(r['norm_rel_err_f64'] for r in clip.values()):.1e}",
+                     f"{v['tf_norm_rel_err_f64']:.1e}",
+                     f"{max(r.get('max_abs_err', 0.0) for r in clip.values()):.1e}",
+                     "; ".join(f"{k}: {why}" for k, why in c["skipped"].items()
+                               if not why.startswith("only")) or "-"])
+    return ["## Validation (before timing) and skipped implementations", ""] + _table(
+        ["case", "clipops", "norm rel err vs TF", "norm rel err vs f64", "TF norm vs f64",
+         "max abs output err", "skipped"], rows) + [""]
+
+
+def cases_section(p: dict) -> list[str]:
+    rows = [[n, c["description"], str(c["num_tensors"]), f"{c['numel']:,}",
+             ", ".join(f"{k} x{v}" for k, v in c["dtypes"].items()),
+             f"{c['clip_norm']:.4g}", f"{c['norm_f64']:.4g}", _cores(c.get("background_cores"))]
+            for n, c in p["cases"].items()]
+    return ["## Cases", ""] + _table(
+        ["case", "list", "tensors", "elements", "dtypes", "clip_norm", "norm",
+         "other load (cores)"], rows) + [""]
+
+
+def render_markdown(p: dict) -> str:
+    sections = (header_section, targets_section, ratios_section, times_section, passes_section,
+                spread_section, validation_section, cases_section)
+    notes = [line.strip() for line in __doc__.split("What the numbers mean")[1].splitlines()[1:]]
+    lines = [line for section in sections for line in section(p)]
+    return "\n".join(lines + ["## Notes", "", *notes]).rstrip() + "\n"
+
+
+# ---- plot ----------------------------------------------------------------------
+
+PLOT_IMPLS = ("tf_eager", "tf_function", "tf_xla", "clipops_eager", "clipops_function",
+              "numpy", "numpy_inplace")
+
+
+def _time_panel(ax, p: dict) -> None:
+    """Time vs list size for the float32 clipping cases, log-log, with the floor."""
+    cases = sorted(((n, c) for n, c in p["cases"].items()
+                    if c.get("results") and c["clipping"] and list(c["dtypes"]) == ["float32"]),
+                   key=lambda nc: nc[1]["numel"])
+    x = [c["numel"] for _, c in cases]
+    for impl in PLOT_IMPLS:
+        pts = [(c["numel"], c["results"][impl]["median_s"] * 1e3) for _, c in cases
+               if impl in c["results"]]
+        if pts:
+            style = "-o" if impl.startswith(("clipops", "numpy")) else "--s"
+            ax.plot(*zip(*pts), style, label=impl, markersize=4)
+    ax.plot(x, [c["floor_s"] * 1e3 for _, c in cases], "k:", label="bandwidth floor")
+    for n, c in cases:
+        ax.annotate(n, (c["numel"], c["floor_s"] * 1e3), textcoords="offset points",
+                    xytext=(0, -12), ha="center", fontsize=7)
+    ax.set(xscale="log", yscale="log", xlabel="elements in the list",
+           ylabel="median time (ms)", title="Clipping time (float32 lists)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _ratio_panel(ax, p: dict) -> None:
+    """TF / clipops per case: eager, tf.function, forwarded (net)."""
+    keys = ("eager", "function", "function_forwarded")
+    names = [n for n, c in p["cases"].items() if c.get("ratios")]
+    width = 0.8 / len(keys)
+    for k, key in enumerate(keys):
+        vals = [p["cases"][n]["ratios"].get(key, 0.0) for n in names]
+        ax.bar([i + k * width for i in range(len(names))], vals, width, label=RATIO_LABELS[key])
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set_xticks([i + width for i in range(len(names))], names, rotation=30, ha="right",
+                  fontsize=8)
+    ax.set(ylabel="TF time / clipops time", title="Speed-up of clipops (> 1: faster)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def render_plot(p: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    _time_panel(left, p)
+    _ratio_panel(right, p)
+    title = f"clipops micro, {p['machine'].get('cpu')} x {p['machine'].get('cpu_count')}, " \
+            f"{p['bandwidth']['gbs']:.1f} GB/s copy" + (" (SMOKE)" if p["smoke"] else "")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def render_all(json_path: Path) -> tuple[Path, Path]:
+    """Reads the JSON file and writes <stem>.md and <stem>.png beside it."""
+    json_path = Path(json_path)
+    payload = json.loads(json_path.read_text())
+    md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    md.write_text(render_markdown(payload))
+    render_plot(payload, png)
+    return md, png
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Draw micro.md and micro.png from micro.json.")
+    p.add_argument("json", type=Path, nargs="?",
+                   default=Path(__file__).resolve().parent / "results" / "micro.json",
+                   help="the benchmark's JSON file (default: %(default)s)")
+    args = p.parse_args(argv)
+    for path in render_all(args.json):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The CUDA kernel compiled at run time with NVRTC: the CuPy front end's route
+when this build has no nvcc-compiled kernel (``_core.cuda_compiled()`` is
+False) or when ``CLIPOPS_FORCE_NVRTC=1``.
+
+It mirrors csrc/core/clip_cuda.cu step by step: the same kernel source (the
+headers shipped in clipops/kernels/), the same 40-byte tensor table at the front
+of the workspace followed by one double of partials per work item, the same
+grid rule (one block per work item, at most the resident blocks, because a
+cooperative launch fails otherwise) and one cooperative launch on the caller's
+stream. ``cuda_workspace_bytes`` and ``clip_cuda`` take the arguments of their
+``clipops._core`` namesakes, so clipops.cupy calls either route the same way,
+and the two routes produce the same bits.
+
+Why not ``cupy.RawModule(code=...)``: CuPy appends ``-ftz=true`` to every
+NVRTC compilation it caches. That turns __fmul_rn/__fadd_rn/__fdiv_rn into
+their flush-to-zero forms, so squares, sums and scaled values below 2^-126
+would become 0 here but not in the nvcc build (-ftz=false) nor on the CPU.
+This module therefore drives NVRTC itself (cupy.cuda.nvrtc) with the options
+of the nvcc build, caches the binary on disk next to CuPy's kernel cache, and
+loads it with cupy.cuda.function.Module, once per device and process.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import hashlib
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import cupy
+import numpy as np
+from cupy.cuda import driver, function, runtime
+
+from . import _common
+
+__all__ = ["CudaUnavailableError", "LaunchError", "TENSOR_ENTRY", "build_table",
+           "cuda_workspace_bytes", "clip_cuda", "grid_size", "select_target",
+           "cuda_include_dirs", "compile_kernel", "get_kernel"]
+
+KERNEL_NAME = "clipops_clip_kernel"
+KERNEL_FILES = ("clip_kernel.cuh", "clip_math.h")
+# Bump when the way binaries are produced changes without the sources changing.
+_CACHE_FORMAT = b"clipops-nvrtc-1"
+
+
+class CudaUnavailableError(RuntimeError):
+    """No usable GPU path: no driver or device, no cooperative launch support,
+    or the NVRTC kernel cannot be built (no NVRTC, no CUDA headers)."""
+
+
+class LaunchError(RuntimeError):
+    """The kernel launch itself failed (for example a cooperative grid larger
+    than the GPU can hold at once)."""
+
+
+# csrc/core/clip_kernel.cuh, struct TensorEntry:
+#   const void* in; void* out; long long numel; long long first_item; int dtype; int pad;
+TENSOR_ENTRY = np.dtype([("in", "<u8"), ("out", "<u8"), ("numel", "<i8"),
+                         ("first_item", "<i8"), ("dtype", "<i4"), ("pad", "<i4")])
+assert TENSOR_ENTRY.itemsize == 40, "TENSOR_ENTRY must match the C struct (40 bytes)"
+
+
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def _constants() -> tuple[int, int]:
+    """(elements per work item, threads per block), from the compiled core so
+    that clip_math.h stays the one place that defines them."""
+    core = _common.load_core()
+    return int(core.CHUNK), int(core.THREADS)
+
+
+# ---- host-side layout (pure NumPy: testable without a GPU) -------------------
+
+def build_table(descs: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, int]:
+    """The device tensor table for descs = [(in_ptr, out_ptr, numel, dtype code)]
+    and the number of work items, exactly as clip_cuda.cu builds it: a tensor's
+    first item is the number of chunks of the tensors before it."""
+    chunk, _ = _constants()
+    table = np.zeros(len(descs), dtype=TENSOR_ENTRY)
+    if not descs:
+        return table, 0
+    cols = np.array(descs, dtype=np.uint64).reshape(len(descs), 4)
+    numel = cols[:, 2].astype(np.int64)
+    items = (numel + (chunk - 1)) // chunk
+    table["in"] = cols[:, 0]
+    table["out"] = cols[:, 1]
+    table["numel"] = numel
+    table["first_item"] = np.cumsum(items) - items
+    table["dtype"] = cols[:, 3].astype(np.int32)
+    return table, int(items.sum())
+
+
+def _layout(num_tensors: int, num_items: int) -> tuple[int, int]:
+    """(offset of the partials in the workspace, total workspace bytes): the
+    table 16-byte aligned, then one double per work item, at least 16 bytes."""
+    partials_at = _align16(TENSOR_ENTRY.itemsize * num_tensors)
+    return partials_at, max(16, partials_at + 8 * num_items)
+
+
+def cuda_workspace_bytes(descs: list[tuple[int, int, int, int]]) -> int:
+    """Device workspace bytes clip_cuda needs (the same as _core's)."""
+    chunk, _ = _constants()
+    items = sum((d[2] + chunk - 1) // chunk for d in descs)
+    return _layout(len(descs), items)[1]
+
+
+def grid_size(num_items: int, resident_blocks: int) -> int:
+    """One block per work item, but no more blocks than can be resident at
+    once (a cooperative launch requires it); at least one block, which
+    writes the norm of an empty list."""
+    return max(1, min(num_items, resident_blocks))
+
+
+# ---- locating the sources and CUDA headers -----------------------------------
+
+def kernel_dir() -> Path:
+    """The folder holding clip_kernel.cuh and clip_math.h: clipops/kernels in an
+    installed package, csrc/core in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "kernels", here.parent / "csrc" / "core"):
+        if all((d / f).is_file() for f in KERNEL_FILES):
+            return d
+    raise CudaUnavailableError(
+        f"clipops' kernel sources ({', '.join(KERNEL_FILES)}) are missing from {here / 'kernels'}; "
+        "reinstall clipops (`pip install --no-build-isolation .`)")
+
+
+def _header_candidates(lib: str) -> list[Path]:
+    """Folders that may hold the CUDA headers of `lib` ('cudart' or 'cccl'),
+    most specific first."""
+    found: list[Path] = []
+    env = os.environ.get("CLIPOPS_CUDA_INCLUDE")
+    if env:
+        found += [Path(p) for p in env.split(os.pathsep) if p]
+    try:  # CuPy's own locator (a CuPy 14 dependency): pip wheels, conda, CUDA_HOME, /usr/local/cuda
+        from cuda import pathfinder
+
+        d = pathfinder.find_nvidia_header_directory(lib)
+        if d:
+            found.append(Path(d))
+    except Exception:  # absent or older cuda-pathfinder: fall back to the toolkit paths below
+        pass
+    roots = [cupy.cuda.get_cuda_path(), os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"),
+             "/usr/local/cuda"]
+    for root in filter(None, roots):
+        found += [Path(root) / "include", Path(root) / "include" / "cccl"]
+    if lib == "cccl":  # last resort: the libcu++ that CuPy bundles for its own kernels
+        found.append(Path(cupy.__file__).parent / "_core" / "include" / "cupy" / "_cccl" / "libcudacxx")
+    return found
+
+
+def cuda_include_dirs() -> list[str]:
+    """-I folders for <cooperative_groups.h>, which NVRTC does not ship, and for
+    the libcu++ headers it includes since CUDA 13 (<cuda/std/type_traits>).
+
+    Set CLIPOPS_CUDA_INCLUDE (os.pathsep-separated) to choose them yourself."""
+    dirs: list[str] = []
+    for lib, header, required in (("cudart", "cooperative_groups.h", True),
+                                  ("cccl", "cuda/std/type_traits", False)):
+        hit = next((d for d in _header_candidates(lib) if (d / header).is_file()), None)
+        if hit is None and required:
+            raise CudaUnavailableError(
+                "clipops compiles its CUDA kernel with NVRTC (this build has no nvcc-compiled kernel), "
+                f"and that needs the CUDA runtime headers, but <{header}> was not found. Install them "
+                "(`pip install nvidia-cuda-runtime nvidia-cuda-cccl`, or a CUDA toolkit) or point "
+                "CLIPOPS_CUDA_INCLUDE at the folder that holds cooperative_groups.h.")
+        if hit is not None and str(hit) not in dirs:
+            dirs.append(str(hit))
+    return dirs
+
+
+# ---- compiling ---------------------------------------------------------------
+
+def _nvrtc():
+    """cupy.cuda.nvrtc with the library loaded, or CudaUnavailableError."""
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()  # loads libnvrtc
+    except Exception as exc:
+        raise CudaUnavailableError(
+            f"NVRTC, which compiles clipops' kernel at run time, could not be loaded ({exc}). "
+            "Install it with `pip install nvidia-cuda-nvrtc` (CUDA 13) or a CUDA toolkit.") from exc
+    return nvrtc
+
+
+def select_target(cc: int, supported: tuple[int, ...]) -> tuple[str, str]:
+    """(-arch option, 'cubin' or 'ptx') for a device of compute capability cc
+    (e.g. 90): native code when NVRTC knows the architecture, else PTX of the
+    newest older one, which the driver compiles for the device."""
+    if cc in supported:
+        return f"-arch=sm_{cc}", "cubin"
+    older = [a for a in supported if a <= cc]
+    if not older:
+        raise CudaUnavailableError(
+            f"this GPU (compute capability {cc // 10}.{cc % 10}) is older than the oldest "
+            f"architecture this NVRTC supports (sm_{min(supported)})")
+    return f"-arch=compute_{max(older)}", "ptx"
+
+
+def nvrtc_options(arch_option: str) -> tuple[str, ...]:
+    """The NVRTC options. They reproduce the nvcc build's code generation
+    (CMakeLists.txt: --fmad=false, nvcc's defaults for the rest); every one
+    that changes floating-point results is spelled out."""
+    return ("-std=c++17", f"-I{kernel_dir()}", *(f"-I{d}" for d in cuda_include_dirs()),
+            arch_option, "--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true")
+
+
+def _cache_dir() -> Path:
+    # CuPy's kernel cache folder, so that clearing CuPy's cache clears ours
+    return Path(os.environ.get("CUPY_CACHE_DIR") or Path.home() / ".cupy" / "kernel_cache")
+
+
+def _cache_key(options: tuple[str, ...], nvrtc_version: tuple[int, int]) -> str:
+    h = hashlib.sha256(_CACHE_FORMAT)
+    for name in KERNEL_FILES:
+        h.update(name.encode() + b"\0" + (kernel_dir() / name).read_bytes() + b"\0")
+    h.update("\0".join(options).encode())
+    h.update(repr(tuple(nvrtc_version)).encode())
+    return h.hexdigest()[:40]
+
+
+def _compile(nvrtc, options: tuple[str, ...], kind: str) -> bytes:
+    source = '#include "clip_kernel.cuh"\n'
+    prog = nvrtc.createProgram(source, "clipops_kernel.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, list(options))
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise CudaUnavailableError(
+                f"NVRTC failed to compile clipops' kernel ({exc}); options {' '.join(options)}:\n{log}"
+            ) from exc
+        binary = nvrtc.getCUBIN(prog) if kind == "cubin" else nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    if isinstance(binary, str):
+        binary = binary.encode()
+    if kind == "ptx" and not binary.endswith(b"\0"):
+        binary += b"\0"  # cuModuleLoadData reads PTX as a C string
+    return binary
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Writes a cache file whole or not at all; an unwritable cache only costs
+    a compilation per process."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
+def compile_kernel(arch_option: str, kind: str, *, refresh: bool = False) -> bytes:
+    """The kernel as a cubin or PTX for arch_option; needs NVRTC but no GPU.
+
+    Binaries are cached under $CUPY_CACHE_DIR (default ~/.cupy/kernel_cache) as
+    clipops_<hash>.<kind>; the hash covers the kernel sources, every option
+    (include folders too) and the NVRTC version. Files are written atomically,
+    so concurrent processes at worst compile twice. refresh=True ignores and
+    replaces the cached file."""
+    nvrtc = _nvrtc()
+    options = nvrtc_options(arch_option)
+    path = _cache_dir() / f"clipops_{_cache_key(options, nvrtc.getVersion())}.{kind}"
+    if not refresh:
+        try:
+            return path.read_bytes()
+        except OSError:
+            pass
+    binary = _compile(nvrtc, options, kind)
+    _write_atomically(path, binary)
+    return binary
+
+
+# ---- loading, per device -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Kernel:
+    """The loaded kernel on one device and the largest cooperative grid."""
+
+    module: object  # cupy.cuda.function.Module: keeps the code loaded
+    function: object  # cupy.cuda.function.Function
+    resident_blocks: int
+    num_regs: int
+
+
+_kernels: dict[int, Kernel] = {}
+_kernels_lock = threading.Lock()
+
+
+def _load(device: int) -> Kernel:
+    _, threads = _constants()
+    if not runtime.deviceGetAttribute(runtime.cudaDevAttrCooperativeLaunch, device):
+        raise CudaUnavailableError(f"GPU {device} does not support cooperative launches, which "
+                                   "clipops' single-launch kernel needs")
+    cc = int(cupy.cuda.Device(device).compute_capability)
+    arch, kind = select_target(cc, tuple(_nvrtc().getSupportedArchs()))
+    module = function.Module()
+    try:
+        module.load(compile_kernel(arch, kind))
+    except driver.CUDADriverError:
+        # a stale or foreign cache entry: build afresh once
+        module = function.Module()
+        try:
+            module.load(compile_kernel(arch, kind, refresh=True))
+        except driver.CUDADriverError as exc:
+            raise CudaUnavailableError(
+                f"the driver cannot load the kernel NVRTC {_nvrtc().getVersion()} built for "
+                f"{arch[6:]} ({exc}); the driver may be older than this NVRTC: update it, or "
+                "install the NVRTC of the driver's CUDA version") from exc
+    fn = module.get_function(KERNEL_NAME)
+    # The occupancy calculator accounts for registers (the kernel uses about 70
+    # per thread) and its 2 KiB of static shared memory; no guessed bound needed.
+    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)
+    regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
+    if per_sm < 1:
+        raise CudaUnavailableError(
+            f"clipops' kernel ({regs} registers per thread, {threads} threads per block) does not "
+            f"fit on one multiprocessor of GPU {device}")
+    sms = runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
+    return Kernel(module, fn, per_sm * sms, regs)
+
+
+def get_kernel(device: int) -> Kernel:
+    """The kernel for `device` (compiled or read from the disk cache on first
+    use, then kept for the life of the process). The device must be current."""
+    kernel = _kernels.get(device)
+    if kernel is None:
+        with _kernels_lock:
+            kernel = _kernels.get(device)
+            if kernel is None:
+                kernel = _kernels[device] = _load(device)
+    return kernel
+
+
+# ---- the launch --------------------------------------------------------------
+
+# Pinned buffers whose table copies may not have run yet, oldest first, each
+# with an event recorded after its copy. cudaMemcpyAsync from pageable memory
+# "may synchronize with the stream" (CUDA's API synchronisation notes) when it
+# must stage the data; from pinned memory it never does. A buffer goes back to
+# CuPy's pinned pool only once its event has completed, so a later call cannot
+# overwrite a table that the GPU has not read yet.
+_in_flight: collections.deque = collections.deque()
+_in_flight_lock = threading.Lock()
+
+
+def _record_event(stream: int) -> cupy.cuda.Event:
+    event = cupy.cuda.Event(block=False, disable_timing=True)
+    runtime.eventRecord(event.ptr, stream)
+    return event
+
+
+def _copy_table_async(table: np.ndarray, dst: int, stream: int) -> None:
+    """Copies the table to device address dst in stream order; never waits."""
+    with _in_flight_lock:
+        while _in_flight and _in_flight[0][0].done:  # cudaEventQuery: does not block
+            _in_flight.popleft()
+    staging = cupy.cuda.alloc_pinned_memory(table.nbytes)
+    ctypes.memmove(staging.ptr, table.ctypes.data, table.nbytes)
+    runtime.memcpyAsync(dst, staging.ptr, table.nbytes, runtime.memcpyHostToDevice, stream)
+    event = _record_event(stream)
+    with _in_flight_lock:
+        _in_flight.append((event, staging))
+
+
+def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bool,
+              clip_norm: float, clip_ptr: int, use_norm: float | None, use_ptr: int,
+              norm_out: int, workspace: int, workspace_bytes: int, stream: int) -> None:
+    """_core.clip_cuda through NVRTC: one cooperative launch on `stream`.
+
+    The caller has validated the list (dtypes, norm dtype, aliasing); like the
+    C++ launcher this never waits for the GPU. The table goes through pinned
+    memory (see _copy_table_async)."""
+    table, items = build_table(descs)
+    partials_at, needed = _layout(len(descs), items)
+    if workspace == 0 or workspace_bytes < needed:
+        raise ValueError("the CUDA workspace is missing or smaller than cuda_workspace_bytes()")
+    if workspace % 16:
+        raise ValueError("the CUDA workspace must be 16-byte aligned")
+    kernel = get_kernel(runtime.getDevice())
+    if len(descs):
+        _copy_table_async(table, workspace, stream)
+    _, threads = _constants()
+    grid = grid_size(items, kernel.resident_blocks)
+    # The kernel's parameters in declaration order, as C values; the launch
+    # copies them, so they only need to live until it returns.
+    values = (ctypes.c_uint64(workspace), ctypes.c_int(len(descs)), ctypes.c_longlong(items),
+              ctypes.c_uint64(workspace + partials_at), ctypes.c_int(norm_dtype),
+              ctypes.c_int(1 if scale else 0), ctypes.c_double(clip_norm), ctypes.c_uint64(clip_ptr),
+              ctypes.c_int(1 if (use_norm is not None or use_ptr) else 0),
+              ctypes.c_double(use_norm if use_norm is not None else 0.0), ctypes.c_uint64(use_ptr),
+              ctypes.c_uint64(norm_out))
+    params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+    try:
+        driver.launchCooperativeKernel(kernel.function.ptr, grid, 1, 1, threads, 1, 1, 0, stream,
+                                       ctypes.addressof(params))
+    except driver.CUDADriverError as exc:
+        raise LaunchError(f"launching the clip kernel ({grid} blocks of {threads} threads, "
+                          f"{kernel.resident_blocks} resident at most) failed: {exc}") from exc

@@ -1,0 +1,410 @@
+"""CuPy front end: the core's single CUDA launch on GPU arrays, without TensorFlow.
+
+    import clipops.cupy as ccp
+    grads, norm = ccp.clip_by_global_norm(grads, 1.0)           # new arrays
+    grads, norm = ccp.clip_by_global_norm(grads, 1.0, in_place=True)  # like clip_grad_norm_
+    norm = ccp.global_norm(grads)
+
+Same semantics as clipops.clip_by_global_norm and clipops.numpy (TF's scale
+formula, NaN on a non-finite norm, float32-or-better accumulation, mixed
+dtypes in one launch), and the same bits as clipops.numpy on the same data:
+every device follows the reduction order of csrc/core/clip_math.h.
+
+Inputs: CuPy arrays, or any GPU array exposing DLPack or
+``__cuda_array_interface__`` (PyTorch, JAX, Numba...), viewed without a copy.
+DLPack is preferred: its producer orders its pending work before CuPy's current
+stream without blocking the host. Through ``__cuda_array_interface__`` CuPy
+may wait for the producer's stream (CUPY_CUDA_ARRAY_INTERFACE_SYNC). bfloat16
+arrays need CuPy >= 14 with ml_dtypes (CuPy's bfloat16 dtype).
+
+Streams and lifetimes: the call runs on CuPy's current stream
+(``cupy.cuda.get_current_stream()``) and never waits for the GPU: it
+returns as soon as the table copy and the launch are queued. Results are
+ready in stream order, so work queued later on the same stream sees them;
+synchronise the stream before reading them from another stream or the host.
+The workspace (tensor table + partial sums), the outputs and the norm are
+allocated from CuPy's memory pool on that stream. The workspace is dropped
+when the call returns, while the kernel may still run: this is safe because
+CuPy's pool is stream-ordered. A block freed on a stream is handed out again
+only to allocations on that same stream, whose work the GPU runs after this
+kernel; and releasing it to the driver (``free_all_blocks``) goes through
+cudaFree, which waits for the device. (With a custom allocator that is not
+stream-ordered, synchronise the stream before freeing memory.) Likewise keep
+inputs that another framework owns alive, or on a stream ordered after this
+one, until the kernel has run; e.g. run under
+``cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)``.
+
+The kernel is nvcc-compiled into clipops._core when the package was built
+with CUDA; otherwise (or with CLIPOPS_FORCE_NVRTC=1) the same source, shipped in
+clipops/kernels/, is compiled with NVRTC at the first call on a device (a few
+seconds, then read from CuPy's disk cache; that first call loads a module and
+may block) by clipops._nvrtc. The two routes give the same bits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+try:
+    import cupy
+except ImportError as _exc:
+    raise ImportError(
+        f"clipops.cupy needs CuPy, which could not be imported ({_exc}). Install it with "
+        "`pip install cupy-cuda13x` (CUDA 13 drivers; cupy-cuda12x for CUDA 12). clipops.numpy "
+        "runs on the CPU without it.") from _exc
+import numpy as np
+
+from . import _common, _nvrtc
+from ._nvrtc import CudaUnavailableError, LaunchError
+from .numpy import _np_dtype, _scalar_in
+
+__all__ = ["clip_by_global_norm", "global_norm", "CudaUnavailableError", "LaunchError",
+           "UnsupportedArrayError"]
+
+
+class UnsupportedArrayError(ValueError, RuntimeError):
+    """An array this GPU call cannot use as it is: on another device than the
+    current one, or not C-contiguous for in_place=True. A ValueError, like
+    the other front ends' input errors, and a RuntimeError."""
+
+
+# DLPack device types (dlpack.h): CUDA device memory and managed memory are
+# readable by the kernel; CPU and pinned host memory are host arrays here.
+_DL_CUDA, _DL_CUDA_MANAGED = 2, 13
+_DL_HOST = (1, 3)
+_OUTPUT_ALIGN = 256  # bytes between outputs in their shared buffer: keeps 16-byte vector loads
+
+
+# ---- environment -------------------------------------------------------------
+
+def _current_device() -> int:
+    """CuPy's current device, or CudaUnavailableError naming why there is none."""
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        try:
+            built_for = cupy.cuda.runtime.runtimeGetVersion()
+            built_for = f"CUDA {built_for // 1000}.{built_for % 1000 // 10}"
+        except Exception:
+            built_for = "its CUDA version"
+        raise CudaUnavailableError(
+            f"clipops.cupy needs an NVIDIA GPU, but the CUDA runtime reports: {exc}. Either no "
+            f"NVIDIA driver is installed, the driver is older than {built_for} that this CuPy "
+            "was built for, or CUDA_VISIBLE_DEVICES hides every GPU. clipops.numpy runs on the CPU."
+        ) from exc
+    if count < 1:
+        raise CudaUnavailableError("clipops.cupy needs an NVIDIA GPU, but the CUDA runtime sees "
+                                   "no device (check CUDA_VISIBLE_DEVICES)")
+    return cupy.cuda.runtime.getDevice()
+
+
+def _use_nvrtc(core) -> bool:
+    """The NVRTC route: no nvcc-compiled kernel in this build, or forced (tests)."""
+    return os.environ.get("CLIPOPS_FORCE_NVRTC") == "1" or not core.cuda_compiled()
+
+
+# ---- inputs --------------------------------------------------------------------
+
+def _dlpack_device_type(x) -> int | None:
+    try:
+        return int(x.__dlpack_device__()[0])
+    except Exception:  # no DLPack, or a producer that cannot say
+        return None
+
+
+def _has_cuda_array_interface(x) -> bool:
+    try:  # a property that may raise, e.g. torch's for CPU or bfloat16 tensors
+        return getattr(x, "__cuda_array_interface__", None) is not None
+    except Exception:
+        return False
+
+
+def _is_device_array(x) -> bool:
+    if isinstance(x, cupy.ndarray):
+        return True
+    dl = _dlpack_device_type(x)
+    if dl is not None:
+        return dl in (_DL_CUDA, _DL_CUDA_MANAGED)
+    return _has_cuda_array_interface(x)
+
+
+def _is_host_array(x) -> bool:
+    return isinstance(x, np.ndarray) or _dlpack_device_type(x) in _DL_HOST or \
+        hasattr(x, "__array_interface__")
+
+
+def _as_device_array(x, what: str) -> cupy.ndarray:
+    """x as a CuPy array without a copy; TypeError for anything that is not a
+    GPU array (host arrays are never copied to the device behind your back)."""
+    if isinstance(x, cupy.ndarray):
+        return x
+    if _is_device_array(x):
+        try:
+            if hasattr(x, "__dlpack__"):
+                return cupy.from_dlpack(x)
+            return cupy.asarray(x)  # __cuda_array_interface__: a view, not a copy
+        except Exception as exc:
+            raise TypeError(f"{what} ({type(x).__module__}.{type(x).__name__}) is a GPU array that "
+                            f"CuPy cannot view without a copy: {exc}") from exc
+    if _is_host_array(x):
+        raise TypeError(f"{what} is a host array ({type(x).__module__}.{type(x).__name__}); "
+                        "clipops.cupy clips GPU arrays. Use clipops.numpy for host arrays, or "
+                        "copy it to the GPU first (cupy.asarray).")
+    raise TypeError(f"{what} is a {type(x).__name__}; expected a CuPy array or a GPU array that "
+                    "supports DLPack or __cuda_array_interface__")
+
+
+@dataclass
+class _Prepared:
+    """The validated list: positions of the non-None entries, their CuPy
+    arrays and dtype codes, the norm's dtype code and the current device."""
+
+    arrays: list
+    positions: list[int]
+    values: list[cupy.ndarray]
+    codes: list[int]
+    norm_code: int
+    device: int
+
+
+def _prepare(arrays, in_place: bool) -> _Prepared:
+    arrays = _common.check_list(arrays)
+    positions = [i for i, a in enumerate(arrays) if a is not None]
+    if not positions:
+        _common.norm_dtype_code([])  # raises the front ends' ValueError
+    device = _current_device()
+    values, codes = [], []
+    for i in positions:
+        what = f"arrays[{i}]"
+        a = _as_device_array(arrays[i], what)
+        codes.append(_common.dtype_code(a.dtype.name, i))
+        if a.data.device_id != device:
+            raise UnsupportedArrayError(
+                f"{what} is on GPU {a.data.device_id} but the current device is GPU {device}; "
+                f"clipops runs one kernel on one device: call it under "
+                f"`with cupy.cuda.Device({a.data.device_id}):` or move the array")
+        if not a.flags.c_contiguous:
+            if in_place:
+                raise UnsupportedArrayError(
+                    f"{what} is not C-contiguous; in_place=True needs contiguous arrays "
+                    "(or pass in_place=False, which copies it to a contiguous array first)")
+            a = cupy.ascontiguousarray(a)  # on the current stream; the result is C-ordered
+        values.append(a)
+    if in_place:
+        _check_no_shared_memory(values, positions)
+    return _Prepared(arrays, positions, values, codes, _common.norm_dtype_code(codes), device)
+
+
+def _check_no_shared_memory(values: list[cupy.ndarray], positions: list[int]) -> None:
+    """In place, every array is written: no two may share a byte, or scaling one
+    would change another mid-call. (Out of place, inputs are only read and the
+    outputs are fresh, so sharing is fine there.)"""
+    # Checking neighbours in start order suffices: if ranges r_i and r_j
+    # (i < j) overlap, r_j's predecessor starts inside r_i, so by induction
+    # some neighbouring pair overlaps too.
+    ranges = sorted((a.data.ptr, a.data.ptr + a.nbytes, i)
+                    for a, i in zip(values, positions) if a.nbytes)
+    for (_, prev_end, j), (begin, _, i) in zip(ranges, ranges[1:]):
+        if begin < prev_end:
+            first, second = sorted((i, j))
+            raise ValueError(f"arrays[{first}] and arrays[{second}] share memory; in_place=True "
+                             "writes every array, so pass each buffer once (or use in_place=False)")
+
+
+@dataclass
+class _Scalar:
+    """clip_norm or use_norm as the core takes it: a host double, or a device
+    pointer to one element of the norm dtype (read by the kernel, so the host
+    never waits); `array` keeps that element alive until the launch is queued."""
+
+    value: float = 0.0
+    ptr: int = 0
+    array: cupy.ndarray | None = None
+
+
+def _scalar(value, prep: _Prepared, what: str, copy: bool) -> _Scalar:
+    """A Python number (or host scalar) is rounded to the norm dtype exactly as
+    clipops.numpy does; a 0-d GPU array is cast to it on the current stream.
+    copy=True always makes that a private copy: in place, the kernel writes
+    the arrays while reading the scalar, which must not live in one of them."""
+    _common.check_scalar(value, what)
+    if not _is_device_array(value):
+        return _Scalar(value=_scalar_in(value, prep.norm_code, what))
+    a = _as_device_array(value, what)
+    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        raise TypeError(f"{what} must be a float, got a {a.dtype.name} array")
+    if a.data.device_id != prep.device:
+        raise UnsupportedArrayError(f"{what} is on GPU {a.data.device_id} but the arrays are on "
+                                    f"GPU {prep.device}")
+    a = a.astype(_np_dtype(prep.norm_code), copy=copy)
+    return _Scalar(ptr=a.data.ptr, array=a)
+
+
+# ---- outputs and the launch ----------------------------------------------------
+
+def _empty_like_all(values: list[cupy.ndarray]) -> list[cupy.ndarray]:
+    """Uninitialised C-contiguous arrays shaped like `values`, carved from ONE
+    allocation (a pool allocation per tensor costs microseconds of host time,
+    thousands of them milliseconds). Each starts on a 256-byte boundary. Every
+    output keeps the shared buffer alive."""
+    offsets, total = [], 0
+    for a in values:
+        offsets.append(total)
+        total += (a.nbytes + _OUTPUT_ALIGN - 1) // _OUTPUT_ALIGN * _OUTPUT_ALIGN
+    buf = cupy.empty(total, dtype=cupy.uint8)
+    return [cupy.ndarray(a.shape, a.dtype, memptr=buf.data + off) for a, off in zip(values, offsets)]
+
+
+def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
+            use: _Scalar | None) -> cupy.ndarray:
+    """One launch over prep's arrays on the current stream; returns the 0-d norm.
+    outs None: the norm only. Never waits for the GPU."""
+    core = _common.load_core()
+    if outs is None:
+        descs = [(a.data.ptr, 0, a.size, c) for a, c in zip(prep.values, prep.codes)]
+    else:
+        descs = [(a.data.ptr, o.data.ptr, a.size, c)
+                 for a, o, c in zip(prep.values, outs, prep.codes)]
+    norm = cupy.empty((), dtype=_np_dtype(prep.norm_code))
+    nvrtc = _use_nvrtc(core)
+    nbytes = (_nvrtc if nvrtc else core).cuda_workspace_bytes(descs)
+    # Lives until this function returns; the pool's stream ordering covers
+    # the rest of the kernel's run (see the module docstring).
+    workspace = cupy.empty(nbytes, dtype=cupy.uint8)
+    use_value = None if use is None or use.ptr else use.value
+    args = (descs, prep.norm_code, outs is not None, clip.value, clip.ptr, use_value,
+            use.ptr if use is not None else 0, norm.data.ptr, workspace.data.ptr, nbytes,
+            cupy.cuda.get_current_stream().ptr)
+    if nvrtc:
+        _nvrtc.clip_cuda(*args)
+    else:
+        try:
+            # Overlaps were ruled out above (outputs are fresh; in place was checked).
+            core.clip_cuda(*args, check_overlap=False)
+        except ValueError as exc:
+            # Inputs are validated in Python first, so what is left are CUDA
+            # failures, which the core reports as ValueError.
+            raise LaunchError(f"the clip kernel could not run: {exc}") from exc
+    return norm
+
+
+def global_norm(arrays) -> cupy.ndarray:
+    """sqrt(sum of squares of every element) as a 0-d CuPy array of the norm
+    dtype (the arrays' dtype, float32 for a mixed list); None entries are
+    ignored. Queued on the current stream; the host does not wait.
+
+    Raises:
+      TypeError: not a sequence, a non-float array, or a host / non-GPU array.
+      ValueError: no arrays; UnsupportedArrayError: an array on another device.
+      CudaUnavailableError: no usable GPU (no driver, no device, no NVRTC).
+      LaunchError: the launch failed.
+    """
+    prep = _prepare(arrays, in_place=False)
+    return _launch(prep, None, _Scalar(), None)
+
+
+def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False):
+    """Scales every array by clip_norm / max(global_norm, clip_norm), with
+    TensorFlow's formula in the norm's dtype, in one CUDA launch.
+
+    Args:
+      arrays: a sequence of GPU arrays (CuPy, or DLPack / __cuda_array_interface__
+        producers) or None; float16, bfloat16, float32, float64, mixed allowed.
+      clip_norm: a Python number (rounded to the norm dtype as TF does) or a 0-d
+        GPU array (cast to the norm dtype on the stream, read by the kernel).
+      use_norm: optional, likewise: the global norm to use instead of computing
+        it; it is then returned as the norm.
+      in_place: write the results into the caller's arrays (they must be
+        C-contiguous and not share memory) and return those same objects, as
+        torch.nn.utils.clip_grad_norm_ does; it writes through the zero-copy
+        view, so do not use it on arrays their owner treats as immutable (JAX).
+        Otherwise non-contiguous inputs are copied to contiguous ones first and
+        new CuPy arrays are returned.
+
+    Returns:
+      (clipped, norm): a list (None entries stay None) and the 0-d norm of the
+      norm dtype, both on the current stream's timeline (not waited for).
+      Out of place, the clipped arrays are views into one shared allocation.
+
+    Raises: as global_norm; ValueError also when in-place arrays share memory
+    or a scalar argument is not a scalar.
+    """
+    prep = _prepare(arrays, in_place)
+    clip = _scalar(clip_norm, prep, "clip_norm", copy=in_place)
+    use = None if use_norm is None else _scalar(use_norm, prep, "use_norm", copy=in_place)
+    outs = prep.values if in_place else _empty_like_all(prep.values)
+    norm = _launch(prep, outs, clip, use)
+    result = [None] * len(prep.arrays)
+    for i, out in zip(prep.positions, outs):
+        result[i] = prep.arrays[i] if in_place else out
+    return result, norm
+
+
+# ---- TensorFlow tensors on a GPU, when the TF op has no GPU kernel -------------
+# clipops/tensorflow.py calls these for eager GPU tensors when clipops was built
+# without CUDA: the op then only has a CPU kernel, and TF would silently copy
+# the tensors to the host and back. DLPack shares the memory instead.
+
+def _tf_inputs(values: list) -> tuple[object, list[cupy.ndarray]]:
+    """(tf module, the tensors as CuPy arrays), zero-copy. Waits for TF's
+    pending GPU work first: TF computes on its own stream, which CuPy's
+    stream knows nothing of."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        import tensorflow as tf
+    if not tf.executing_eagerly():
+        raise RuntimeError(
+            "clipops was built without CUDA, so its TensorFlow op has no GPU kernel, and GPU "
+            "tensors inside a tf.function cannot be handed to CuPy. Call it eagerly, or rebuild "
+            "clipops with nvcc available (`pip install --no-build-isolation .`).")
+    arrays = []
+    for i, v in enumerate(values):
+        if isinstance(v, tf.Variable):
+            v = tf.convert_to_tensor(v)
+        if "GPU" not in v.device.upper():
+            raise ValueError(f"t_list[{i}] is on {v.device or 'the CPU'}; this path is for GPU tensors")
+        arrays.append(v)
+    tf.test.experimental.sync_devices()  # TF's producers have finished writing
+    return tf, [cupy.from_dlpack(tf.experimental.dlpack.to_dlpack(v)) for v in arrays]
+
+
+def _tf_scalar(tf, value, what: str):
+    """A TF scalar tensor as a host NumPy value (the caller already waited for
+    TF's GPU work, so reading it costs no extra synchronisation)."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        if not value.dtype.is_floating:
+            raise TypeError(f"{what} must be a float, got a {value.dtype.name} tensor")
+        return value.numpy()
+    return value
+
+
+def _to_tf(tf, x: cupy.ndarray):
+    return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
+
+
+def _clip_tf_tensors(values: list, clip_norm, use_norm=None):
+    """clip_by_global_norm on eager TF GPU tensors through CuPy, zero-copy.
+
+    Returns (clipped tensors in the order of `values`, the norm tensor). Both
+    host waits here are deliberate: TF's stream and CuPy's are unrelated, so
+    the inputs must be complete before the launch, and the results before TF
+    reads them on its own stream. Not differentiable (no TF gradient is
+    recorded through CuPy)."""
+    tf, arrays = _tf_inputs(values)
+    with cupy.cuda.Device(arrays[0].data.device_id):
+        clipped, norm = clip_by_global_norm(
+            arrays, _tf_scalar(tf, clip_norm, "clip_norm"),
+            None if use_norm is None else _tf_scalar(tf, use_norm, "use_norm"))
+        cupy.cuda.get_current_stream().synchronize()
+    return [_to_tf(tf, c) for c in clipped], _to_tf(tf, norm)
+
+
+def _global_norm_tf_tensors(values: list):
+    """global_norm on eager TF GPU tensors through CuPy; see _clip_tf_tensors."""
+    tf, arrays = _tf_inputs(values)
+    with cupy.cuda.Device(arrays[0].data.device_id):
+        norm = global_norm(arrays)
+        cupy.cuda.get_current_stream().synchronize()
+    return _to_tf(tf, norm)

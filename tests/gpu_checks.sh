@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# GPU-only checks of the CUDA kernel through clipops.cupy, both routes
+# (nvcc-compiled and NVRTC):
+#   1. compute-sanitizer memcheck, racecheck, synccheck and initcheck over a
+#      workload that covers every dtype, mixed lists, sizes around the chunk,
+#      in place, use_norm and device scalars: clean = exit 0 and "0 errors";
+#   2. Nsight Compute (ncu): exactly ONE kernel launch, clipops_clip_kernel,
+#      per clip_by_global_norm / global_norm call, for lists of 1, 110 and 5000
+#      tensors (allocations launch nothing; the table copy is a memcpy).
+# Prints a PASS/FAIL/SKIP line per check and a summary; exits 1 on any FAIL.
+#
+# Usage (on a machine with a GPU and clipops installed, e.g. after
+# `pip install --no-deps --no-build-isolation .`):
+#   bash tests/gpu_checks.sh            # everything
+#   bash tests/gpu_checks.sh sanitize   # only compute-sanitizer
+#   bash tests/gpu_checks.sh ncu        # only the launch count
+# Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda).
+set -u -o pipefail
+
+PYTHON=${PYTHON:-python3}
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+WHAT=${1:-all}
+WORK=$(mktemp -d -t clipops_gpu_checks.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+# Run from an empty folder: a ./clipops source folder would shadow the
+# installed package (which has the compiled core).
+cd "$WORK" || exit 1
+
+RESULTS=()
+FAILED=0
+record() {  # record STATUS NAME DETAIL
+  RESULTS+=("$1  $2${3:+  ($3)}")
+  echo "[$1] $2${3:+  ($3)}"
+  [ "$1" = FAIL ] && FAILED=1
+  return 0
+}
+
+find_tool() {  # the path of a CUDA tool, or nothing
+  local name=$1 p
+  p=$(command -v "$name" 2>/dev/null) && { echo "$p"; return; }
+  for p in "$CUDA_HOME/bin/$name" "$CUDA_HOME/$name/$name" "$CUDA_HOME"/nsight-compute*/"$name"; do
+    [ -x "$p" ] && { echo "$p"; return; }
+  done
+}
+
+cat > "$WORK/workload.py" <<'PY'
+"""Exercises clipops' CUDA kernel for the GPU checks (see gpu_checks.sh)."""
+import os
+import sys
+
+import numpy as np
+import cupy
+import clipops._common as common
+import clipops.cupy as ccp
+
+EDGE = [0, 1, 1023, 1024, 1025, 16383, 16384, 16385, 3 * 16384 + 1]
+SMALL = [0, 1, 5, 300, 1023, 1024, 1025]
+
+
+def arrays(sizes, dtypes, seed):
+    rng = np.random.default_rng(seed)
+    return [cupy.asarray(rng.standard_normal(n).astype(dtypes[i % len(dtypes)]))
+            for i, n in enumerate(sizes)]
+
+
+def set_route(route):
+    if route == "nvrtc":
+        os.environ["CLIPOPS_FORCE_NVRTC"] = "1"
+    else:
+        os.environ.pop("CLIPOPS_FORCE_NVRTC", None)
+        if not common.load_core().cuda_compiled():
+            sys.exit(f"ROUTE UNAVAILABLE: this build has no nvcc-compiled kernel")
+
+
+def sanitize(route):
+    # One cudaMalloc per array, so that memcheck knows every array's bounds
+    # (CuPy's pool would hide an overrun inside one of its large blocks).
+    cupy.cuda.set_allocator(None)
+    set_route(route)
+    f16, f32, f64 = np.float16, np.float32, np.float64
+    lists = [(EDGE, [f32]), (EDGE, [f16]), (EDGE, [f64]), (EDGE, [f16, f32, f64]),
+             ([16385], [f32]), ([0], [f32]), ([SMALL[i % 7] for i in range(110)], [f32, f16])]
+    for k, (sizes, dtypes) in enumerate(lists):
+        xs = arrays(sizes, dtypes, k)
+        out, norm = ccp.clip_by_global_norm(xs, 0.5)
+        out, norm = ccp.clip_by_global_norm(xs, cupy.asarray(0.5), use_norm=cupy.asarray(2.0))
+        norm = ccp.global_norm(xs)
+        out, norm = ccp.clip_by_global_norm(xs, 0.5, use_norm=3.0, in_place=True)
+        out, norm = ccp.clip_by_global_norm(xs, 0.25, in_place=True)
+    cupy.cuda.runtime.deviceSynchronize()
+    print("WORKLOAD OK")
+
+
+def count(route, n, op):
+    set_route(route)
+    sizes = [16385] if n == 1 else [SMALL[i % 7] + 16384 * (i % 3) for i in range(n)]
+    xs = arrays(sizes, [np.float32, np.float16], n)
+    call = (lambda: ccp.global_norm(xs)) if op == "global_norm" else \
+        (lambda: ccp.clip_by_global_norm(xs, 1.0))
+    call()  # warm: the kernel is loaded (or compiled) and the pool holds the memory
+    cupy.cuda.runtime.deviceSynchronize()
+    cupy.cuda.runtime.profilerStart()
+    call()
+    cupy.cuda.runtime.profilerStop()
+    cupy.cuda.runtime.deviceSynchronize()
+    print("WORKLOAD OK")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "sanitize":
+        sanitize(sys.argv[2])
+    else:
+        count(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+PY
+
+cat > "$WORK/count_kernels.py" <<'PY'
+"""Reads ncu's CSV: prints the number of kernels and their names."""
+import csv
+import sys
+
+ids, names = set(), set()
+with open(sys.argv[1], newline="") as f:
+    rows = [r for r in csv.reader(f) if r and r[0].isdigit()]  # skip ==PROF== lines and the header
+with open(sys.argv[1], newline="") as f:
+    header = next((r for r in csv.reader(f) if r and r[0] == "ID"), None)
+name_col = header.index("Kernel Name") if header and "Kernel Name" in header else 4
+for r in rows:
+    ids.add(r[0])
+    names.add(r[name_col])
+print(len(ids), ",".join(sorted(names)) or "-")
+PY
+
+if ! "$PYTHON" -c "import cupy, clipops.cupy; cupy.cuda.runtime.getDeviceCount()" >"$WORK/env.log" 2>&1; then
+  cat "$WORK/env.log"
+  record FAIL "environment" "clipops.cupy cannot reach a GPU with $PYTHON"
+else
+  ROUTES="compiled nvrtc"
+  if ! "$PYTHON" -c "import clipops._common as c; assert c.load_core().cuda_compiled()" 2>/dev/null; then
+    ROUTES="nvrtc"
+    record SKIP "compiled route" "this build has no nvcc-compiled kernel"
+  fi
+
+  if [ "$WHAT" = all ] || [ "$WHAT" = sanitize ]; then
+    SAN=$(find_tool compute-sanitizer)
+    if [ -z "$SAN" ]; then
+      record SKIP "compute-sanitizer" "not found in PATH or $CUDA_HOME"
+    else
+      for route in $ROUTES; do
+        for tool in memcheck racecheck synccheck initcheck; do
+          log="$WORK/san_${tool}_${route}.log"
+          "$SAN" --tool "$tool" --error-exitcode 1 "$PYTHON" "$WORK/workload.py" sanitize "$route" >"$log" 2>&1
+          rc=$?
+          summary=$(grep -E "(ERROR|RACECHECK) SUMMARY" "$log" | tail -1 | sed 's/^=* *//')
+          if [ $rc -eq 0 ] && grep -q "WORKLOAD OK" "$log" && grep -qE "SUMMARY: 0 (errors|hazards)" "$log"; then
+            record PASS "compute-sanitizer $tool, $route route" "$summary"
+          else
+            tail -40 "$log"
+            record FAIL "compute-sanitizer $tool, $route route" "exit $rc; ${summary:-no summary}; log above"
+          fi
+        done
+      done
+    fi
+  fi
+
+  if [ "$WHAT" = all ] || [ "$WHAT" = ncu ]; then
+    NCU=$(find_tool ncu)
+    if [ -z "$NCU" ]; then
+      record SKIP "ncu launch count" "ncu not found in PATH or $CUDA_HOME"
+    else
+      for route in $ROUTES; do
+        for n in 1 110 5000; do
+          for op in clip_by_global_norm global_norm; do
+            csv="$WORK/ncu_${route}_${n}_${op}.csv"
+            # Only the profiled range (one call) is captured; launch__grid_size is
+            # a launch statistic, so no hardware counters are needed.
+            "$NCU" --profile-from-start off --metrics launch__grid_size --csv --log-file "$csv" \
+              "$PYTHON" "$WORK/workload.py" count "$route" "$n" "$op" >"$csv.out" 2>&1
+            rc=$?
+            read -r kernels names < <("$PYTHON" "$WORK/count_kernels.py" "$csv" 2>/dev/null || echo "? ?")
+            if [ $rc -eq 0 ] && grep -q "WORKLOAD OK" "$csv.out" && [ "$kernels" = 1 ] && [ "$names" = clipops_clip_kernel ]; then
+              record PASS "one launch per call: $op, $n tensors, $route route" "$kernels kernel: $names"
+            else
+              tail -20 "$csv.out"; tail -5 "$csv" 2>/dev/null
+              record FAIL "one launch per call: $op, $n tensors, $route route" "exit $rc; $kernels kernel(s): $names"
+            fi
+          done
+        done
+      done
+    fi
+  fi
+fi
+
+echo
+echo "==== clipops GPU checks: summary ===="
+for r in "${RESULTS[@]}"; do echo "$r"; done
+if [ $FAILED -ne 0 ]; then
+  echo "RESULT: FAIL"
+  exit 1
+fi
+echo "RESULT: PASS"

@@ -1,0 +1,1116 @@
+"""Tests of the CuPy front end (clipops.cupy) and its NVRTC route (clipops._nvrtc).
+
+Two kinds:
+  - error paths and host-side layout, which run without a GPU (CuPy imports
+    without a driver; NVRTC compiles without a device);
+  - GPU tests, marked `gpu` and skipped with the reason where there is no
+    usable GPU: results against a float64 reference, bit-for-bit equality with
+    the CPU core (clipops.numpy) and between the nvcc and NVRTC routes,
+    determinism, streams, interoperability, a tensor of more than 2^31 elements.
+
+Run them on a GPU machine from outside the source tree (a ./clipops folder
+would shadow the installed package):  cd /tmp && pytest -m gpu /path/to/tests/test_cupy.py
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+# JAX grabs 75% of GPU memory at its first use unless told otherwise; the
+# >2^31-element test needs that memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+try:
+    import cupy
+except ImportError:
+    cupy = None
+
+if cupy is not None:
+    import clipops.cupy as ccp
+    from clipops import _nvrtc
+    import clipops.numpy as cnp
+    from clipops import _common
+else:
+    ccp = _nvrtc = cnp = _common = None
+
+
+def _gpu_status() -> tuple[bool, str]:
+    if cupy is None:
+        return False, "CuPy is not installed (pip install cupy-cuda13x)"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"no usable GPU: {exc}"
+    return (n > 0), ("ok" if n > 0 else "no CUDA device")
+
+
+HAVE_GPU, GPU_REASON = _gpu_status()
+needs_cupy = pytest.mark.skipif(cupy is None, reason="CuPy is not installed (pip install cupy-cuda13x)")
+
+
+def gpu(fn):
+    """Marks a test `gpu` and skips it, with the reason, where no GPU is usable."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAVE_GPU, reason=GPU_REASON)(fn))
+
+
+def _core():
+    return _common.load_core()
+
+
+# =============================================================================
+# CPU-runnable: imports, argument errors, environment errors
+# =============================================================================
+
+def test_import_without_cupy_says_how_to_install(tmp_path):
+    code = ("import sys\nsys.modules['cupy'] = None  # as if not installed\n"
+            "try:\n    import clipops.cupy\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=120)
+    assert "IMPORTERROR" in out.stdout, out.stdout + out.stderr
+    assert "pip install cupy-cuda13x" in out.stdout
+
+
+@needs_cupy
+@pytest.mark.parametrize("bad", [1.0, "grads", b"grads", None, {"a": 1}])
+def test_not_a_sequence_is_type_error(bad):
+    for call in (lambda: ccp.global_norm(bad), lambda: ccp.clip_by_global_norm(bad, 1.0)):
+        with pytest.raises(TypeError, match="sequence"):
+            call()
+
+
+@needs_cupy
+@pytest.mark.parametrize("empty", [[], (), [None], [None, None]])
+def test_empty_list_is_value_error(empty):
+    with pytest.raises(ValueError, match="no tensors"):
+        ccp.global_norm(empty)
+    with pytest.raises(ValueError, match="no tensors"):
+        ccp.clip_by_global_norm(empty, 1.0)
+
+
+@needs_cupy
+@pytest.mark.skipif(HAVE_GPU, reason="a GPU is usable here; the no-GPU error cannot occur")
+def test_no_gpu_gives_clear_error():
+    """CuPy installed but no driver/device: our error, naming the reason."""
+    with pytest.raises(ccp.CudaUnavailableError, match="needs an NVIDIA GPU") as info:
+        ccp.clip_by_global_norm([np.ones(3, np.float32)], 1.0)
+    assert isinstance(info.value, RuntimeError)
+    assert "CUDA runtime reports" in str(info.value)
+    assert isinstance(info.value.__cause__, cupy.cuda.runtime.CUDARuntimeError)
+
+
+@needs_cupy
+def test_runtime_error_becomes_clear_error(monkeypatch):
+    def fail():
+        raise cupy.cuda.runtime.CUDARuntimeError(100)  # cudaErrorNoDevice
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", fail)
+    with pytest.raises(ccp.CudaUnavailableError, match="cudaErrorNoDevice"):
+        ccp.global_norm([object()])
+
+
+@needs_cupy
+def test_zero_devices_is_clear_error(monkeypatch):
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", lambda: 0)
+    with pytest.raises(ccp.CudaUnavailableError, match="no device"):
+        ccp.global_norm([object()])
+
+
+# ---- input validation, with stand-ins for device arrays ----------------------
+
+class FakeDeviceArray:
+    """What clipops.cupy reads from a CuPy array, without a GPU."""
+
+    def __init__(self, n=4, dtype="float32", ptr=1 << 20, device=0, contiguous=True):
+        self.dtype = np.dtype(dtype)
+        self.shape = (n,)
+        self.size = n
+        self.nbytes = n * self.dtype.itemsize
+        self.flags = SimpleNamespace(c_contiguous=contiguous)
+        self.data = SimpleNamespace(ptr=ptr, device_id=device)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Device 0 is current and FakeDeviceArray passes as a converted array:
+    everything up to the allocation runs on the CPU."""
+    monkeypatch.setattr(ccp, "_current_device", lambda: 0)
+    real = ccp._as_device_array
+    monkeypatch.setattr(ccp, "_as_device_array",
+                        lambda x, what: x if isinstance(x, FakeDeviceArray) else real(x, what))
+
+
+@needs_cupy
+@pytest.mark.parametrize("dtype", ["int32", "complex64", "uint16", "bool"])
+def test_bad_dtype_names_the_index(fake_gpu, dtype):
+    arrays = [FakeDeviceArray(), None, FakeDeviceArray(dtype=dtype, ptr=1 << 30)]
+    with pytest.raises(TypeError, match=rf"\[2\] has dtype {dtype}"):
+        ccp.clip_by_global_norm(arrays, 1.0)
+    with pytest.raises(TypeError, match=r"\[2\]"):
+        ccp.global_norm(arrays)
+
+
+@needs_cupy
+def test_host_arrays_are_refused_not_copied(fake_gpu):
+    with pytest.raises(TypeError, match=r"arrays\[1\] is a host array.*clipops\.numpy"):
+        ccp.global_norm([FakeDeviceArray(), np.ones(3, np.float32)])
+    with pytest.raises(TypeError, match=r"arrays\[0\] is a list"):
+        ccp.global_norm([[1.0, 2.0]])
+
+
+@needs_cupy
+def test_torch_cpu_tensor_is_a_host_array(fake_gpu):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"arrays\[0\] is a host array"):
+        ccp.global_norm([torch.ones(3)])
+
+
+@needs_cupy
+def test_array_on_another_device(fake_gpu):
+    arrays = [FakeDeviceArray(), FakeDeviceArray(device=1, ptr=1 << 30)]
+    for call in (lambda: ccp.global_norm(arrays), lambda: ccp.clip_by_global_norm(arrays, 1.0)):
+        with pytest.raises(ccp.UnsupportedArrayError, match=r"arrays\[1\] is on GPU 1.*GPU 0") as info:
+            call()
+        assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+@needs_cupy
+def test_in_place_needs_contiguous(fake_gpu):
+    arrays = [FakeDeviceArray(contiguous=False)]
+    with pytest.raises(ccp.UnsupportedArrayError, match=r"arrays\[0\] is not C-contiguous"):
+        ccp.clip_by_global_norm(arrays, 1.0, in_place=True)
+
+
+@needs_cupy
+@pytest.mark.parametrize("layout, clash", [
+    ([(0, 16), (8, 16)], (0, 1)),              # partial overlap
+    ([(0, 16), (0, 16)], (0, 1)),              # the same buffer twice
+    ([(0, 64), (100, 4), (8, 4)], (0, 2)),     # nested, listed out of order
+    ([(0, 64), (8, 4), (32, 4)], None),        # reported: some overlapping pair
+])
+def test_in_place_refuses_shared_memory(fake_gpu, layout, clash):
+    base = 1 << 20
+    arrays = [FakeDeviceArray(n=n, ptr=base + 4 * start) for start, n in layout]
+    with pytest.raises(ValueError, match="share memory") as info:
+        ccp.clip_by_global_norm(arrays, 1.0, in_place=True)
+    if clash is not None:
+        assert f"arrays[{clash[0]}] and arrays[{clash[1]}]" in str(info.value)
+
+
+@needs_cupy
+def test_in_place_adjacent_and_empty_arrays_do_not_clash(fake_gpu):
+    base = 1 << 20
+    arrays = [FakeDeviceArray(n=4, ptr=base), FakeDeviceArray(n=4, ptr=base + 16),
+              FakeDeviceArray(n=0, ptr=base), FakeDeviceArray(n=0, ptr=base)]
+    prep = ccp._prepare(arrays, in_place=True)  # raises on a clash
+    assert prep.positions == [0, 1, 2, 3]
+
+
+@needs_cupy
+@pytest.mark.parametrize("clip, err, msg", [
+    (np.ones(2), ValueError, "clip_norm must be a scalar"),
+    (None, TypeError, "clip_norm must be a number"),
+    ("1.0", TypeError, "clip_norm must be a number"),
+])
+def test_bad_clip_norm(fake_gpu, clip, err, msg):
+    with pytest.raises(err, match=msg):
+        ccp.clip_by_global_norm([FakeDeviceArray()], clip)
+
+
+@needs_cupy
+def test_bad_use_norm(fake_gpu):
+    with pytest.raises(ValueError, match="use_norm must be a scalar"):
+        ccp.clip_by_global_norm([FakeDeviceArray()], 1.0, use_norm=np.zeros((1, 1)))
+
+
+@needs_cupy
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 70000 -> float16 inf
+@pytest.mark.parametrize("code, value", [(0, 0.1), (2, 0.1), (3, 0.1), (0, 70000.0), (2, 3)])
+def test_host_scalars_round_like_numpy(fake_gpu, code, value):
+    """clip_norm is rounded to the norm dtype exactly as clipops.numpy does."""
+    prep = SimpleNamespace(norm_code=code, device=0)
+    s = ccp._scalar(value, prep, "clip_norm", copy=False)
+    assert s.ptr == 0
+    assert s.value == cnp._scalar_in(value, code, "clip_norm")
+
+
+@needs_cupy
+def test_route_selection(monkeypatch):
+    compiled = SimpleNamespace(cuda_compiled=lambda: True)
+    without = SimpleNamespace(cuda_compiled=lambda: False)
+    monkeypatch.delenv("CLIPOPS_FORCE_NVRTC", raising=False)
+    assert not ccp._use_nvrtc(compiled)
+    assert ccp._use_nvrtc(without)
+    monkeypatch.setenv("CLIPOPS_FORCE_NVRTC", "1")
+    assert ccp._use_nvrtc(compiled)
+
+
+# ---- what reaches the launcher, recorded on the CPU ----------------------------
+
+@pytest.fixture
+def recorded(fake_gpu, monkeypatch):
+    """Runs the front end down to the launcher without a GPU: allocations
+    return stand-ins at known addresses, and both routes record their arguments."""
+    calls, next_ptr = [], iter(range(1 << 32, 1 << 40, 1 << 24))
+
+    def fake_empty(shape, dtype=np.float64):
+        n = int(np.prod(shape))
+        return FakeDeviceArray(n=n, dtype=dtype, ptr=next(next_ptr))
+
+    monkeypatch.setattr(cupy, "empty", fake_empty)
+    monkeypatch.setattr(ccp, "_empty_like_all",
+                        lambda values: [fake_empty(a.size, a.dtype) for a in values])
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: SimpleNamespace(ptr=0xABC))
+    monkeypatch.setattr(_core(), "clip_cuda", lambda *a, **k: calls.append(("core", a, k)))
+    monkeypatch.setattr(_nvrtc, "clip_cuda", lambda *a, **k: calls.append(("nvrtc", a, k)))
+    return calls
+
+
+@needs_cupy
+@pytest.mark.parametrize("force_nvrtc", [False, True])
+def test_launch_arguments(recorded, monkeypatch, force_nvrtc):
+    if force_nvrtc:
+        monkeypatch.setenv("CLIPOPS_FORCE_NVRTC", "1")
+    else:
+        monkeypatch.delenv("CLIPOPS_FORCE_NVRTC", raising=False)
+    route = "nvrtc" if force_nvrtc or not _core().cuda_compiled() else "core"
+    a = FakeDeviceArray(n=5, dtype="float32", ptr=1 << 20)
+    b = FakeDeviceArray(n=16385, dtype="float16", ptr=1 << 30)
+
+    out, norm = ccp.clip_by_global_norm([a, None, b], 0.1)
+    (who, args, kwargs), = recorded
+    descs, norm_code, scale, clip, clip_ptr, use, use_ptr, norm_ptr, ws, ws_bytes, stream = args
+    assert who == route and kwargs == ({"check_overlap": False} if who == "core" else {})
+    assert descs == [(a.data.ptr, out[0].data.ptr, 5, 2), (b.data.ptr, out[2].data.ptr, 16385, 0)]
+    assert norm_code == 2 and scale is True  # mixed list: float32 norm
+    assert clip == float(np.float32(0.1)) and clip_ptr == 0
+    assert use is None and use_ptr == 0
+    assert norm_ptr == norm.data.ptr and norm.dtype == np.float32
+    assert ws_bytes == _nvrtc.cuda_workspace_bytes(descs) and ws not in (0, norm_ptr)
+    assert stream == 0xABC
+    assert out[1] is None
+
+    recorded.clear()
+    ccp.clip_by_global_norm([a, b], 2.0, use_norm=3, in_place=True)
+    (_, args, _), = recorded
+    assert args[0] == [(a.data.ptr, a.data.ptr, 5, 2), (b.data.ptr, b.data.ptr, 16385, 0)]
+    assert args[5] == 3.0 and args[6] == 0
+
+    recorded.clear()
+    g = ccp.global_norm([b])
+    (_, args, _), = recorded
+    assert args[0] == [(b.data.ptr, 0, 16385, 0)] and args[1] == 0 and args[2] is False
+    assert args[7] == g.data.ptr and g.dtype == np.float16
+
+
+@needs_cupy
+def test_core_failure_becomes_launch_error(recorded, monkeypatch):
+    if not _core().cuda_compiled():
+        pytest.skip("this build has no nvcc-compiled CUDA kernel")
+    monkeypatch.delenv("CLIPOPS_FORCE_NVRTC", raising=False)
+
+    def fail(*a, **k):
+        raise ValueError("launching the clip kernel: too many blocks in cooperative launch")
+
+    monkeypatch.setattr(_core(), "clip_cuda", fail)
+    with pytest.raises(ccp.LaunchError, match="could not run.*cooperative") as info:
+        ccp.global_norm([FakeDeviceArray()])
+    assert isinstance(info.value, RuntimeError)
+
+
+@pytest.fixture
+def nvrtc_launch(monkeypatch):
+    """_nvrtc.clip_cuda with the device calls recorded: the table copy as bytes,
+    the launch with its kernel parameters decoded as the kernel declares them."""
+    rec = {"copies": [], "launches": []}
+    kernel = _nvrtc.Kernel(module=None, function=SimpleNamespace(ptr=0xF00), resident_blocks=396,
+                           num_regs=70)
+    monkeypatch.setattr(_nvrtc, "get_kernel", lambda device: kernel)
+    monkeypatch.setattr(_nvrtc.runtime, "getDevice", lambda: 0)
+    pinned = []  # host buffers standing in for CuPy's pinned memory
+
+    def alloc_pinned(n):
+        pinned.append(ctypes.create_string_buffer(max(n, 1)))
+        return SimpleNamespace(ptr=ctypes.addressof(pinned[-1]))
+
+    monkeypatch.setattr(cupy.cuda, "alloc_pinned_memory", alloc_pinned)
+    monkeypatch.setattr(_nvrtc, "_record_event", lambda stream: SimpleNamespace(done=False))
+    monkeypatch.setattr(_nvrtc, "_in_flight", __import__("collections").deque())
+    monkeypatch.setattr(_nvrtc.runtime, "memcpyAsync", lambda dst, src, n, kind, stream: rec[
+        "copies"].append((dst, ctypes.string_at(src, n), kind, stream)))
+    c = ctypes
+    types = [c.c_uint64, c.c_int, c.c_longlong, c.c_uint64, c.c_int, c.c_int, c.c_double, c.c_uint64,
+             c.c_int, c.c_double, c.c_uint64, c.c_uint64]  # clipops_clip_kernel's parameters
+
+    def launch(f, gx, gy, gz, bx, by, bz, smem, stream, params):
+        p = (c.c_void_p * len(types)).from_address(params)
+        values = [t.from_address(p[k]).value for k, t in enumerate(types)]
+        rec["launches"].append((f, (gx, gy, gz), (bx, by, bz), smem, stream, values))
+
+    monkeypatch.setattr(_nvrtc.driver, "launchCooperativeKernel", launch)
+    return rec
+
+
+@needs_cupy
+@pytest.mark.parametrize("sizes, grid", [([5, 16385], 3), ([0], 1), ([16384] * 1000, 396)])
+def test_nvrtc_launch_marshalling(nvrtc_launch, sizes, grid):
+    descs = [(4096 * (i + 1), 8192 * (i + 1), n, i % 4) for i, n in enumerate(sizes)]
+    table, items = _nvrtc.build_table(descs)
+    ws_bytes = _nvrtc.cuda_workspace_bytes(descs)
+    ws = 1 << 32
+    _nvrtc.clip_cuda(descs, 2, True, 1.5, 0, None, 0xBEEF, 0xCAFE, ws, ws_bytes, 0x5)
+    (dst, data, kind, stream), = nvrtc_launch["copies"]
+    assert (dst, data, kind, stream) == (ws, table.tobytes(), cupy.cuda.runtime.memcpyHostToDevice, 5)
+    assert len(_nvrtc._in_flight) == 1  # the pinned copy source stays alive until its event
+    (f, g, block, smem, stream, values), = nvrtc_launch["launches"]
+    assert f == 0xF00 and g == (grid, 1, 1) and block == (int(_core().THREADS), 1, 1)
+    assert smem == 0 and stream == 5
+    partials = ws + (40 * len(sizes) + 15) // 16 * 16
+    # (tensors, num_tensors, num_items, partials, norm_dtype, do_scale, clip_value, clip_ptr,
+    #  has_use_norm, use_value, use_ptr, norm_out): use_ptr alone sets has_use_norm
+    assert values == [ws, len(sizes), items, partials, 2, 1, 1.5, 0, 1, 0.0, 0xBEEF, 0xCAFE]
+
+
+@needs_cupy
+def test_nvrtc_launch_scalars_and_errors(nvrtc_launch):
+    descs = [(4096, 0, 100, 3)]
+    n = _nvrtc.cuda_workspace_bytes(descs)
+    _nvrtc.clip_cuda(descs, 3, False, 0.0, 0, 2.5, 0, 0xCAFE, 1 << 32, n, 0)
+    values = nvrtc_launch["launches"][-1][-1]
+    assert values[4:] == [3, 0, 0.0, 0, 1, 2.5, 0, 0xCAFE]
+    with pytest.raises(ValueError, match="smaller"):
+        _nvrtc.clip_cuda(descs, 3, False, 0.0, 0, None, 0, 0, 1 << 32, n - 1, 0)
+    with pytest.raises(ValueError, match="aligned"):
+        _nvrtc.clip_cuda(descs, 3, False, 0.0, 0, None, 0, 0, (1 << 32) + 8, n, 0)
+
+
+@needs_cupy
+def test_pinned_tables_are_released_only_after_their_copy(nvrtc_launch, monkeypatch):
+    events = []
+
+    def record(stream):
+        events.append(SimpleNamespace(done=False))
+        return events[-1]
+
+    monkeypatch.setattr(_nvrtc, "_record_event", record)
+    descs = [(4096, 0, 100, 2)]
+    args = (descs, 2, False, 0.0, 0, None, 0, 0, 1 << 32, _nvrtc.cuda_workspace_bytes(descs), 0)
+    _nvrtc.clip_cuda(*args)
+    _nvrtc.clip_cuda(*args)
+    assert len(_nvrtc._in_flight) == 2  # neither copy has run: both sources kept
+    events[0].done = True
+    _nvrtc.clip_cuda(*args)
+    assert [e for e, _ in _nvrtc._in_flight] == events[1:]
+
+
+@needs_cupy
+def test_nvrtc_launch_failure_is_clear(nvrtc_launch, monkeypatch):
+    def fail(*args):
+        raise cupy.cuda.driver.CUDADriverError.__new__(cupy.cuda.driver.CUDADriverError)
+
+    monkeypatch.setattr(_nvrtc.driver, "launchCooperativeKernel", fail)
+    descs = [(4096, 0, 10**7, 2)]
+    with pytest.raises(ccp.LaunchError, match="396 resident at most"):
+        _nvrtc.clip_cuda(descs, 2, False, 0.0, 0, None, 0, 0, 1 << 32,
+                         _nvrtc.cuda_workspace_bytes(descs), 0)
+
+
+# ---- the NVRTC route's host side ----------------------------------------------
+
+class _CTensorEntry(ctypes.Structure):
+    """struct TensorEntry of csrc/core/clip_kernel.cuh, laid out by the C ABI."""
+
+    _fields_ = [("in", ctypes.c_void_p), ("out", ctypes.c_void_p), ("numel", ctypes.c_longlong),
+                ("first_item", ctypes.c_longlong), ("dtype", ctypes.c_int), ("pad", ctypes.c_int)]
+
+
+@needs_cupy
+def test_table_dtype_matches_the_c_struct():
+    assert _nvrtc.TENSOR_ENTRY.itemsize == ctypes.sizeof(_CTensorEntry) == 40
+    for name, _ in _CTensorEntry._fields_:
+        assert _nvrtc.TENSOR_ENTRY.fields[name][1] == getattr(_CTensorEntry, name).offset, name
+
+
+@needs_cupy
+def test_table_contents():
+    chunk = int(_core().CHUNK)
+    sizes = [0, 1, chunk - 1, chunk, chunk + 1, 0, 2**31 + 5, 3]
+    descs = [(0x7F00_0000_0000 + 4096 * i, 0x7E00_0000_0000 + 8 * i if i % 2 else 0, n, i % 4)
+             for i, n in enumerate(sizes)]
+    table, items = _nvrtc.build_table(descs)
+    chunks = [-(-n // chunk) for n in sizes]
+    assert items == sum(chunks)
+    assert table["first_item"].tolist() == [sum(chunks[:i]) for i in range(len(sizes))]
+    assert table["in"].tolist() == [d[0] for d in descs]
+    assert table["out"].tolist() == [d[1] for d in descs]
+    assert table["numel"].tolist() == sizes
+    assert table["dtype"].tolist() == [d[3] for d in descs]
+    assert not table["pad"].any()
+    # the bytes as the C struct reads them
+    raw = (_CTensorEntry * len(descs)).from_buffer_copy(table.tobytes())
+    assert [e.numel for e in raw] == sizes and raw[6].first_item == sum(chunks[:6])
+
+
+@needs_cupy
+@pytest.mark.parametrize("sizes", [[], [0], [1], [16384], [16385, 0, 7], list(range(0, 200000, 997))])
+def test_workspace_bytes_match_the_core(sizes):
+    descs = [(4096 * (i + 1), 0, n, 2) for i, n in enumerate(sizes)]
+    ours = _nvrtc.cuda_workspace_bytes(descs)
+    chunk = int(_core().CHUNK)
+    table = (40 * len(sizes) + 15) // 16 * 16
+    assert ours == max(16, table + 8 * sum(-(-n // chunk) for n in sizes))
+    if _core().cuda_compiled():
+        assert ours == _core().cuda_workspace_bytes(descs)
+
+
+@needs_cupy
+def test_grid_rule():
+    assert _nvrtc.grid_size(0, 396) == 1   # an empty list still writes its norm
+    assert _nvrtc.grid_size(5, 396) == 5
+    assert _nvrtc.grid_size(10**6, 396) == 396
+
+
+@needs_cupy
+def test_target_selection():
+    archs = (75, 80, 86, 90, 100, 120)
+    assert _nvrtc.select_target(90, archs) == ("-arch=sm_90", "cubin")
+    assert _nvrtc.select_target(89, archs) == ("-arch=compute_86", "ptx")  # driver JIT
+    assert _nvrtc.select_target(130, archs) == ("-arch=compute_120", "ptx")
+    with pytest.raises(_nvrtc.CudaUnavailableError, match="older than"):
+        _nvrtc.select_target(70, archs)
+
+
+@needs_cupy
+def test_kernel_sources_are_found():
+    d = _nvrtc.kernel_dir()
+    assert (d / "clip_kernel.cuh").is_file() and (d / "clip_math.h").is_file()
+
+
+@needs_cupy
+def test_missing_cuda_headers_is_clear(monkeypatch):
+    monkeypatch.setattr(_nvrtc, "_header_candidates", lambda lib: [])
+    with pytest.raises(_nvrtc.CudaUnavailableError, match="cooperative_groups.h"):
+        _nvrtc.cuda_include_dirs()
+
+
+@needs_cupy
+def test_missing_nvrtc_is_clear(monkeypatch):
+    from cupy.cuda import nvrtc
+
+    def fail():
+        raise OSError("libnvrtc.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(nvrtc, "getVersion", fail)
+    with pytest.raises(_nvrtc.CudaUnavailableError, match="nvidia-cuda-nvrtc"):
+        _nvrtc.compile_kernel("-arch=sm_90", "cubin")
+
+
+def _nvrtc_skip_reason() -> str | None:
+    if cupy is None:
+        return "CuPy is not installed"
+    try:
+        _nvrtc._nvrtc()
+        _nvrtc.cuda_include_dirs()
+    except _nvrtc.CudaUnavailableError as exc:
+        return f"the NVRTC route cannot build here: {exc}"
+    return None
+
+
+NVRTC_SKIP = _nvrtc_skip_reason()
+
+
+@pytest.mark.skipif(NVRTC_SKIP is not None, reason=str(NVRTC_SKIP))
+def test_nvrtc_options_keep_ieee_rounding():
+    opts = _nvrtc.nvrtc_options("-arch=sm_90")
+    assert "--fmad=false" in opts and "-ftz=false" in opts
+    assert "-ftz=true" not in opts and "-use_fast_math" not in opts
+    assert f"-I{_nvrtc.kernel_dir()}" in opts
+
+
+@pytest.mark.skipif(NVRTC_SKIP is not None, reason=str(NVRTC_SKIP))
+def test_nvrtc_compiles_without_flush_to_zero_or_fma(tmp_path, monkeypatch):
+    """The guard for bit-equality with the nvcc build and the CPU: no
+    flush-to-zero and no fused multiply-add in the generated code (CuPy's own
+    RawModule would add -ftz=true). Also checks the disk cache."""
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    ptx = _nvrtc.compile_kernel("-arch=compute_75", "ptx").decode(errors="replace")
+    assert ".entry clipops_clip_kernel" in ptx
+    ops = [ln.split()[0] for ln in ptx.splitlines() if ln.startswith("\t") and ln.split()]
+    assert any(op.startswith(("mul.rn.f32", "add.rn.f32")) for op in ops), "no IEEE float ops found"
+    assert not [op for op in ops if ".ftz" in op]
+    assert not [op for op in ops if op.startswith("fma")]
+    cached = list(tmp_path.glob("clipops_*.ptx"))
+    assert len(cached) == 1
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again instead of reading the cache")
+
+    monkeypatch.setattr(_nvrtc, "_compile", no_compile)
+    assert _nvrtc.compile_kernel("-arch=compute_75", "ptx").decode(errors="replace") == ptx
+
+
+@pytest.mark.skipif(NVRTC_SKIP is not None, reason=str(NVRTC_SKIP))
+def test_nvrtc_cubin(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    assert _nvrtc.compile_kernel("-arch=sm_90", "cubin")[:4] == b"\x7fELF"
+
+
+# ---- the TensorFlow hook's error paths -----------------------------------------
+
+@needs_cupy
+def test_tf_hook_refuses_graph_mode_and_cpu_tensors():
+    tf = pytest.importorskip("tensorflow")
+    with pytest.raises(ValueError, match="GPU tensors"):
+        with tf.device("/CPU:0"):
+            ccp._clip_tf_tensors([tf.constant([1.0, 2.0])], 1.0)
+
+    @tf.function
+    def graph(x):
+        return ccp._clip_tf_tensors([x], 1.0)
+
+    with pytest.raises(RuntimeError, match="tf.function"):
+        graph(tf.constant([1.0, 2.0]))
+
+
+# =============================================================================
+# GPU tests
+# =============================================================================
+
+CHUNK = 16384
+EDGE_SIZES = [0, 1, 1023, 1024, 1025, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1]
+
+# Tolerance of an element or norm: |got - ref| <= atol + rtol * |ref|, ref in float64.
+#   atol is the dtype's smallest subnormal: a result at the bottom of the range
+#   may round by that much whatever its relative error.
+#   rtol, outputs: the norm's own error (see NORM_RTOL) plus up to three
+#   roundings in the scale's dtype (1/norm, clip*min(.), the cast to the
+#   tensor's dtype) and one when the product is stored; eps = unit roundoff.
+#     float64: eps 1.1e-16; the sum of squares is exact to ~40 eps. 1e-13 is >100x that.
+#     float32: lanes add 16 float squares (<= 16 eps = 9.5e-7 on the sum, half
+#              that on the norm) + 4 float roundings (2.4e-7) -> 7e-7; 4e-6.
+#     float16: eps 4.9e-4; norm rounded to half + 3 roundings + the store ~ 2.4e-3; 4e-3.
+#     bfloat16: eps 3.9e-3; the same five roundings ~ 2e-2; 2.5e-2.
+ATOL = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149, "float64": 5e-324}
+RTOL = {"float16": 4e-3, "bfloat16": 2.5e-2, "float32": 4e-6, "float64": 1e-13}
+# The norm: accumulation (as above) and one rounding to the norm dtype.
+NORM_RTOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 2e-6, "float64": 1e-13}
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _bf16_skip_reason() -> str | None:
+    try:
+        import ml_dtypes
+
+        cupy.zeros(2, dtype=ml_dtypes.bfloat16).sum()
+    except Exception as exc:
+        return f"this CuPy has no bfloat16 arrays ({exc}); CuPy >= 14 with ml_dtypes has them"
+    return None
+
+
+def _dtypes_or_skip(names):
+    if "bfloat16" in names:
+        reason = _bf16_skip_reason()
+        if reason:
+            pytest.skip(reason)
+
+
+def _host_list(sizes, dtypes, seed=0, spread=False):
+    """Random normal arrays; with spread, magnitudes over many decades
+    (including ones whose squares are subnormal in float) to exercise rounding."""
+    rng = np.random.default_rng(seed)
+    mixed = len(set(dtypes)) > 1
+    out = []
+    for i, (n, dt) in enumerate(zip(sizes, dtypes)):
+        x = rng.standard_normal(n)
+        if spread:  # decades that keep the norm finite in the norm dtype (float32 if mixed)
+            lo, hi = {"float16": (-7, 2), "bfloat16": (-30, 8), "float32": (-24, 8),
+                      "float64": (-30, 8) if mixed else (-160, 100)}[dt]
+            x *= 10.0 ** rng.uniform(lo, hi, n)
+        shape = (n,) if i % 3 else (1, n)  # some 2-d, as real gradients are
+        out.append(x.astype(_np_dtype(dt)).reshape(shape))
+    return out
+
+
+def _to_gpu(host):
+    return [cupy.asarray(h) for h in host]
+
+
+def _ref_norm(host) -> float:
+    return math.sqrt(sum(float(np.dot(h.ravel().astype(np.float64), h.ravel().astype(np.float64)))
+                         for h in host))
+
+
+def _norm_dtype(dtypes) -> str:
+    return dtypes[0] if len(set(dtypes)) == 1 else "float32"
+
+
+def _assert_close(got, ref, dtype: str, rtol=None, what=""):
+    got = np.asarray(got).astype(np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    tol = ATOL[dtype] + (RTOL[dtype] if rtol is None else rtol) * np.abs(ref)
+    bad = ~(np.abs(got - ref) <= tol)
+    if bad.any():
+        k = int(np.flatnonzero(bad.ravel())[0])
+        pytest.fail(f"{what}: {int(bad.sum())} of {bad.size} elements off, first at {k}: "
+                    f"got {got.ravel()[k]!r}, want {ref.ravel()[k]!r} (dtype {dtype})")
+
+
+def _bits(a) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def _assert_same_bits(a, b, what=""):
+    """Bit-for-bit equal, except that any NaN equals any NaN (the CPU's
+    default NaN is negative, the GPU's positive)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    nan_a = np.isnan(a.astype(np.float64))
+    nan_b = np.isnan(b.astype(np.float64))
+    assert (nan_a == nan_b).all(), f"{what}: NaNs differ"
+    diff = (_bits(a) != _bits(b)) & ~nan_a
+    assert not diff.any(), (f"{what}: {int(diff.sum())} elements differ, first at "
+                            f"{int(np.flatnonzero(diff.ravel())[0])}")
+
+
+def _poison_pool(nbytes: int) -> None:
+    """Leaves NaN bytes in CuPy's pool, where the next outputs will be carved
+    from: an element the kernel forgot to write then shows up as NaN."""
+    x = cupy.full(nbytes // 4 + 1024, np.nan, dtype=cupy.float32)
+    del x
+
+
+@pytest.fixture(params=["compiled", "nvrtc"])
+def route(request, monkeypatch):
+    """Runs a test through the nvcc-compiled kernel and through NVRTC."""
+    if request.param == "compiled":
+        if not _core().cuda_compiled():
+            pytest.skip("this build has no nvcc-compiled CUDA kernel")
+        monkeypatch.delenv("CLIPOPS_FORCE_NVRTC", raising=False)
+    else:
+        if NVRTC_SKIP:
+            pytest.skip(NVRTC_SKIP)
+        monkeypatch.setenv("CLIPOPS_FORCE_NVRTC", "1")
+    return request.param
+
+
+def _list_sizes(count: int) -> list[int]:
+    if count <= len(EDGE_SIZES):
+        return EDGE_SIZES[-count:] if count > 1 else [CHUNK + 1]
+    return [EDGE_SIZES[i % len(EDGE_SIZES)] if count < 1000 else (0, 1, 7, 1025, 130)[i % 5]
+            for i in range(count)]
+
+
+def _run_and_check(host, dtypes, in_place: bool):
+    """Clip `host` on the GPU at a third of its norm; check every element and
+    the norm against float64."""
+    norm_dt = _norm_dtype(dtypes)
+    ref = _ref_norm(host)
+    clip = float(np.asarray(ref / 3).astype(_np_dtype(norm_dt)))  # as the kernel sees it
+    dev = _to_gpu(host)
+    if not in_place:
+        _poison_pool(sum(h.nbytes for h in host) + 256 * len(host))
+    out, norm = ccp.clip_by_global_norm(dev, clip, in_place=in_place)
+    assert norm.shape == () and norm.dtype == _np_dtype(norm_dt)
+    _assert_close(cupy.asnumpy(norm), ref, norm_dt, rtol=NORM_RTOL[norm_dt], what="norm")
+    nrm = float(cupy.asnumpy(norm).astype(np.float64))
+    scale = clip / max(nrm, clip)  # the reference scale from the returned norm
+    for i, (h, o, dt) in enumerate(zip(host, out, dtypes)):
+        if in_place:
+            assert o is dev[i]
+        assert isinstance(o, cupy.ndarray) and o.shape == h.shape and o.dtype == h.dtype
+        _assert_close(cupy.asnumpy(o), h.astype(np.float64) * scale, dt, what=f"arrays[{i}]")
+    # global_norm of the original data is the norm the clip used
+    _assert_same_bits(cupy.asnumpy(ccp.global_norm(_to_gpu(host))), cupy.asnumpy(norm), "global_norm")
+
+
+@gpu
+@pytest.mark.parametrize("count", [1, 7, 110, 111, 5000])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_against_float64_reference(route, count, dtype, in_place):
+    _dtypes_or_skip([dtype])
+    sizes = _list_sizes(count)
+    dtypes = [dtype] * count
+    _run_and_check(_host_list(sizes, dtypes, seed=count), dtypes, in_place)
+
+
+@gpu
+@pytest.mark.parametrize("count", [2, 7, 110, 111, 5000])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_mixed_dtypes_against_float64_reference(route, count, in_place):
+    names = ["float16", "float32", "float64"] + ([] if _bf16_skip_reason() else ["bfloat16"])
+    dtypes = [names[i % len(names)] for i in range(count)]
+    _run_and_check(_host_list(_list_sizes(count), dtypes, seed=count + 1), dtypes, in_place)
+
+
+@gpu
+@pytest.mark.parametrize("size", EDGE_SIZES)
+def test_single_tensor_around_the_chunk(route, size):
+    dtypes = ["float32"]
+    host = _host_list([size], dtypes, seed=size)
+    if size == 0:  # norm 0: TF's scale is clip * min(1/0, 1/clip) = 1
+        out, norm = ccp.clip_by_global_norm(_to_gpu(host), 1.0)
+        assert float(norm) == 0.0 and out[0].shape == (1, 0)
+        return
+    _run_and_check(host, dtypes, in_place=False)
+    _run_and_check(host, dtypes, in_place=True)
+
+
+# ---- bit-for-bit equality with the CPU core -----------------------------------
+
+BITWISE_CASES = {
+    "float16": ["float16"] * 9,
+    "bfloat16": ["bfloat16"] * 9,
+    "float32": ["float32"] * 9,
+    "float64": ["float64"] * 9,
+    "mixed": ["float16", "float32", "float64", "float32", "float16", "float64", "float32",
+              "float16", "float64"],
+}
+
+
+@gpu
+@pytest.mark.parametrize("case", sorted(BITWISE_CASES))
+@pytest.mark.parametrize("spread", [False, True])
+def test_bitwise_equal_to_numpy_front_end(route, case, spread):
+    """The key property: the GPU follows the CPU's reduction order and
+    rounding, so norms and outputs are the same bits (NaN payloads aside)."""
+    dtypes = BITWISE_CASES[case]
+    _dtypes_or_skip(dtypes)
+    host = _host_list(EDGE_SIZES, dtypes, seed=7, spread=spread)
+    clip = _ref_norm(host) / 3
+    for in_place in (False, True):
+        for use in (None, 2.0 * clip):
+            want, want_norm = cnp.clip_by_global_norm([h.copy() for h in host], clip, use_norm=use,
+                                                      in_place=in_place)
+            dev = _to_gpu(host)
+            got, got_norm = ccp.clip_by_global_norm(dev, clip, use_norm=use, in_place=in_place)
+            what = f"{case} in_place={in_place} use_norm={use}"
+            _assert_same_bits(cupy.asnumpy(got_norm), want_norm, what + " norm")
+            for i, (g, w) in enumerate(zip(got, want)):
+                _assert_same_bits(cupy.asnumpy(g), w, f"{what} arrays[{i}]")
+    _assert_same_bits(cupy.asnumpy(ccp.global_norm(_to_gpu(host))), cnp.global_norm(host),
+                      f"{case} global_norm")
+
+
+@gpu
+@pytest.mark.parametrize("special", ["inf", "nan", "huge"])
+def test_non_finite_norm_matches_cpu(route, special):
+    """A non-finite norm makes every output NaN, as in TF; same on both devices."""
+    host = _host_list([100, 20000, 5], ["float32", "float16", "float32"], seed=3)
+    host[1].reshape(-1)[7] = {"inf": np.inf, "nan": np.nan, "huge": 60000.0}[special]
+    want, want_norm = cnp.clip_by_global_norm(host, 1.0)
+    got, got_norm = ccp.clip_by_global_norm(_to_gpu(host), 1.0)
+    _assert_same_bits(cupy.asnumpy(got_norm), want_norm, "norm")
+    for g, w in zip(got, want):
+        _assert_same_bits(cupy.asnumpy(g), w)
+    if special != "huge":
+        assert all(np.isnan(cupy.asnumpy(g).astype(np.float64)).all() for g in got)
+
+
+def _resnet_like_sizes() -> list[int]:
+    """Element counts of a ResNet-50-like parameter list, scaled down 16x."""
+    sizes = [64 * 3 * 49 // 16, 64, 64]
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            sizes += [width * width * 9 // 16, width, width, width * 4 * width // 16, 4 * width]
+    return sizes + [1000 * 2048 // 16, 1000]
+
+
+@gpu
+def test_compiled_and_nvrtc_routes_are_bitwise_identical(monkeypatch):
+    if not _core().cuda_compiled():
+        pytest.skip("this build has no nvcc-compiled CUDA kernel to compare with")
+    if NVRTC_SKIP:
+        pytest.skip(NVRTC_SKIP)
+    sizes = _resnet_like_sizes()
+    dtypes = ["float16" if i % 4 == 0 else "float32" for i in range(len(sizes))]
+    host = _host_list(sizes, dtypes, seed=11, spread=True)
+    results = {}
+    for route in ("compiled", "nvrtc"):
+        if route == "nvrtc":
+            monkeypatch.setenv("CLIPOPS_FORCE_NVRTC", "1")
+        else:
+            monkeypatch.delenv("CLIPOPS_FORCE_NVRTC", raising=False)
+        out, norm = ccp.clip_by_global_norm(_to_gpu(host), 0.25)
+        results[route] = [cupy.asnumpy(norm)] + [cupy.asnumpy(o) for o in out]
+    for i, (a, b) in enumerate(zip(results["compiled"], results["nvrtc"])):
+        _assert_same_bits(a, b, f"result {i}")
+
+
+@gpu
+def test_bitwise_identical_over_100_runs(route):
+    sizes = [(i * 7919) % 90000 for i in range(111)]  # ~5M elements: every SM busy
+    host = _host_list(sizes, ["float32"] * len(sizes), seed=5)
+    dev = _to_gpu(host)
+    first, first_norm = ccp.clip_by_global_norm(dev, 1.0)
+    first_bits = [o.view(cupy.uint32) for o in first]
+    for run in range(100):
+        out, norm = ccp.clip_by_global_norm(dev, 1.0)
+        assert int(norm.view(cupy.uint32)) == int(first_norm.view(cupy.uint32)), f"run {run}: norm"
+        assert all(bool((o.view(cupy.uint32) == f).all()) for o, f in zip(out, first_bits)), \
+            f"run {run}: outputs"
+
+
+# ---- streams --------------------------------------------------------------------
+
+_SPIN = r"""
+extern "C" __global__ void clipops_test_spin(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
+"""
+
+
+def _spin(seconds: float) -> None:
+    """Keeps the current stream busy for `seconds` of GPU time."""
+    kernel = cupy.RawKernel(_SPIN, "clipops_test_spin")
+    kernel((1,), (1,), (np.uint64(int(seconds * 1e9)),))
+
+
+@gpu
+@pytest.mark.parametrize("count", [1, 5000])
+def test_call_does_not_wait_for_the_gpu(route, count):
+    """Queued behind a 2 s kernel on a non-default stream, the call returns at
+    once, and the results are right once the stream is synchronised."""
+    sizes = _list_sizes(count)
+    host = _host_list(sizes, ["float32"] * count, seed=count)
+    want, want_norm = cnp.clip_by_global_norm(host, 0.5)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dev = _to_gpu(host)
+        ccp.clip_by_global_norm(dev, 0.5)  # warm: kernel loaded, pool filled
+        stream.synchronize()
+        _spin(2.0)
+        spun = cupy.cuda.Event()
+        spun.record()
+        t0 = time.perf_counter()
+        out, norm = ccp.clip_by_global_norm(dev, 0.5)
+        norm_only = ccp.global_norm(dev)
+        elapsed = time.perf_counter() - t0
+        still_spinning = not spun.done
+        stream.synchronize()
+    assert still_spinning, "the spin kernel ended before the call returned: the call waited"
+    assert elapsed < 1.0, f"the call took {elapsed:.3f} s behind a 2 s kernel"
+    _assert_same_bits(cupy.asnumpy(norm), want_norm, "norm")
+    _assert_same_bits(cupy.asnumpy(norm_only), want_norm, "global_norm")
+    for g, w in zip(out, want):
+        _assert_same_bits(cupy.asnumpy(g), w)
+
+
+@gpu
+def test_non_default_stream_matches_default(route):
+    host = _host_list(EDGE_SIZES, ["float16"] * len(EDGE_SIZES), seed=2)
+    out0, norm0 = ccp.clip_by_global_norm(_to_gpu(host), 2.0)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        out1, norm1 = ccp.clip_by_global_norm(_to_gpu(host), 2.0)
+        stream.synchronize()
+    _assert_same_bits(cupy.asnumpy(norm1), cupy.asnumpy(norm0))
+    for a, b in zip(out1, out0):
+        _assert_same_bits(cupy.asnumpy(a), cupy.asnumpy(b))
+
+
+# ---- API details ----------------------------------------------------------------
+
+@gpu
+def test_none_entries_shapes_and_identity(route):
+    a = cupy.arange(12, dtype=cupy.float32).reshape(3, 4)
+    b = cupy.ones((2, 2, 2), dtype=cupy.float32)
+    out, norm = ccp.clip_by_global_norm([None, a, None, b], 1.0)
+    assert out[0] is None and out[2] is None
+    assert out[1].shape == (3, 4) and out[3].shape == (2, 2, 2)
+    assert out[1].data.ptr != a.data.ptr
+    assert out[1].flags.c_contiguous and out[3].flags.c_contiguous
+    out, _ = ccp.clip_by_global_norm([None, a, b], 1.0, in_place=True)
+    assert out[1] is a and out[2] is b and out[0] is None
+
+
+@gpu
+def test_device_scalars(route):
+    host = _host_list([5000, 17], ["float32", "float32"], seed=4)
+    want, want_norm = ccp.clip_by_global_norm(_to_gpu(host), 1.5)
+    for clip in (cupy.asarray(1.5), cupy.asarray(1.5, dtype=cupy.float16)):
+        got, got_norm = ccp.clip_by_global_norm(_to_gpu(host), clip)
+        _assert_same_bits(cupy.asnumpy(got_norm), cupy.asnumpy(want_norm))
+        for g, w in zip(got, want):
+            _assert_same_bits(cupy.asnumpy(g), cupy.asnumpy(w))
+    # use_norm on the device replaces the norm, and is returned
+    got, got_norm = ccp.clip_by_global_norm(_to_gpu(host), 1.5, use_norm=cupy.asarray(3.0))
+    assert float(got_norm) == 3.0
+    _assert_close(cupy.asnumpy(got[0]), host[0].astype(np.float64) * 0.5, "float32")
+    with pytest.raises(TypeError, match="must be a float"):
+        ccp.clip_by_global_norm(_to_gpu(host), cupy.asarray(2))
+
+
+@gpu
+def test_device_scalar_inside_an_in_place_array(route):
+    """In place, clip_norm may be an element of a clipped array: it is copied
+    before the kernel overwrites it."""
+    x = cupy.full(4 * CHUNK, 2.0, dtype=cupy.float32)  # norm 2 * 256 = 512
+    out, norm = ccp.clip_by_global_norm([x], x[0], in_place=True)  # clip 2
+    assert float(norm) == 512.0
+    assert bool((x == 2.0 * (2.0 / 512.0)).all())
+
+
+@gpu
+def test_non_contiguous(route):
+    base = cupy.asarray(_host_list([64 * 48], ["float32"], seed=9)[0].reshape(64, 48))
+    view = base.T
+    out, norm = ccp.clip_by_global_norm([view], 1.0)
+    want, want_norm = ccp.clip_by_global_norm([cupy.ascontiguousarray(view)], 1.0)
+    _assert_same_bits(cupy.asnumpy(out[0]), cupy.asnumpy(want[0]))
+    _assert_same_bits(cupy.asnumpy(norm), cupy.asnumpy(want_norm))
+    with pytest.raises(ccp.UnsupportedArrayError, match="C-contiguous"):
+        ccp.clip_by_global_norm([view], 1.0, in_place=True)
+
+
+@gpu
+def test_launch_failure_is_clear(monkeypatch):
+    if NVRTC_SKIP:
+        pytest.skip(NVRTC_SKIP)
+    monkeypatch.setenv("CLIPOPS_FORCE_NVRTC", "1")
+    x = cupy.ones(10**7, dtype=cupy.float32)
+    kernel = _nvrtc.get_kernel(cupy.cuda.runtime.getDevice())
+    monkeypatch.setattr(_nvrtc, "grid_size", lambda items, resident: resident + 1)
+    with pytest.raises(ccp.LaunchError, match="resident") as info:
+        ccp.global_norm([x])
+    assert isinstance(info.value, RuntimeError)
+    assert str(kernel.resident_blocks) in str(info.value)
+    monkeypatch.undo()
+    cupy.cuda.get_current_stream().synchronize()  # the device is still healthy
+
+
+@gpu
+def test_wrong_device():
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    with cupy.cuda.Device(1):
+        x = cupy.ones(10, dtype=cupy.float32)
+    with cupy.cuda.Device(0):
+        with pytest.raises(ccp.UnsupportedArrayError, match="is on GPU 1"):
+            ccp.global_norm([x])
+    with cupy.cuda.Device(1):
+        assert float(ccp.global_norm([x])) == pytest.approx(math.sqrt(10))
+
+
+# ---- other frameworks, zero-copy ------------------------------------------------
+
+@gpu
+def test_torch_tensors_in_place_zero_copy(route):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
+    host = _host_list([1000, CHUNK + 3], ["float32", "float32"], seed=6)
+    ts = [torch.from_numpy(h.copy()).cuda() for h in host]
+    ptrs = [t.data_ptr() for t in ts]
+    torch.cuda.synchronize()
+    out, norm = ccp.clip_by_global_norm(ts, 1.0, in_place=True)
+    cupy.cuda.get_current_stream().synchronize()
+    assert out[0] is ts[0] and [t.data_ptr() for t in ts] == ptrs
+    want, want_norm = cnp.clip_by_global_norm(host, 1.0)
+    _assert_same_bits(cupy.asnumpy(norm), want_norm)
+    for t, w in zip(ts, want):
+        _assert_same_bits(t.cpu().numpy(), w)
+    torch.cuda.empty_cache()
+
+
+@gpu
+def test_torch_bfloat16_via_dlpack(route):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
+    reason = _bf16_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    host = _host_list([777, CHUNK + 1], ["bfloat16", "bfloat16"], seed=8)
+    ts = [torch.from_numpy(h.view(np.uint16).astype(np.int16)).cuda().view(torch.bfloat16)
+          for h in host]
+    torch.cuda.synchronize()
+    out, norm = ccp.clip_by_global_norm(ts, 1.0)
+    want, want_norm = cnp.clip_by_global_norm(host, 1.0)
+    _assert_same_bits(cupy.asnumpy(norm), want_norm)
+    for g, w in zip(out, want):
+        assert isinstance(g, cupy.ndarray)
+        _assert_same_bits(cupy.asnumpy(g), w)
+
+
+@gpu
+def test_jax_arrays(route):
+    jax = pytest.importorskip("jax")
+    try:
+        dev = jax.devices("gpu")[0]
+    except RuntimeError:
+        pytest.skip("this JAX has no GPU backend")
+    host = _host_list([300, CHUNK * 2], ["float32", "float32"], seed=10)
+    xs = [jax.device_put(h, dev) for h in host]
+    for x in xs:
+        x.block_until_ready()
+    out, norm = ccp.clip_by_global_norm(xs, 1.0)
+    want, want_norm = cnp.clip_by_global_norm(host, 1.0)
+    _assert_same_bits(cupy.asnumpy(norm), want_norm)
+    for g, w in zip(out, want):
+        assert isinstance(g, cupy.ndarray)
+        _assert_same_bits(cupy.asnumpy(g), w)
+
+
+# ---- more than 2^31 elements ----------------------------------------------------
+
+_PATTERN = 2003  # x[i] = ((i % 2003) - 1001) / 2^14, exactly representable in float16
+
+
+@gpu
+@pytest.mark.slow
+def test_tensor_of_more_than_2_pow_31_elements(route):
+    """One float16 tensor of 2^31 + 3 chunks + 5 elements. With x as above,
+    every square and every partial sum is exact in float, so the kernel's
+    norm is exactly round(sqrt(exact sum)) and the outputs are exactly
+    round(x * scale): any element the 32-bit index arithmetic loses shows."""
+    n = 2**31 + 3 * CHUNK + 5
+    free = cupy.cuda.runtime.memGetInfo()[0]
+    if free < 12 * 2**30:
+        pytest.skip(f"needs 12 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    fill = cupy.ElementwiseKernel("", "T x", "x = (T)((float)((i % 2003) - 1001) * 6.103515625e-05f)",
+                                  "clipops_test_pattern")
+    x = cupy.empty(n, dtype=cupy.float16)
+    fill(x)
+    full, rem = divmod(n, _PATTERN)
+    ks = np.arange(_PATTERN, dtype=np.int64) - 1001
+    exact = (full * int((ks * ks).sum()) + int((ks[:rem] * ks[:rem]).sum())) / 2.0**28  # exact in double
+    want_norm = np.float16(np.float32(math.sqrt(exact)))
+    clip = 500.0
+    out, norm = ccp.clip_by_global_norm([x], clip)
+    assert cupy.asnumpy(norm).view(np.uint16) == np.asarray(want_norm).view(np.uint16)
+    # TF's scale in float16 arithmetic, step by step as clip_math.h does it
+    f32, f16 = np.float32, np.float16
+    a = f16(f32(1) / f32(want_norm))
+    b = f16(f32(1) / f32(clip))
+    scale = f32(f16(f32(clip) * f32(b if b < a else a)))
+    # x takes 2003 values, so the outputs do too: their exact bits, by NumPy
+    values = ((np.arange(_PATTERN) - 1001).astype(np.float32) * f32(2.0**-14)).astype(f16)
+    table = cupy.asarray((values.astype(f32) * scale).astype(f16).view(np.uint16))
+    step = 1 << 26
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        want = table[cupy.arange(start, stop, dtype=cupy.int64) % _PATTERN]
+        bad = int((want != out[0][start:stop].view(cupy.uint16)).sum())
+        assert bad == 0, f"{bad} wrong elements in [{start}, {stop})"
+    del x, out, want
+    cupy.get_default_memory_pool().free_all_blocks()
