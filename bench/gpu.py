@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.util
 import math
 import os
 import re
@@ -198,15 +199,14 @@ def copy_bandwidth(nbytes: int, stream, reps: int) -> dict:
     with stream:
         src = cupy.ones(n, dtype=cupy.float32)
         dst = cupy.empty_like(src)
-        memcpy = lambda: dst.data.copy_from_device_async(src.data, src.nbytes, stream)  # noqa: E731
-        kernel = lambda: cupy.copyto(dst, src)  # noqa: E731
+        copies = {"memcpy": lambda: dst.data.copy_from_device_async(src.data, src.nbytes, stream),
+                  "copy_kernel": lambda: cupy.copyto(dst, src)}
         res = {}
-        for name, fn in (("memcpy", memcpy), ("copy_kernel", kernel)):
+        for name, fn in copies.items():
             for _ in range(3):
                 fn()
             t, _ = device_times(fn, stream, reps)
             res[name + "_gbs"] = 2 * src.nbytes / statistics.median(t) / 1e9
-        del src, dst
     res["gbs"] = max(res["memcpy_gbs"], res["copy_kernel_gbs"])
     res["bytes"] = nbytes
     return res
@@ -290,7 +290,8 @@ def make_torch(xs, clip, stream) -> Impl:
 
     def restore():
         with torch.cuda.stream(ext):
-            torch._foreach_copy_(grads, fresh)
+            for g, f in zip(grads, fresh):
+                g.copy_(f)
 
     return Impl("torch clip_grad_norm_ foreach", run,
                 outputs=lambda r: [cupy.from_dlpack(g) for g in grads],
@@ -331,8 +332,9 @@ def peer_missing(module: str) -> str | None:
 
             return None if torch.cuda.is_available() else "torch has no CUDA here"
         if module == "optax":
+            if importlib.util.find_spec("optax") is None:
+                return "not installed (no module named 'optax')"
             import jax
-            import optax  # noqa: F401
 
             try:
                 jax.devices("gpu")

@@ -293,11 +293,17 @@ def forwarded(clip_for: Callable[[CaseData], ClipFn]) -> Callable[[CaseData], Ru
     return build
 
 
+def _no_clip(t_list: Sequence[tf.Tensor], clip_norm: tf.Tensor) -> tuple[list, tf.Tensor]:
+    """A stand-in clip that does nothing, with the same outputs' structure."""
+    return list(t_list), clip_norm
+
+
 def producer(d: CaseData) -> Runner:
-    """The gradient computation of `forwarded` alone."""
-    f = tf.function(_make_gradients, autograph=False)
-    one = tf.constant(1.0)
-    return Runner(lambda: f(d.tensors, one), sync=lambda r: r[0].numpy(), fetch=None)
+    """`forwarded` with a clip that does nothing: the gradient computation and
+    the function call alone, the baseline of the forwarded rows' net time."""
+    runner = forwarded(lambda _: _no_clip)(d)
+    runner.fetch = None
+    return runner
 
 
 def numpy_copy(d: CaseData) -> Runner:
@@ -444,31 +450,35 @@ def _timed(runner: Runner) -> float:
     return time.perf_counter() - t0
 
 
-def _sample(runner: Runner, baseline: Runner | None) -> tuple[float, float]:
-    """One timed call, and (with a baseline) its time minus the baseline's,
-    the two called back to back so that drift in the machine cancels."""
-    t = _timed(runner)
-    return t, (t - _timed(baseline)) if baseline else t
+def _stats(times: list[float], baseline: list[float] | None) -> dict:
+    """Median and spread; with the baseline's times of the same rounds, also of
+    the net time (each call's time minus the baseline's call in its round)."""
+    stats = summarize(times)
+    if baseline is not None:
+        net = summarize([t - b for t, b in zip(times, baseline)])
+        stats.update(net_median_s=net["median_s"], net_p10_s=net["p10_s"], net_p90_s=net["p90_s"])
+    return stats
 
 
-def measure(runner: Runner, warmup: int, repeats: int, budget_s: float,
-            baseline: Runner | None = None) -> dict:
-    """Warm-up calls, then up to `repeats` timed calls, fewer (not under
-    MIN_REPEATS) when they would overrun budget_s. With a baseline, also the
-    net time: each call's time minus a baseline call's right after it."""
-    warm = [sum(_sample(runner, baseline)) for _ in range(max(warmup, 1))]
-    count = max(MIN_REPEATS, min(repeats, int(budget_s / max(statistics.median(warm), 1e-9))))
+def _warm_up(case: Case, name: str, runner: Runner, warmup: int) -> float:
+    """Untimed-for-the-result calls; returns their median, an estimate of one call."""
+    estimate = statistics.median(_timed(runner) for _ in range(max(warmup, 1)))
+    print(f"  [{case.name}] {name:22s} warm, ~{estimate * 1e3:.3f} ms a call", flush=True)
+    return estimate
+
+
+def run_rounds(runners: dict[str, Runner], rounds: int) -> dict[str, list[float]]:
+    """Calls every runner once per round, in order, `rounds` times (GC off)."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
     gc.collect()
     gc.disable()
     try:
-        samples = [_sample(runner, baseline) for _ in range(count)]
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                times[name].append(_timed(runner))
     finally:
         gc.enable()
-    stats = summarize([t for t, _ in samples])
-    if baseline:
-        net = summarize([n for _, n in samples])
-        stats.update(net_median_s=net["median_s"], net_p10_s=net["p10_s"], net_p90_s=net["p90_s"])
-    return stats
+    return times
 
 
 # ---- the machine: bandwidth and other load ---------------------------------------
@@ -529,11 +539,20 @@ def _progress(case: Case, name: str, r: dict, floor_s: float) -> None:
 
 def time_case(d: CaseData, runners: dict[str, tuple[Impl, Runner]], s: Settings,
               checked: dict[str, dict]) -> dict:
-    """Times each runner; the first call (made by validation) is reported apart."""
+    """Times every implementation in round-robin, so that a burst of load from
+    elsewhere hits them all alike: each round calls each implementation once.
+    Rounds: `repeats`, fewer (not under MIN_REPEATS) when the case would take
+    longer than budget_s per implementation. The first call (made by
+    validation, with any tracing and compiling) is reported apart."""
+    estimates = {name: _warm_up(d.case, name, runner, s.warmup)
+                 for name, (_, runner) in runners.items()}
+    rounds = max(MIN_REPEATS, min(s.repeats, int(s.budget_s * len(runners) /
+                                                  max(sum(estimates.values()), 1e-9))))
+    times = run_rounds({name: runner for name, (_, runner) in runners.items()}, rounds)
     results = {}
-    for name, (impl, runner) in runners.items():
-        baseline = runners["producer"][1] if impl.role == "forwarded" else None
-        r = measure(runner, s.warmup, s.repeats, s.budget_s, baseline)
+    for name, (impl, _) in runners.items():
+        baseline = times["producer"] if impl.role == "forwarded" else None
+        r = _stats(times[name], baseline)
         r.update(family=impl.family, role=impl.role,
                  first_call_s=checked.get(name, {}).get("first_call_s"))
         results[name] = r
@@ -638,19 +657,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases", nargs="+", choices=names, metavar="CASE",
                    help=f"cases to run (default: all): {', '.join(names)}")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per implementation, at most (default 30; smoke 5); "
-                        "fewer when they would take longer than --budget, never under 5")
+                   help="timed rounds per case (each calls every implementation once), at "
+                        "most (default 200; smoke 5); fewer when a case would take longer "
+                        "than --budget per implementation, never under 5")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed calls per implementation and case (default 3; smoke 0.2)")
+                   help="seconds of timed calls per implementation and case, roughly "
+                        "(default 2.5; smoke 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gradients")
     return p.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace, gbs: float) -> Settings:
     pick = lambda value, full, smoke: value if value is not None else (smoke if args.smoke else full)  # noqa: E731
-    return Settings(warmup=pick(args.warmup, 3, 1), repeats=pick(args.repeats, 30, MIN_REPEATS),
-                    budget_s=pick(args.budget, 3.0, 0.2), seed=args.seed, gbs=gbs)
+    return Settings(warmup=pick(args.warmup, 3, 1), repeats=pick(args.repeats, 200, MIN_REPEATS),
+                    budget_s=pick(args.budget, 2.5, 0.2), seed=args.seed, gbs=gbs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -169,10 +169,21 @@ def cases_section(p: dict) -> list[str]:
          "other load (cores)"], rows) + [""]
 
 
+def _bullets(text: str) -> list[str]:
+    """A docstring's "- " list, each item joined onto one line."""
+    items: list[str] = []
+    for line in (raw.strip() for raw in text.splitlines()):
+        if line.startswith("- "):
+            items.append(line)
+        elif line and items:
+            items[-1] += " " + line
+    return items
+
+
 def render_markdown(p: dict) -> str:
     sections = (header_section, targets_section, ratios_section, times_section, passes_section,
                 spread_section, validation_section, cases_section)
-    notes = [line.strip() for line in __doc__.split("What the numbers mean")[1].splitlines()[1:]]
+    notes = _bullets(__doc__.split("What the numbers mean")[1].split("\n", 1)[1])
     lines = [line for section in sections for line in section(p)]
     return "\n".join(lines + ["## Notes", "", *notes]).rstrip() + "\n"
 
@@ -188,6 +199,10 @@ def _time_panel(ax, p: dict) -> None:
     cases = sorted(((n, c) for n, c in p["cases"].items()
                     if c.get("results") and c["clipping"] and list(c["dtypes"]) == ["float32"]),
                    key=lambda nc: nc[1]["numel"])
+    if not cases:
+        ax.text(0.5, 0.5, "no float32 clipping case in this run", ha="center",
+                transform=ax.transAxes)
+        return
     x = [c["numel"] for _, c in cases]
     for impl in PLOT_IMPLS:
         pts = [(c["numel"], c["results"][impl]["median_s"] * 1e3) for _, c in cases

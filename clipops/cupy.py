@@ -283,9 +283,10 @@ def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
         try:
             # Overlaps were ruled out above (outputs are fresh; in place was checked).
             core.clip_cuda(*args, check_overlap=False)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
             # Inputs are validated in Python first, so what is left are CUDA
-            # failures, which the core reports as ValueError.
+            # failures, which the core reports as ValueError (RuntimeError
+            # once module.cc separates them).
             raise LaunchError(f"the clip kernel could not run: {exc}") from exc
     return norm
 

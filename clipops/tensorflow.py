@@ -132,8 +132,21 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
         return _clip(t_list, clip_norm, use_norm)
 
 
+def _gpu_without_kernel(values: list) -> bool:
+    """Eager GPU tensors while the op has only its CPU kernel (built without
+    nvcc): TF would copy them to the host and back. They go to clipops.cupy
+    instead, by DLPack, without copies (not differentiable on that route)."""
+    return (not _build_info.WITH_CUDA and tf.executing_eagerly()
+            and tf.DeviceSpec.from_string(values[0].device).device_type == "GPU")
+
+
 def _clip(t_list: list, clip_norm, use_norm):
     values, positions, code = _values(t_list)
+    if _gpu_without_kernel(values):
+        from . import cupy as _cupy  # CuPy is optional: imported only here
+
+        clipped, norm = _cupy._clip_tf_tensors(values, clip_norm, use_norm)
+        return _rebuild(t_list, positions, clipped), norm
     dtype = _TF_DTYPES[code]
     clip = _scalar(clip_norm, dtype, "clip_norm")
     given = use_norm is not None
@@ -149,6 +162,10 @@ def global_norm(t_list, name=None):
     t_list = _common.check_list(t_list)
     if tf.executing_eagerly():
         values, _, code = _values(t_list)
+        if _gpu_without_kernel(values):
+            from . import cupy as _cupy
+
+            return _cupy._global_norm_tf_tensors(values)
         return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
     with tf.name_scope(name or "global_norm"):
         values, _, code = _values(t_list)

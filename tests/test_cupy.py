@@ -8,8 +8,9 @@ Two kinds:
     the CPU core (clipops.numpy) and between the nvcc and NVRTC routes,
     determinism, streams, interoperability, a tensor of more than 2^31 elements.
 
-Run them on a GPU machine from outside the source tree (a ./clipops folder
-would shadow the installed package):  cd /tmp && pytest -m gpu /path/to/tests/test_cupy.py
+On a GPU machine, after `pip install --no-deps --no-build-isolation .`, from
+the repository root (`pytest`, not `python -m pytest`, as README says):
+    pytest -m gpu tests/test_cupy.py            # add -m "gpu and not slow" to skip >2^31
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ try:
     import cupy
 except ImportError:
     cupy = None
+
+from conftest import BF16, BOUNDARY_SIZES, CHUNK, assert_close, model_scale, ref_norm
 
 if cupy is not None:
     import clipops.cupy as ccp
@@ -313,13 +316,14 @@ def test_launch_arguments(recorded, monkeypatch, force_nvrtc):
 
 
 @needs_cupy
-def test_core_failure_becomes_launch_error(recorded, monkeypatch):
+@pytest.mark.parametrize("error", [ValueError, RuntimeError])
+def test_core_failure_becomes_launch_error(recorded, monkeypatch, error):
     if not _core().cuda_compiled():
         pytest.skip("this build has no nvcc-compiled CUDA kernel")
     monkeypatch.delenv("CLIPOPS_FORCE_NVRTC", raising=False)
 
     def fail(*a, **k):
-        raise ValueError("launching the clip kernel: too many blocks in cooperative launch")
+        raise error("launching the clip kernel: too many blocks in cooperative launch")
 
     monkeypatch.setattr(_core(), "clip_cuda", fail)
     with pytest.raises(ccp.LaunchError, match="could not run.*cooperative") as info:
@@ -585,39 +589,18 @@ def test_tf_hook_refuses_graph_mode_and_cpu_tensors():
 # GPU tests
 # =============================================================================
 
-CHUNK = 16384
-EDGE_SIZES = [0, 1, 1023, 1024, 1025, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1]
-
-# Tolerance of an element or norm: |got - ref| <= atol + rtol * |ref|, ref in float64.
-#   atol is the dtype's smallest subnormal: a result at the bottom of the range
-#   may round by that much whatever its relative error.
-#   rtol, outputs: the norm's own error (see NORM_RTOL) plus up to three
-#   roundings in the scale's dtype (1/norm, clip*min(.), the cast to the
-#   tensor's dtype) and one when the product is stored; eps = unit roundoff.
-#     float64: eps 1.1e-16; the sum of squares is exact to ~40 eps. 1e-13 is >100x that.
-#     float32: lanes add 16 float squares (<= 16 eps = 9.5e-7 on the sum, half
-#              that on the norm) + 4 float roundings (2.4e-7) -> 7e-7; 4e-6.
-#     float16: eps 4.9e-4; norm rounded to half + 3 roundings + the store ~ 2.4e-3; 4e-3.
-#     bfloat16: eps 3.9e-3; the same five roundings ~ 2e-2; 2.5e-2.
-ATOL = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149, "float64": 5e-324}
-RTOL = {"float16": 4e-3, "bfloat16": 2.5e-2, "float32": 4e-6, "float64": 1e-13}
-# The norm: accumulation (as above) and one rounding to the norm dtype.
-NORM_RTOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 2e-6, "float64": 1e-13}
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+# Tolerances (atol + rtol * |ref| against float64, explained per dtype), the
+# float64 references and the boundary sizes are conftest.py's, shared with the
+# CPU and TF tests: the GPU computes the same bits as the CPU core.
+DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32),
+          "float64": np.dtype(np.float64)}
 
 
 def _bf16_skip_reason() -> str | None:
+    if BF16 is None:
+        return "ml_dtypes is not installed (bfloat16)"
     try:
-        import ml_dtypes
-
-        cupy.zeros(2, dtype=ml_dtypes.bfloat16).sum()
+        cupy.zeros(2, dtype=BF16).sum()
     except Exception as exc:
         return f"this CuPy has no bfloat16 arrays ({exc}); CuPy >= 14 with ml_dtypes has them"
     return None
@@ -643,7 +626,7 @@ def _host_list(sizes, dtypes, seed=0, spread=False):
                       "float64": (-30, 8) if mixed else (-160, 100)}[dt]
             x *= 10.0 ** rng.uniform(lo, hi, n)
         shape = (n,) if i % 3 else (1, n)  # some 2-d, as real gradients are
-        out.append(x.astype(_np_dtype(dt)).reshape(shape))
+        out.append(x.astype(DTYPES[dt]).reshape(shape))
     return out
 
 
@@ -651,24 +634,8 @@ def _to_gpu(host):
     return [cupy.asarray(h) for h in host]
 
 
-def _ref_norm(host) -> float:
-    return math.sqrt(sum(float(np.dot(h.ravel().astype(np.float64), h.ravel().astype(np.float64)))
-                         for h in host))
-
-
 def _norm_dtype(dtypes) -> str:
     return dtypes[0] if len(set(dtypes)) == 1 else "float32"
-
-
-def _assert_close(got, ref, dtype: str, rtol=None, what=""):
-    got = np.asarray(got).astype(np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    tol = ATOL[dtype] + (RTOL[dtype] if rtol is None else rtol) * np.abs(ref)
-    bad = ~(np.abs(got - ref) <= tol)
-    if bad.any():
-        k = int(np.flatnonzero(bad.ravel())[0])
-        pytest.fail(f"{what}: {int(bad.sum())} of {bad.size} elements off, first at {k}: "
-                    f"got {got.ravel()[k]!r}, want {ref.ravel()[k]!r} (dtype {dtype})")
 
 
 def _bits(a) -> np.ndarray:
@@ -711,9 +678,9 @@ def route(request, monkeypatch):
 
 
 def _list_sizes(count: int) -> list[int]:
-    if count <= len(EDGE_SIZES):
-        return EDGE_SIZES[-count:] if count > 1 else [CHUNK + 1]
-    return [EDGE_SIZES[i % len(EDGE_SIZES)] if count < 1000 else (0, 1, 7, 1025, 130)[i % 5]
+    if count <= len(BOUNDARY_SIZES):
+        return BOUNDARY_SIZES[-count:] if count > 1 else [CHUNK + 1]
+    return [BOUNDARY_SIZES[i % len(BOUNDARY_SIZES)] if count < 1000 else (0, 1, 7, 1025, 130)[i % 5]
             for i in range(count)]
 
 
@@ -721,21 +688,21 @@ def _run_and_check(host, dtypes, in_place: bool):
     """Clip `host` on the GPU at a third of its norm; check every element and
     the norm against float64."""
     norm_dt = _norm_dtype(dtypes)
-    ref = _ref_norm(host)
-    clip = float(np.asarray(ref / 3).astype(_np_dtype(norm_dt)))  # as the kernel sees it
+    ref = ref_norm(host)
+    clip = float(np.asarray(ref / 3).astype(DTYPES[norm_dt]))  # as the kernel sees it
     dev = _to_gpu(host)
     if not in_place:
         _poison_pool(sum(h.nbytes for h in host) + 256 * len(host))
     out, norm = ccp.clip_by_global_norm(dev, clip, in_place=in_place)
-    assert norm.shape == () and norm.dtype == _np_dtype(norm_dt)
-    _assert_close(cupy.asnumpy(norm), ref, norm_dt, rtol=NORM_RTOL[norm_dt], what="norm")
+    assert norm.shape == () and norm.dtype == DTYPES[norm_dt]
+    assert_close(cupy.asnumpy(norm), ref, DTYPES[norm_dt], "norm")
     nrm = float(cupy.asnumpy(norm).astype(np.float64))
     scale = clip / max(nrm, clip)  # the reference scale from the returned norm
     for i, (h, o, dt) in enumerate(zip(host, out, dtypes)):
         if in_place:
             assert o is dev[i]
         assert isinstance(o, cupy.ndarray) and o.shape == h.shape and o.dtype == h.dtype
-        _assert_close(cupy.asnumpy(o), h.astype(np.float64) * scale, dt, what=f"arrays[{i}]")
+        assert_close(cupy.asnumpy(o), h.astype(np.float64) * scale, DTYPES[dt], f"arrays[{i}]")
     # global_norm of the original data is the norm the clip used
     _assert_same_bits(cupy.asnumpy(ccp.global_norm(_to_gpu(host))), cupy.asnumpy(norm), "global_norm")
 
@@ -761,7 +728,7 @@ def test_mixed_dtypes_against_float64_reference(route, count, in_place):
 
 
 @gpu
-@pytest.mark.parametrize("size", EDGE_SIZES)
+@pytest.mark.parametrize("size", BOUNDARY_SIZES)
 def test_single_tensor_around_the_chunk(route, size):
     dtypes = ["float32"]
     host = _host_list([size], dtypes, seed=size)
@@ -775,14 +742,11 @@ def test_single_tensor_around_the_chunk(route, size):
 
 # ---- bit-for-bit equality with the CPU core -----------------------------------
 
-BITWISE_CASES = {
-    "float16": ["float16"] * 9,
-    "bfloat16": ["bfloat16"] * 9,
-    "float32": ["float32"] * 9,
-    "float64": ["float64"] * 9,
-    "mixed": ["float16", "float32", "float64", "float32", "float16", "float64", "float32",
-              "float16", "float64"],
-}
+# one tensor per boundary size
+_N = len(BOUNDARY_SIZES)
+BITWISE_CASES = {name: [name] * _N for name in ("float16", "bfloat16", "float32", "float64")}
+BITWISE_CASES["mixed"] = [("float16", "float32", "float64")[i % 3] for i in range(_N)]
+BITWISE_CASES["mixed_bf16"] = [("bfloat16", "float16", "float32", "float64")[i % 4] for i in range(_N)]
 
 
 @gpu
@@ -793,8 +757,8 @@ def test_bitwise_equal_to_numpy_front_end(route, case, spread):
     rounding, so norms and outputs are the same bits (NaN payloads aside)."""
     dtypes = BITWISE_CASES[case]
     _dtypes_or_skip(dtypes)
-    host = _host_list(EDGE_SIZES, dtypes, seed=7, spread=spread)
-    clip = _ref_norm(host) / 3
+    host = _host_list(BOUNDARY_SIZES, dtypes, seed=7, spread=spread)
+    clip = ref_norm(host) / 3
     for in_place in (False, True):
         for use in (None, 2.0 * clip):
             want, want_norm = cnp.clip_by_global_norm([h.copy() for h in host], clip, use_norm=use,
@@ -917,7 +881,7 @@ def test_call_does_not_wait_for_the_gpu(route, count):
 
 @gpu
 def test_non_default_stream_matches_default(route):
-    host = _host_list(EDGE_SIZES, ["float16"] * len(EDGE_SIZES), seed=2)
+    host = _host_list(BOUNDARY_SIZES, ["float16"] * len(BOUNDARY_SIZES), seed=2)
     out0, norm0 = ccp.clip_by_global_norm(_to_gpu(host), 2.0)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
@@ -955,7 +919,7 @@ def test_device_scalars(route):
     # use_norm on the device replaces the norm, and is returned
     got, got_norm = ccp.clip_by_global_norm(_to_gpu(host), 1.5, use_norm=cupy.asarray(3.0))
     assert float(got_norm) == 3.0
-    _assert_close(cupy.asnumpy(got[0]), host[0].astype(np.float64) * 0.5, "float32")
+    assert_close(cupy.asnumpy(got[0]), host[0].astype(np.float64) * 0.5, np.float32, "use_norm")
     with pytest.raises(TypeError, match="must be a float"):
         ccp.clip_by_global_norm(_to_gpu(host), cupy.asarray(2))
 
@@ -1098,11 +1062,8 @@ def test_tensor_of_more_than_2_pow_31_elements(route):
     clip = 500.0
     out, norm = ccp.clip_by_global_norm([x], clip)
     assert cupy.asnumpy(norm).view(np.uint16) == np.asarray(want_norm).view(np.uint16)
-    # TF's scale in float16 arithmetic, step by step as clip_math.h does it
     f32, f16 = np.float32, np.float16
-    a = f16(f32(1) / f32(want_norm))
-    b = f16(f32(1) / f32(clip))
-    scale = f32(f16(f32(clip) * f32(b if b < a else a)))
+    scale = f32(model_scale(want_norm, clip, f16))  # TF's formula in float16, as clip_math.h
     # x takes 2003 values, so the outputs do too: their exact bits, by NumPy
     values = ((np.arange(_PATTERN) - 1001).astype(np.float32) * f32(2.0**-14)).astype(f16)
     table = cupy.asarray((values.astype(f32) * scale).astype(f16).view(np.uint16))

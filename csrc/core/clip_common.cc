@@ -116,7 +116,7 @@ bool cuda_compiled() { return false; }
 size_t cuda_workspace_bytes(const TensorDesc*, int) { return 0; }
 Status clip_by_global_norm_cuda(const TensorDesc*, int, const ClipArgs&, void*, size_t,
                                 cudaStream_t) {
-  return Status::Error("clipops was built without CUDA (nvcc was not found at build time)");
+  return Status::Runtime("clipops was built without CUDA (nvcc was not found at build time)");
 }
 #endif
 

@@ -162,7 +162,7 @@ constexpr int64_t kCostPerItem = kChunk / 8;
 Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
                                const ClipArgs& args, const ParallelFor& parallel_for) {
   Status status = validate(tensors, num_tensors, args);
-  if (!status.ok) return status;
+  if (!status.ok()) return status;
   if (args.clip_norm.device_ptr != nullptr || args.use_norm.device_ptr != nullptr)
     return Status::Error("the CPU kernel takes clip_norm and use_norm as host values");
 

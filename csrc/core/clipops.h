@@ -46,12 +46,16 @@ struct ClipArgs {
   bool check_overlap = true;  // false when the caller allocated every output itself
 };
 
-// Success, or a message naming what is wrong with the input.
+// Success, or what went wrong: bad input (nothing was touched), or a failure
+// of the CUDA runtime. Adapters map them to their own error types.
 struct Status {
-  bool ok = true;
+  enum Code { kOk = 0, kInvalidArgument, kRuntimeError };
+  Code code = kOk;
   std::string message;
+  bool ok() const { return code == kOk; }
   static Status Ok() { return {}; }
-  static Status Error(std::string m) { return {false, std::move(m)}; }
+  static Status Error(std::string m) { return {kInvalidArgument, std::move(m)}; }
+  static Status Runtime(std::string m) { return {kRuntimeError, std::move(m)}; }
 };
 
 // The dtype of the returned norm: the common dtype, or float32 if mixed.

@@ -43,7 +43,8 @@ clipops::ClipArgs to_args(int norm_dtype, bool scale, double clip, uintptr_t cli
 }
 
 void raise_if_error(const clipops::Status& s) {
-  if (!s.ok) throw py::value_error(s.message);
+  if (s.code == clipops::Status::kInvalidArgument) throw py::value_error(s.message);
+  if (!s.ok()) throw std::runtime_error(s.message);  // a CUDA failure: RuntimeError
 }
 
 }  // namespace

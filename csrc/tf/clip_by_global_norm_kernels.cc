@@ -106,7 +106,9 @@ class ClipByGlobalNormOp : public OpKernel {
                                                  bytes, stream);
 #endif
     }
-    OP_REQUIRES(ctx, status.ok, absl::InvalidArgumentError(status.message));
+    OP_REQUIRES(ctx, status.code != clipops::Status::kInvalidArgument,
+                absl::InvalidArgumentError(status.message));
+    OP_REQUIRES(ctx, status.ok(), absl::InternalError(status.message));
   }
 
  private:
