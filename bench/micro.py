@@ -16,7 +16,36 @@ eagerly and in ``tf.function``, and against the NumPy front end
 
 Every case is validated before it is timed: each clipops variant's outputs and
 norm against ``tf.clip_by_global_norm`` and the norm against a float64 NumPy
-reference. A mismatch skips the case's timing and makes the exit status 1.
+reference. A mismatch skips the case's timing and makes the exit status 1
+(missed speed targets do not).
+
+How it is timed:
+  - in rounds: each round runs a block of calls of every implementation in
+    turn, so that a burst of load from another process hits all of them
+    alike, while each timed call follows one of its own (a block of short
+    calls starts with an untimed one); the CPU other processes took meanwhile
+    is recorded per case ("background_cores"), and a case disturbed by more
+    than BUSY_WARNING_CORES is timed again (--retries), keeping the least
+    disturbed attempt;
+  - eager calls are fenced with ``norm.numpy()`` (CPU ops run synchronously);
+    tf.function calls take the tensors and clip_norm as arguments (traced
+    once, in validation, whose call is reported as the first call) and return
+    every output;
+  - clip_norm is half the norm, or for *_noclip a power of two far above it so
+    that TF's scale ``clip * (1 / clip)`` is exactly 1;
+  - numpy_inplace restores its arrays (untimed) before each call when clipping;
+  - no-clip cases add *_fwd rows: tf.function computes stand-in gradients
+    (``x * one``, ``one`` an argument) and clips them, so the clip may forward
+    buffers nothing else holds; their net time subtracts `producer`, the same
+    function with a clip that does nothing, in the same round; for a list under
+    32 MiB the function chains 10 clips (each on the previous one's outputs)
+    and the net time is per clip, or it would drown in the call's own cost;
+  - mixed_f16_f32: tf.clip_by_global_norm raises on mixed dtypes, so TF's rows
+    time what a TF user would write instead: clip float32 casts of the list,
+    then cast each result back (tf_clip_via_float32), casts included;
+  - tf_xla is not run for lists of more than XLA_MAX_TENSORS tensors (the
+    compile alone would take minutes); *_norm_* rows time the norm alone, the
+    first of clipping's two passes.
 
 Results go to bench/results/micro.json (or --out), then micro.md and micro.png
 are drawn from that JSON file by bench/plot.py. See bench/plot.py's module
@@ -60,6 +89,9 @@ OUT_TOL = {              # (rtol, atol) of the outputs against TF, by dtype
 }
 XLA_MAX_TENSORS = 1000   # jit_compile of 1,000 tensors already takes ~50 s here
 MIN_REPEATS = 5
+REWARM_BELOW_S = 5e-3    # a call this short gets an untimed call before each block
+FORWARD_CHAIN = 10       # clips chained in a forwarded function for a small list
+FORWARD_CHAIN_BELOW_BYTES = 32 << 20
 BUSY_WARNING_CORES = 0.15  # other processes' CPU use that makes a case's timing suspect
 
 
@@ -278,14 +310,24 @@ def _make_gradients(xs: Sequence[tf.Tensor], one: tf.Tensor) -> list[tf.Tensor]:
     return [x * tf.cast(one, x.dtype) for x in xs]
 
 
+def forward_chain(case: Case) -> int:
+    """Clips chained in one forwarded function: several for a small list, whose
+    one clip would be lost in the function call's own cost and noise."""
+    return FORWARD_CHAIN if case.nbytes < FORWARD_CHAIN_BELOW_BYTES else 1
+
+
 def forwarded(clip_for: Callable[[CaseData], ClipFn]) -> Callable[[CaseData], Runner]:
-    """tf.function that computes the gradients and clips them, so the gradient
-    buffers are forwardable; its net time subtracts a `producer` call's."""
+    """tf.function that computes the gradients and clips them forward_chain()
+    times, each clip taking the previous one's outputs: every clip gets buffers
+    that nothing else holds. Net time per clip: (time - producer's) / chain."""
     def build(d: CaseData) -> Runner:
-        clip = clip_for(d)
+        clip, chain = clip_for(d), forward_chain(d.case)
 
         def step(xs, one, c):
-            return clip(_make_gradients(xs, one), c)
+            grads, norm = _make_gradients(xs, one), None
+            for _ in range(chain):
+                grads, norm = clip(grads, c)
+            return grads, norm
 
         f = tf.function(step, autograph=False)
         one, c = tf.constant(1.0), tf.constant(d.clip_norm, tf.float32)
@@ -450,32 +492,48 @@ def _timed(runner: Runner) -> float:
     return time.perf_counter() - t0
 
 
-def _stats(times: list[float], baseline: list[float] | None) -> dict:
-    """Median and spread; with the baseline's times of the same rounds, also of
-    the net time (each call's time minus the baseline's call in its round)."""
-    stats = summarize(times)
-    if baseline is not None:
-        net = summarize([t - b for t, b in zip(times, baseline)])
-        stats.update(net_median_s=net["median_s"], net_p10_s=net["p10_s"], net_p90_s=net["p90_s"])
-    return stats
+Blocks = list[list[float]]  # per round, the times of one block of calls
+
+
+def _net(blocks: Blocks, baseline: Blocks, chain: int) -> dict:
+    """Per round, (median of the block - the baseline's block median) / chain:
+    the time of one clip beyond the baseline; its median and spread over rounds."""
+    net = summarize([(statistics.median(b) - statistics.median(p)) / chain
+                     for b, p in zip(blocks, baseline)])
+    return {"net_median_s": net["median_s"], "net_p10_s": net["p10_s"],
+            "net_p90_s": net["p90_s"], "chain": chain}
 
 
 def _warm_up(case: Case, name: str, runner: Runner, warmup: int) -> float:
-    """Untimed-for-the-result calls; returns their median, an estimate of one call."""
+    """Untimed calls; returns their median, an estimate of one call."""
     estimate = statistics.median(_timed(runner) for _ in range(max(warmup, 1)))
     print(f"  [{case.name}] {name:22s} warm, ~{estimate * 1e3:.3f} ms a call", flush=True)
     return estimate
 
 
-def run_rounds(runners: dict[str, Runner], rounds: int) -> dict[str, list[float]]:
-    """Calls every runner once per round, in order, `rounds` times (GC off)."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
+def block_sizes(estimates: dict[str, float], s: Settings) -> dict[str, int]:
+    """Calls per block: `repeats` calls over `rounds` blocks, fewer calls when
+    they would take longer than budget_s, never under MIN_REPEATS in all."""
+    calls = {n: max(MIN_REPEATS, min(s.repeats, int(s.budget_s / max(e, 1e-9))))
+             for n, e in estimates.items()}
+    return {n: math.ceil(c / s.rounds) for n, c in calls.items()}
+
+
+def run_rounds(runners: dict[str, Runner], estimates: dict[str, float],
+               s: Settings) -> dict[str, Blocks]:
+    """In each round, a block of calls of every runner in turn (GC off). A block
+    of short calls starts with an untimed one, which restores the state (caches,
+    thread pools) that the other implementations' blocks disturbed."""
+    sizes = block_sizes(estimates, s)
+    times: dict[str, Blocks] = {name: [] for name in runners}
     gc.collect()
     gc.disable()
     try:
-        for _ in range(rounds):
+        for _ in range(s.rounds):
             for name, runner in runners.items():
-                times[name].append(_timed(runner))
+                if estimates[name] < REWARM_BELOW_S:
+                    _timed(runner)
+                times[name].append([_timed(runner) for _ in range(sizes[name])])
     finally:
         gc.enable()
     return times
@@ -523,6 +581,8 @@ def background_cores(before: CpuSnapshot | None, after: CpuSnapshot | None) -> f
 class Settings:
     warmup: int
     repeats: int
+    rounds: int
+    retries: int
     budget_s: float
     seed: int
     gbs: float  # copy bandwidth, for the progress lines
@@ -530,7 +590,7 @@ class Settings:
 
 def _progress(case: Case, name: str, r: dict, floor_s: float) -> None:
     t = r.get("net_median_s", r["median_s"])
-    net = " net" if "net_median_s" in r else ""
+    net = f" net, per clip of {r['chain']}" if "net_median_s" in r else ""
     first = "" if r["first_call_s"] is None else f"  first call {r['first_call_s']:.2f} s"
     print(f"  [{case.name}] {name:22s} {r['median_s'] * 1e3:10.3f} ms  "
           f"(p10 {r['p10_s'] * 1e3:.3f}, p90 {r['p90_s'] * 1e3:.3f}, n={r['repeats']})  "
@@ -539,21 +599,20 @@ def _progress(case: Case, name: str, r: dict, floor_s: float) -> None:
 
 def time_case(d: CaseData, runners: dict[str, tuple[Impl, Runner]], s: Settings,
               checked: dict[str, dict]) -> dict:
-    """Times every implementation in round-robin, so that a burst of load from
-    elsewhere hits them all alike: each round calls each implementation once.
-    Rounds: `repeats`, fewer (not under MIN_REPEATS) when the case would take
-    longer than budget_s per implementation. The first call (made by
-    validation, with any tracing and compiling) is reported apart."""
+    """Times every implementation in rounds: each round runs a block of calls
+    of each implementation in turn, so that a burst of load from elsewhere
+    hits them all alike, while each call still follows one of its own. The
+    first call (made by validation, with any tracing and compiling) is
+    reported apart."""
     estimates = {name: _warm_up(d.case, name, runner, s.warmup)
                  for name, (_, runner) in runners.items()}
-    rounds = max(MIN_REPEATS, min(s.repeats, int(s.budget_s * len(runners) /
-                                                  max(sum(estimates.values()), 1e-9))))
-    times = run_rounds({name: runner for name, (_, runner) in runners.items()}, rounds)
+    times = run_rounds({name: runner for name, (_, runner) in runners.items()}, estimates, s)
     results = {}
     for name, (impl, _) in runners.items():
-        baseline = times["producer"] if impl.role == "forwarded" else None
-        r = _stats(times[name], baseline)
-        r.update(family=impl.family, role=impl.role,
+        r = summarize([t for block in times[name] for t in block])
+        if impl.role == "forwarded":
+            r.update(_net(times[name], times["producer"], forward_chain(d.case)))
+        r.update(family=impl.family, role=impl.role, rounds=s.rounds,
                  first_call_s=checked.get(name, {}).get("first_call_s"))
         results[name] = r
         _progress(d.case, name, r, floor_bytes(d.case, impl.role) / (s.gbs * 1e9))
@@ -581,13 +640,29 @@ def run_case(case: Case, s: Settings) -> dict:
         bad = [n for n, r in out["validation"]["impls"].items() if not r["ok"]]
         print(f"  [{case.name}] VALIDATION FAILED: {bad}; not timed", flush=True)
         return out
-    before = cpu_snapshot()
-    out["results"] = time_case(d, runners, s, out["validation"]["impls"])
-    out["background_cores"] = background_cores(before, cpu_snapshot())
-    if (out["background_cores"] or 0.0) > BUSY_WARNING_CORES:
-        print(f"  [{case.name}] WARNING: other processes used {out['background_cores']:.2f} "
-              "cores while this case was timed; its numbers are disturbed", flush=True)
+    out["results"], out["background_cores"], out["attempts_background_cores"] = \
+        time_quietly(d, runners, s, out["validation"]["impls"])
     return out
+
+
+def time_quietly(d: CaseData, runners: dict[str, tuple[Impl, Runner]], s: Settings,
+                 checked: dict[str, dict]) -> tuple[dict, float | None, list[float | None]]:
+    """Times the case, again (up to s.retries times) while other processes took
+    more than BUSY_WARNING_CORES meanwhile; keeps the least disturbed attempt.
+    Returns its results, its background load and every attempt's."""
+    attempts: list[tuple[dict, float | None]] = []
+    for attempt in range(s.retries + 1):
+        before = cpu_snapshot()
+        results = time_case(d, runners, s, checked)
+        load = background_cores(before, cpu_snapshot())
+        attempts.append((results, load))
+        if (load or 0.0) <= BUSY_WARNING_CORES:
+            break
+        again = "timing it again" if attempt < s.retries else "keeping the least disturbed"
+        print(f"  [{d.case.name}] WARNING: other processes used {load:.2f} cores while this "
+              f"case was timed; {again}", flush=True)
+    results, load = min(attempts, key=lambda a: a[1] or 0.0)
+    return results, load, [a[1] for a in attempts]
 
 
 # ---- derived numbers and targets ------------------------------------------------
@@ -657,9 +732,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases", nargs="+", choices=names, metavar="CASE",
                    help=f"cases to run (default: all): {', '.join(names)}")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds per case (each calls every implementation once), at "
-                        "most (default 200; smoke 5); fewer when a case would take longer "
-                        "than --budget per implementation, never under 5")
+                   help="timed calls per implementation and case, at most (default 200; "
+                        "smoke 5); fewer when they would take longer than --budget, never "
+                        "under 5")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds the calls are spread over, each running a block of every "
+                        "implementation in turn (default 5; smoke 2)")
+    p.add_argument("--retries", type=int, default=None,
+                   help="times a case is timed again when other processes took more than "
+                        f"{BUSY_WARNING_CORES} cores meanwhile; the least disturbed attempt "
+                        "is kept (default 2; smoke 0)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed calls per implementation and case, roughly "
@@ -671,6 +753,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace, gbs: float) -> Settings:
     pick = lambda value, full, smoke: value if value is not None else (smoke if args.smoke else full)  # noqa: E731
     return Settings(warmup=pick(args.warmup, 3, 1), repeats=pick(args.repeats, 200, MIN_REPEATS),
+                    rounds=pick(args.rounds, 5, 2), retries=pick(args.retries, 2, 0),
                     budget_s=pick(args.budget, 2.5, 0.2), seed=args.seed, gbs=gbs)
 
 
@@ -692,7 +775,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "micro", "smoke": args.smoke, "machine": machine_info(),
         "tf_threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                        "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
-        "settings": {"warmup": s.warmup, "repeats": s.repeats, "budget_s": s.budget_s,
+        "settings": {"warmup": s.warmup, "repeats": s.repeats, "rounds": s.rounds,
+                     "retries": s.retries, "busy_warning_cores": BUSY_WARNING_CORES,
+                     "budget_s": s.budget_s, "rewarm_below_s": REWARM_BELOW_S,
+                     "forward_chain": FORWARD_CHAIN,
+                     "forward_chain_below_bytes": FORWARD_CHAIN_BELOW_BYTES,
                      "min_repeats": MIN_REPEATS, "seed": s.seed, "data_scale": DATA_SCALE},
         "bandwidth": {"gbs": gbs, "start": bandwidth_start, "end": bandwidth_end},
         "cases": cases, "targets": evaluate_targets(cases),

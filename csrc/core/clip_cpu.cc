@@ -66,8 +66,9 @@ template <int DT>
 double chunk_sumsq(const typename Storage<DT>::type* x, int64_t count) {
   using Acc = typename Storage<DT>::acc;
   const int used = static_cast<int>(std::min<int64_t>(count, kLanes));
+  const int active = (used + kLanesPerThread - 1) / kLanesPerThread;  // threads with data
   Acc lanes[kLanes];
-  std::fill(lanes, lanes + kLanes, Acc(0));
+  std::fill(lanes, lanes + kLanesPerThread * active, Acc(0));
   const int64_t full_rows = count / kLanes;
   add_rows_dt<DT>(x, full_rows, lanes);
   // the last, partial row comes last in every lane's order, as on the GPU
@@ -75,14 +76,15 @@ double chunk_sumsq(const typename Storage<DT>::type* x, int64_t count) {
   const int rem = static_cast<int>(count - full_rows * kLanes);
   for (int j = 0; j < rem; ++j) lanes[j] = add_square(lanes[j], to_acc<DT>(tail[j]));
   double v[kThreads];
-  const int active = (used + kLanesPerThread - 1) / kLanesPerThread;
   for (int t = 0; t < active; ++t) {
     const Acc* l = lanes + kLanesPerThread * t;
     v[t] = add_d(add_d(static_cast<double>(l[0]), static_cast<double>(l[1])),
                  add_d(static_cast<double>(l[2]), static_cast<double>(l[3])));
   }
-  std::fill(v + active, v + kThreads, 0.0);  // adding +0.0 is exact: same bits as the GPU
-  return halving_tree(v);
+  // The tree's remaining steps read below 2*active; those slots hold +0.0, and
+  // adding +0.0 is exact: the same bits as the GPU's full tree.
+  std::fill(v + active, v + std::min(kThreads, 2 * active), 0.0);
+  return halving_tree(v, active);
 }
 
 template <int DT>

@@ -126,35 +126,38 @@ CLIPOPS_HD float double_to_float(double a) {
 }
 
 // ---- half and bfloat16, in integer arithmetic so every compiler agrees ---------
+// The conversions below are branch-free (selects written as bit masks, which
+// compilers do not turn back into branches), so the CPU kernel's loops over
+// them vectorize; every path still gives the exact IEEE result.
+CLIPOPS_HD unsigned int mask_if(bool c) { return 0u - static_cast<unsigned int>(c); }
+CLIPOPS_HD unsigned int select(unsigned int mask, unsigned int a, unsigned int b) {
+  return (a & mask) | (b & ~mask);
+}
+
 CLIPOPS_HD float half_to_float(unsigned short h) {
   const unsigned int sign = (static_cast<unsigned int>(h) & 0x8000u) << 16;
-  const unsigned int exp = (h >> 10) & 0x1fu;
-  const unsigned int man = h & 0x3ffu;
-  if (exp == 0x1fu) return bits_float(sign | 0x7f800000u | (man << 13));  // inf, nan
-  if (exp == 0u) {
-    // zero or subnormal: man * 2^-24, exact in float
-    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;
-    return sign ? -f : f;
-  }
-  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+  const unsigned int em = h & 0x7fffu;  // exponent and mantissa
+  // normal: rebias the exponent by 127 - 15 = 112; inf and nan: by 112 more
+  const unsigned int normal = (em << 13) + 0x38000000u + (0x38000000u & mask_if(em >= 0x7c00u));
+  // zero or subnormal: em * 2^-24, exact in float
+  const float sub = static_cast<float>(static_cast<int>(em)) * 5.9604644775390625e-8f;
+  return bits_float(select(mask_if(em < 0x0400u), float_bits(sub), normal) | sign);
 }
 
 // float -> half, round to nearest even; overflow gives inf, nan stays nan.
 CLIPOPS_HD unsigned short float_to_half(float f) {
   const unsigned int x = float_bits(f);
   const unsigned int sign = (x >> 16) & 0x8000u;
-  unsigned int ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return static_cast<unsigned short>(sign | 0x7e00u);  // nan
-  if (ax >= 0x477ff000u) return static_cast<unsigned short>(sign | 0x7c00u);  // >= 65520: inf
-  if (ax < 0x38800000u) {
-    // below 2^-14: half subnormal. Adding 0.5f rounds |f| to a multiple of
-    // 2^-24 (the ulp of [0.5, 1)), which is exactly the half subnormal step.
-    const float r = add_f(bits_float(ax), 0.5f);
-    return static_cast<unsigned short>(sign | (float_bits(r) - 0x3f000000u));
-  }
+  const unsigned int ax = x & 0x7fffffffu;
   // normal: rebias the exponent by -112 and round the 13 dropped bits to even
-  ax += 0xc8000fffu + ((ax >> 13) & 1u);
-  return static_cast<unsigned short>(sign | (ax >> 13));
+  const unsigned int normal = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;
+  // below 2^-14, a half subnormal: adding 0.5f rounds |f| to a multiple of
+  // 2^-24 (the ulp of [0.5, 1)), which is exactly the half subnormal step
+  const unsigned int sub = float_bits(add_f(bits_float(ax), 0.5f)) - 0x3f000000u;
+  unsigned int r = select(mask_if(ax < 0x38800000u), sub, normal);
+  r = select(mask_if(ax >= 0x477ff000u), 0x7c00u, r);  // >= 65520 rounds to inf
+  r = select(mask_if(ax > 0x7f800000u), 0x7e00u, r);   // nan
+  return static_cast<unsigned short>(sign | r);
 }
 
 CLIPOPS_HD float bf16_to_float(unsigned short b) {
@@ -162,10 +165,10 @@ CLIPOPS_HD float bf16_to_float(unsigned short b) {
 }
 
 CLIPOPS_HD unsigned short float_to_bf16(float f) {
-  unsigned int x = float_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return (x & 0x80000000u) ? 0xffc0u : 0x7fc0u;
-  x += 0x7fffu + ((x >> 16) & 1u);  // round to nearest even
-  return static_cast<unsigned short>(x >> 16);
+  const unsigned int x = float_bits(f);
+  const unsigned int rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;  // nearest even
+  const unsigned int nan = 0x7fc0u | ((x >> 16) & 0x8000u);               // quiet, keeps the sign
+  return static_cast<unsigned short>(select(mask_if((x & 0x7fffffffu) > 0x7f800000u), nan, rounded));
 }
 
 // Round a float to the precision of a 16-bit norm dtype (identity for float).
@@ -260,10 +263,14 @@ template <> struct Scaler<kFloat64> {
 };
 
 // Fold kThreads values in place with the halving tree of step 3/4 (host side;
-// the CUDA kernel does the same folds across its threads).
-CLIPOPS_HD double halving_tree(double* v) {
-  for (int s = kThreads / 2; s > 0; s >>= 1)
+// the CUDA kernel does the same folds across its threads). Values from
+// `active` on must be +0.0: the steps that would only add those zeros
+// (exact no-ops) are skipped.
+CLIPOPS_HD double halving_tree(double* v, int active = kThreads) {
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (s >= active) continue;  // v[t + s] is zero for every t < s
     for (int t = 0; t < s; ++t) v[t] = add_d(v[t], v[t + s]);
+  }
   return v[0];
 }
 
