@@ -541,17 +541,6 @@ def run_rounds(runners: dict[str, Runner], estimates: dict[str, float],
 
 # ---- the machine: bandwidth and other load ---------------------------------------
 
-def measure_bandwidth(tries: int = 3) -> dict:
-    """copy_bandwidth_gbs(), measured again if it used fewer threads than this
-    process has cores (os.cpu_count() was once seen to answer 1 here)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    for _ in range(tries):
-        bw = copy_bandwidth_gbs()
-        if bw["threads"] >= (cores or 1):
-            break
-    return bw
-
-
 CpuSnapshot = tuple[float, float, float]
 
 
@@ -720,6 +709,10 @@ def evaluate_targets(cases: dict) -> list[dict]:
 
 # ---- main ----------------------------------------------------------------------
 
+def _gbs_by_threads(bandwidth: dict) -> str:
+    return ", ".join(f"{t}: {g:.1f}" for t, g in bandwidth.get("by_threads", {}).items())
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     names = [c.name for c in build_cases(smoke=True)]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -761,13 +754,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     snapshot = cpu_snapshot()
-    bandwidth_start = measure_bandwidth()
-    print(f"copy bandwidth: {bandwidth_start['gbs']:.1f} GB/s "
-          f"({bandwidth_start['threads']} threads, read + written)", flush=True)
+    bandwidth_start = copy_bandwidth_gbs()
+    print(f"copy bandwidth: {bandwidth_start['gbs']:.1f} GB/s, read + written "
+          f"(by threads: {_gbs_by_threads(bandwidth_start)})", flush=True)
     s = settings_from(args, bandwidth_start["gbs"])
     selected = [c for c in build_cases(args.smoke) if not args.cases or c.name in args.cases]
     cases = {c.name: run_case(c, s) for c in selected}
-    bandwidth_end = measure_bandwidth()
+    bandwidth_end = copy_bandwidth_gbs()
     # the floors use the higher of the two measurements: the stricter floor
     gbs = max(bandwidth_start["gbs"], bandwidth_end["gbs"])
     add_derived(cases, selected, gbs)

@@ -8,7 +8,7 @@ What the numbers mean (bench/micro.py writes them):
     (tracing, compiling) is timed apart and left out;
   - "x floor" is time / floor, where the floor is the bytes the work must move
     at the copy bandwidth measured in the same run (common.copy_bandwidth_gbs,
-    bytes read + written, all cores): 3x the list's bytes when clipping (read
+    bytes read + written): 3x the list's bytes when clipping (read
     for the norm, read and write for the scale; 12 bytes per float32 element),
     1x when no clipping is needed and the buffers are forwarded;
   - ratios are TF's time / clipops' time in the same run (> 1: clipops faster);
@@ -89,8 +89,9 @@ def header_section(p: dict) -> list[str]:
              f"{m.get('clipops')} (git {m.get('git', '?')}); TF threads (0 = default) "
              f"{p['tf_threads']}.",
              "",
-             f"Copy bandwidth (read + written, {bw['start']['threads']} threads): "
-             f"{bw['start']['gbs']:.1f} GB/s at the start, {bw['end']['gbs']:.1f} GB/s at the end; "
+             f"Copy bandwidth (read + written; common.copy_bandwidth_gbs, the faster of 1 "
+             f"thread and one per core): {bw['start']['gbs']:.1f} GB/s at the start, "
+             f"{bw['end']['gbs']:.1f} GB/s at the end; "
              f"floors use the higher, **{bw['gbs']:.1f} GB/s**. Run time {p['wall_s']:.0f} s.",
              "",
              f"CPU taken by other processes (or the hypervisor) during the run: "

@@ -203,3 +203,15 @@ def test_in_place_rejects_non_contiguous_and_read_only(rng):
     a.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         cn.clip_by_global_norm([a], 1.0, in_place=True)
+
+
+def test_every_finite_half_and_bfloat16_value_round_trips():
+    # Scale exactly 1 (use_norm = clip = 1): each output is the input converted
+    # to float and rounded back, so this checks both conversions on every value,
+    # subnormals and the largest finite ones included.
+    dts = [np.float16] + ([BF16] if BF16 is not None else [])
+    for dt in dts:
+        values = np.arange(65536, dtype=np.uint16).view(dt)
+        values = values[np.isfinite(values.astype(np.float32))]
+        out, _ = cn.clip_by_global_norm([values], 1.0, use_norm=1.0)
+        assert out[0].tobytes() == values.tobytes(), np.dtype(dt).name

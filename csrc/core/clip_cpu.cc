@@ -88,9 +88,27 @@ double chunk_sumsq(const typename Storage<DT>::type* x, int64_t count) {
 }
 
 template <int DT>
+inline void scale_loop(const typename Storage<DT>::type* in, typename Storage<DT>::type* out,
+                       int64_t count, const Scaler<DT>& scaler) {
+  for (int64_t i = 0; i < count; ++i) out[i] = scaler(in[i]);
+}
+
+// The 16-bit scale loops convert to float and back: AVX2 clones as for add_rows.
+CLIPOPS_SIMD_CLONES void scale_f16(const unsigned short* in, unsigned short* out, int64_t count,
+                                   float s) {
+  scale_loop<kFloat16>(in, out, count, Scaler<kFloat16>(s));
+}
+CLIPOPS_SIMD_CLONES void scale_bf16(const unsigned short* in, unsigned short* out, int64_t count,
+                                    float s) {
+  scale_loop<kBFloat16>(in, out, count, Scaler<kBFloat16>(s));
+}
+
+template <int DT>
 void scale_chunk(const typename Storage<DT>::type* in, typename Storage<DT>::type* out,
                  int64_t count, const Scaler<DT>& scaler, bool /*stream*/) {
-  for (int64_t i = 0; i < count; ++i) out[i] = scaler(in[i]);
+  if constexpr (DT == kFloat16) scale_f16(in, out, count, scaler.s);  // s is already a half value
+  else if constexpr (DT == kBFloat16) scale_bf16(in, out, count, scaler.s);
+  else scale_loop<DT>(in, out, count, scaler);
 }
 
 #if defined(__SSE2__)
