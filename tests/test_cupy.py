@@ -656,6 +656,16 @@ def _assert_same_bits(a, b, what=""):
                             f"{int(np.flatnonzero(diff.ravel())[0])}")
 
 
+def _assert_gpu_clip_matches_cpu(gpu_arrays, host: list) -> None:
+    """clipops.cupy on foreign GPU arrays returns CuPy arrays with the CPU core's bits."""
+    out, norm = ccp.clip_by_global_norm(gpu_arrays, 1.0)
+    want, want_norm = cnp.clip_by_global_norm(host, 1.0)
+    _assert_same_bits(cupy.asnumpy(norm), want_norm)
+    for g, w in zip(out, want):
+        assert isinstance(g, cupy.ndarray)
+        _assert_same_bits(cupy.asnumpy(g), w)
+
+
 def _poison_pool(nbytes: int) -> None:
     """Leaves NaN bytes in CuPy's pool, where the next outputs will be carved
     from: an element the kernel forgot to write then shows up as NaN."""
@@ -1008,12 +1018,7 @@ def test_torch_bfloat16_via_dlpack(route):
     ts = [torch.from_numpy(h.view(np.uint16).astype(np.int16)).cuda().view(torch.bfloat16)
           for h in host]
     torch.cuda.synchronize()
-    out, norm = ccp.clip_by_global_norm(ts, 1.0)
-    want, want_norm = cnp.clip_by_global_norm(host, 1.0)
-    _assert_same_bits(cupy.asnumpy(norm), want_norm)
-    for g, w in zip(out, want):
-        assert isinstance(g, cupy.ndarray)
-        _assert_same_bits(cupy.asnumpy(g), w)
+    _assert_gpu_clip_matches_cpu(ts, host)
 
 
 @gpu
@@ -1027,12 +1032,7 @@ def test_jax_arrays(route):
     xs = [jax.device_put(h, dev) for h in host]
     for x in xs:
         x.block_until_ready()
-    out, norm = ccp.clip_by_global_norm(xs, 1.0)
-    want, want_norm = cnp.clip_by_global_norm(host, 1.0)
-    _assert_same_bits(cupy.asnumpy(norm), want_norm)
-    for g, w in zip(out, want):
-        assert isinstance(g, cupy.ndarray)
-        _assert_same_bits(cupy.asnumpy(g), w)
+    _assert_gpu_clip_matches_cpu(xs, host)
 
 
 # ---- more than 2^31 elements ----------------------------------------------------

@@ -215,3 +215,10 @@ def test_every_finite_half_and_bfloat16_value_round_trips():
         values = values[np.isfinite(values.astype(np.float32))]
         out, _ = cn.clip_by_global_norm([values], 1.0, use_norm=1.0)
         assert out[0].tobytes() == values.tobytes(), np.dtype(dt).name
+
+
+def test_python_and_core_agree_on_dtype_codes():
+    # The codes are written twice (clipops/_common.py and csrc/core/clip_math.h).
+    from clipops import _common
+
+    assert _common.DTYPE_CODES == _common.load_core().DTYPE_CODES

@@ -161,8 +161,6 @@ auto dispatch(int dtype, Fn&& fn) {
   }
 }
 
-double read_host_scalar(const Scalar& s) { return s.value; }
-
 void write_norm(void* out, double norm, int dtype) {
   switch (dtype) {
     case kFloat16: *static_cast<unsigned short*>(out) = float_to_half(static_cast<float>(norm)); break;
@@ -200,7 +198,7 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
 
   double norm;
   if (args.has_use_norm) {
-    norm = read_host_scalar(args.use_norm);
+    norm = args.use_norm.value;
   } else {
     // partials are summed in a fixed order, so the norm is bitwise reproducible
     std::vector<double> partials(items);
@@ -221,7 +219,7 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
   if (args.norm_out != nullptr) write_norm(args.norm_out, norm, args.norm_dtype);
   if (!args.scale) return Status::Ok();
 
-  const double scale = clip_scale(norm, read_host_scalar(args.clip_norm), args.norm_dtype);
+  const double scale = clip_scale(norm, args.clip_norm.value, args.norm_dtype);
   int64_t out_bytes = 0;
   for (int t = 0; t < num_tensors; ++t)
     out_bytes += tensors[t].numel * dtype_size(tensors[t].dtype);
