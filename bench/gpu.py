@@ -600,6 +600,11 @@ def main() -> int:
     if args.smoke:
         args.reps, args.rounds, args.warmup = min(args.reps, 10), min(args.rounds, 3), 2
 
+    try:
+        ccp._current_device()
+    except ccp.CudaUnavailableError as exc:
+        print(f"bench/gpu.py needs a GPU: {exc}", file=sys.stderr)
+        return 2
     stream = cupy.cuda.Stream(non_blocking=True)
     core = _common.load_core()
     routes = []
