@@ -52,13 +52,12 @@ CLIPOPS_SIMD_CLONES void add_rows_f16(const unsigned short* x, int64_t rows, flo
 CLIPOPS_SIMD_CLONES void add_rows_bf16(const unsigned short* x, int64_t rows, float* lanes) {
   add_rows<kBFloat16>(x, rows, lanes);
 }
-inline void add_rows_any(const float* x, int64_t rows, float* lanes) { add_rows_f32(x, rows, lanes); }
-inline void add_rows_any(const double* x, int64_t rows, double* lanes) { add_rows_f64(x, rows, lanes); }
 template <int DT>
 inline void add_rows_dt(const typename Storage<DT>::type* x, int64_t rows, typename Storage<DT>::acc* lanes) {
   if constexpr (DT == kFloat16) add_rows_f16(x, rows, lanes);
   else if constexpr (DT == kBFloat16) add_rows_bf16(x, rows, lanes);
-  else add_rows_any(x, rows, lanes);
+  else if constexpr (DT == kFloat32) add_rows_f32(x, rows, lanes);
+  else add_rows_f64(x, rows, lanes);
 }
 
 // Sum of squares of one chunk (count <= kChunk elements), lane by lane.
@@ -161,15 +160,6 @@ auto dispatch(int dtype, Fn&& fn) {
   }
 }
 
-void write_norm(void* out, double norm, int dtype) {
-  switch (dtype) {
-    case kFloat16: *static_cast<unsigned short*>(out) = float_to_half(static_cast<float>(norm)); break;
-    case kBFloat16: *static_cast<unsigned short*>(out) = float_to_bf16(static_cast<float>(norm)); break;
-    case kFloat32: *static_cast<float*>(out) = static_cast<float>(norm); break;
-    default: *static_cast<double*>(out) = norm;
-  }
-}
-
 // Sharding hint per work item for the thread pools, tuned on a 2-core machine:
 // higher values made TF's adaptive ParallelFor split into so many shards that
 // both the 0.5M- and the 25.6M-element lists got slower (bench/micro.py).
@@ -186,14 +176,17 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
 
   // first_item[t] = index of tensor t's first work item; first_item[n] = total
   std::vector<int64_t> first_item(num_tensors + 1, 0);
-  for (int t = 0; t < num_tensors; ++t)
+  int64_t elements = 0, bytes = 0;
+  for (int t = 0; t < num_tensors; ++t) {
     first_item[t + 1] = first_item[t] + (tensors[t].numel + kChunk - 1) / kChunk;
+    elements += tensors[t].numel;
+    bytes += tensors[t].numel * dtype_size(tensors[t].dtype);
+  }
   const int64_t items = first_item[num_tensors];
-  int64_t elements = 0;
-  for (int t = 0; t < num_tensors; ++t) elements += tensors[t].numel;
-  const ParallelFor inline_for = [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
-    if (n > 0) fn(0, n);
-  };
+  static const ParallelFor inline_for =
+      [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
+        if (n > 0) fn(0, n);
+      };
   const ParallelFor& run = elements < kParallelMinElements ? inline_for : parallel_for;
 
   double norm;
@@ -216,14 +209,11 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
     for (int64_t w = 0; w < items; ++w) u[w % kThreads] = add_d(u[w % kThreads], partials[w]);
     norm = norm_from_sumsq(halving_tree(u), args.norm_dtype);
   }
-  if (args.norm_out != nullptr) write_norm(args.norm_out, norm, args.norm_dtype);
+  if (args.norm_out != nullptr) store_norm(args.norm_out, norm, args.norm_dtype);
   if (!args.scale) return Status::Ok();
 
   const double scale = clip_scale(norm, args.clip_norm.value, args.norm_dtype);
-  int64_t out_bytes = 0;
-  for (int t = 0; t < num_tensors; ++t)
-    out_bytes += tensors[t].numel * dtype_size(tensors[t].dtype);
-  const bool stream = out_bytes > kStreamBytes;
+  const bool stream = bytes > kStreamBytes;  // outputs are as large as inputs
   run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
     for_items(tensors, first_item, begin, end,
               [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t) {

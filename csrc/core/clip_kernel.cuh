@@ -184,15 +184,6 @@ __device__ __forceinline__ double read_scalar(const void* ptr, double value, int
   }
 }
 
-__device__ __forceinline__ void write_scalar(void* ptr, double v, int dtype) {
-  switch (dtype) {
-    case kFloat16: *static_cast<unsigned short*>(ptr) = float_to_half(double_to_float(v)); break;
-    case kBFloat16: *static_cast<unsigned short*>(ptr) = float_to_bf16(double_to_float(v)); break;
-    case kFloat32: *static_cast<float*>(ptr) = double_to_float(v); break;
-    default: *static_cast<double*>(ptr) = v;
-  }
-}
-
 }  // namespace detail
 }  // namespace clipops
 
@@ -230,7 +221,7 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
     for (long long w = threadIdx.x; w < num_items; w += kThreads) u = add_d(u, __ldcg(partials + w));
     norm = norm_from_sumsq(block_tree(u, red), norm_dtype);
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0 && norm_out != nullptr) write_scalar(norm_out, norm, norm_dtype);
+  if (blockIdx.x == 0 && threadIdx.x == 0 && norm_out != nullptr) store_norm(norm_out, norm, norm_dtype);
   if (!do_scale) return;
 
   const double scale = clip_scale(norm, read_scalar(clip_ptr, clip_value, norm_dtype), norm_dtype);

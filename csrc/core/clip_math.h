@@ -213,6 +213,16 @@ CLIPOPS_HD double clip_scale(double norm, double clip, int norm_dtype) {
       tf_scale_f(double_to_float(norm), double_to_float(clip), norm_dtype));
 }
 
+// Stores the norm (a value of norm_dtype, held in a double) as that dtype.
+CLIPOPS_HD void store_norm(void* out, double norm, int norm_dtype) {
+  switch (norm_dtype) {
+    case kFloat16: *static_cast<unsigned short*>(out) = float_to_half(double_to_float(norm)); break;
+    case kBFloat16: *static_cast<unsigned short*>(out) = float_to_bf16(double_to_float(norm)); break;
+    case kFloat32: *static_cast<float*>(out) = double_to_float(norm); break;
+    default: *static_cast<double*>(out) = norm;
+  }
+}
+
 // ---- one element ---------------------------------------------------------------
 // Every kernel moves elements as raw bits of their storage type.
 template <int DT> struct Storage;
