@@ -21,27 +21,29 @@ def load_core():
     return _core
 
 
-def check_list(t_list) -> list:
-    """TF's rule: a sequence, not a string; returned as a list."""
+def check_list(t_list, param: str = "t_list") -> list:
+    """TF's rule: a sequence, not a string; returned as a list. `param` is the
+    front end's name for the argument, used in the error."""
     if not isinstance(t_list, Sequence) or isinstance(t_list, (str, bytes)):
-        raise TypeError(f"`t_list` should be a sequence of tensors. Received {type(t_list)}.")
+        raise TypeError(f"`{param}` should be a sequence of tensors. Received {type(t_list)}.")
     return list(t_list)
 
 
-def dtype_code(name: str, index: int) -> int:
+def dtype_code(name: str, index: int, param: str = "t_list") -> int:
     try:
         return DTYPE_CODES[name]
     except KeyError:
         raise TypeError(
-            f"t_list[{index}] has dtype {name}; clipops clips float16, bfloat16, float32 "
+            f"{param}[{index}] has dtype {name}; clipops clips float16, bfloat16, float32 "
             "and float64 tensors only") from None
 
 
 def norm_dtype_code(codes: list[int]) -> int:
-    """The norm's dtype: the list's own, or float32 for a mixed list."""
+    """The norm's dtype: the list's own, or float32 for a mixed list. A list
+    with no tensors (empty, or only None entries) has a float32 norm of 0, as
+    in TensorFlow: `tf.clip_by_global_norm([], 1.0)` gives `([], 0.0)`."""
     if not codes:
-        raise ValueError("t_list has no tensors (only None entries, or empty): "
-                         "there is no global norm to compute")
+        return DTYPE_CODES["float32"]
     return codes[0] if all(c == codes[0] for c in codes) else DTYPE_CODES["float32"]
 
 
