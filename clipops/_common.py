@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
 
@@ -57,3 +59,18 @@ def check_scalar(value, what: str):
     if isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"{what} must be a number or a 0-d array, got {type(value).__name__}")
     return value
+
+
+def np_dtype(code: int) -> np.dtype:
+    """The NumPy dtype of a dtype code (bfloat16 needs the ml_dtypes package)."""
+    if code == DTYPE_CODES["bfloat16"]:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(DTYPE_NAMES[code])
+
+
+def scalar_in(value, code: int, what: str) -> float:
+    """A host scalar rounded to the norm dtype (as TF converts it), as a float."""
+    check_scalar(value, what)
+    return float(np.asarray(value).astype(np_dtype(code)))

@@ -44,7 +44,6 @@ may block) by clipops._nvrtc. The two routes give the same bits.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 try:
@@ -58,7 +57,6 @@ import numpy as np
 
 from . import _common, _nvrtc
 from ._nvrtc import CudaUnavailableError, LaunchError
-from .numpy import _np_dtype, _scalar_in
 
 __all__ = ["clip_by_global_norm", "global_norm", "CudaUnavailableError", "LaunchError",
            "UnsupportedArrayError"]
@@ -231,14 +229,14 @@ def _scalar(value, prep: _Prepared, what: str, copy: bool) -> _Scalar:
     the arrays while reading the scalar, which must not live in one of them."""
     _common.check_scalar(value, what)
     if not _is_device_array(value):
-        return _Scalar(value=_scalar_in(value, prep.norm_code, what))
+        return _Scalar(value=_common.scalar_in(value, prep.norm_code, what))
     a = _as_device_array(value, what)
     if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
         raise TypeError(f"{what} must be a float, got a {a.dtype.name} array")
     if a.data.device_id != prep.device:
         raise UnsupportedArrayError(f"{what} is on GPU {a.data.device_id} but the arrays are on "
                                     f"GPU {prep.device}")
-    a = a.astype(_np_dtype(prep.norm_code), copy=copy)
+    a = a.astype(_common.np_dtype(prep.norm_code), copy=copy)
     return _Scalar(ptr=a.data.ptr, array=a)
 
 
@@ -267,7 +265,7 @@ def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
     else:
         descs = [(a.data.ptr, o.data.ptr, a.size, c)
                  for a, o, c in zip(prep.values, outs, prep.codes)]
-    norm = cupy.empty((), dtype=_np_dtype(prep.norm_code))
+    norm = cupy.empty((), dtype=_common.np_dtype(prep.norm_code))
     nvrtc = _use_nvrtc(core)
     nbytes = (_nvrtc if nvrtc else core).cuda_workspace_bytes(descs)
     # Lives until this function returns; the pool's stream ordering covers
@@ -341,71 +339,3 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
     for i, out in zip(prep.positions, outs):
         result[i] = prep.arrays[i] if in_place else out
     return result, norm
-
-
-# ---- TensorFlow tensors on a GPU, when the TF op has no GPU kernel -------------
-# clipops/tensorflow.py calls these for eager GPU tensors when clipops was built
-# without CUDA: the op then only has a CPU kernel, and TF would silently copy
-# the tensors to the host and back. DLPack shares the memory instead.
-
-def _tf_inputs(values: list) -> tuple[object, list[cupy.ndarray]]:
-    """(tf module, the tensors as CuPy arrays), zero-copy. Waits for TF's
-    pending GPU work first: TF computes on its own stream, which CuPy's
-    stream knows nothing of."""
-    tf = sys.modules.get("tensorflow")
-    if tf is None:
-        import tensorflow as tf
-    if not tf.executing_eagerly():
-        raise RuntimeError(
-            "clipops was built without CUDA, so its TensorFlow op has no GPU kernel, and GPU "
-            "tensors inside a tf.function cannot be handed to CuPy. Call it eagerly, or rebuild "
-            "clipops with nvcc available (`pip install --no-build-isolation .`).")
-    arrays = []
-    for i, v in enumerate(values):
-        if isinstance(v, tf.Variable):
-            v = tf.convert_to_tensor(v)
-        if "GPU" not in v.device.upper():
-            raise ValueError(f"t_list[{i}] is on {v.device or 'the CPU'}; this path is for GPU tensors")
-        arrays.append(v)
-    tf.test.experimental.sync_devices()  # TF's producers have finished writing
-    return tf, [cupy.from_dlpack(tf.experimental.dlpack.to_dlpack(v)) for v in arrays]
-
-
-def _tf_scalar(tf, value, what: str):
-    """A TF scalar tensor as a host NumPy value (the caller already waited for
-    TF's GPU work, so reading it costs no extra synchronisation)."""
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        if not value.dtype.is_floating:
-            raise TypeError(f"{what} must be a float, got a {value.dtype.name} tensor")
-        return value.numpy()
-    return value
-
-
-def _to_tf(tf, x: cupy.ndarray):
-    return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
-
-
-def _clip_tf_tensors(values: list, clip_norm, use_norm=None):
-    """clip_by_global_norm on eager TF GPU tensors through CuPy, zero-copy.
-
-    Returns (clipped tensors in the order of `values`, the norm tensor). Both
-    host waits here are deliberate: TF's stream and CuPy's are unrelated, so
-    the inputs must be complete before the launch, and the results before TF
-    reads them on its own stream. Not differentiable (no TF gradient is
-    recorded through CuPy)."""
-    tf, arrays = _tf_inputs(values)
-    with cupy.cuda.Device(arrays[0].data.device_id):
-        clipped, norm = clip_by_global_norm(
-            arrays, _tf_scalar(tf, clip_norm, "clip_norm"),
-            None if use_norm is None else _tf_scalar(tf, use_norm, "use_norm"))
-        cupy.cuda.get_current_stream().synchronize()
-    return [_to_tf(tf, c) for c in clipped], _to_tf(tf, norm)
-
-
-def _global_norm_tf_tensors(values: list):
-    """global_norm on eager TF GPU tensors through CuPy; see _clip_tf_tensors."""
-    tf, arrays = _tf_inputs(values)
-    with cupy.cuda.Device(arrays[0].data.device_id):
-        norm = global_norm(arrays)
-        cupy.cuda.get_current_stream().synchronize()
-    return _to_tf(tf, norm)

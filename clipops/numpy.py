@@ -13,14 +13,6 @@ from . import _common
 __all__ = ["clip_by_global_norm", "global_norm"]
 
 
-def _np_dtype(code: int) -> np.dtype:
-    if code == _common.DTYPE_CODES["bfloat16"]:
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(_common.DTYPE_NAMES[code])
-
-
 # Keyed by dtype object: a dict lookup, where `dtype.name` costs microseconds
 # per array (it matters for lists of thousands of small tensors).
 _CODES = {np.dtype(name): code for name, code in _common.DTYPE_CODES.items() if name != "bfloat16"}
@@ -53,16 +45,10 @@ def _prepare(arrays, in_place: bool):
     return arrays, present, norm_code
 
 
-def _scalar_in(value, code: int, what: str) -> float:
-    """The value rounded to the norm dtype (as TF converts it), as a float."""
-    _common.check_scalar(value, what)
-    return float(np.asarray(value).astype(_np_dtype(code)))
-
-
 def global_norm(arrays) -> np.ndarray:
     """sqrt(sum of squares of every element); a 0-d array of the norm dtype."""
     _, present, norm_code = _prepare(arrays, in_place=False)
-    norm = np.empty((), dtype=_np_dtype(norm_code))
+    norm = np.empty((), dtype=_common.np_dtype(norm_code))
     descs = [(a.ctypes.data, 0, a.size, c) for _, a, c in present]
     _common.load_core().clip_cpu(descs, norm_code, False, 0.0, None, norm.ctypes.data)
     return norm
@@ -76,10 +62,10 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
     and returned; they must be C-contiguous, writable and not share memory.
     """
     arrays, present, norm_code = _prepare(arrays, in_place)
-    clip = _scalar_in(clip_norm, norm_code, "clip_norm")
-    use = None if use_norm is None else _scalar_in(use_norm, norm_code, "use_norm")
+    clip = _common.scalar_in(clip_norm, norm_code, "clip_norm")
+    use = None if use_norm is None else _common.scalar_in(use_norm, norm_code, "use_norm")
     outs = [a if in_place else np.empty_like(a) for _, a, _ in present]
-    norm = np.empty((), dtype=_np_dtype(norm_code))
+    norm = np.empty((), dtype=_common.np_dtype(norm_code))
     descs = [(a.ctypes.data, o.ctypes.data, a.size, c) for (_, a, c), o in zip(present, outs)]
     _common.load_core().clip_cpu(descs, norm_code, True, clip, use, norm.ctypes.data)
     result = [None] * len(arrays)

@@ -143,9 +143,9 @@ def _gpu_without_kernel(values: list) -> bool:
 def _clip(t_list: list, clip_norm, use_norm):
     values, positions, code = _values(t_list)
     if _gpu_without_kernel(values):
-        from . import cupy as _cupy  # CuPy is optional: imported only here
+        from . import _tf_cupy  # CuPy is optional: imported only here
 
-        clipped, norm = _cupy._clip_tf_tensors(values, clip_norm, use_norm)
+        clipped, norm = _tf_cupy.clip_tf_tensors(values, clip_norm, use_norm)
         return _rebuild(t_list, positions, clipped), norm
     dtype = _TF_DTYPES[code]
     clip = _scalar(clip_norm, dtype, "clip_norm")
@@ -163,9 +163,9 @@ def global_norm(t_list, name=None):
     if tf.executing_eagerly():
         values, _, code = _values(t_list)
         if _gpu_without_kernel(values):
-            from . import cupy as _cupy
+            from . import _tf_cupy
 
-            return _cupy._global_norm_tf_tensors(values)
+            return _tf_cupy.global_norm_tf_tensors(values)
         return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
     with tf.name_scope(name or "global_norm"):
         values, _, code = _values(t_list)

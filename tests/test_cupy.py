@@ -573,13 +573,15 @@ def test_nvrtc_cubin(tmp_path, monkeypatch):
 @needs_cupy
 def test_tf_hook_refuses_graph_mode_and_cpu_tensors():
     tf = pytest.importorskip("tensorflow")
+    from clipops import _tf_cupy
+
     with pytest.raises(ValueError, match="GPU tensors"):
         with tf.device("/CPU:0"):
-            ccp._clip_tf_tensors([tf.constant([1.0, 2.0])], 1.0)
+            _tf_cupy.clip_tf_tensors([tf.constant([1.0, 2.0])], 1.0)
 
     @tf.function
     def graph(x):
-        return ccp._clip_tf_tensors([x], 1.0)
+        return _tf_cupy.clip_tf_tensors([x], 1.0)
 
     with pytest.raises(RuntimeError, match="tf.function"):
         graph(tf.constant([1.0, 2.0]))
