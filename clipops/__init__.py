@@ -17,19 +17,93 @@ TensorFlow and CuPy are imported only when their front end is used.
 
 from __future__ import annotations
 
+import importlib.util as _importlib_util
+import os as _os
+
 __version__ = "0.1.0"
+
+if _importlib_util.find_spec(f"{__name__}._build_info") is None:
+    # Every build writes _build_info.py beside the compiled parts. Without it,
+    # this is the source folder, shadowing the installed package on sys.path.
+    raise ImportError(
+        f"`import clipops` found the source folder {_os.path.dirname(__file__)}, which has no "
+        "compiled parts, instead of the installed package: the current directory comes first on "
+        "sys.path (`python -m pytest` or `python` started in the repository root). Run `pytest` "
+        "(not `python -m pytest`) or start Python in another directory; install the package "
+        "first with `pip install --no-build-isolation .` (README, Install).")
 __all__ = ["clip_by_global_norm", "global_norm", "build_info", "__version__"]
 
 
 def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
-    """Drop-in for ``tf.clip_by_global_norm``; see clipops.tensorflow."""
+    """Clips values of multiple tensors by the ratio of the sum of their norms.
+
+    A drop-in for ``tf.clip_by_global_norm``, computed by one fused op (one
+    CUDA launch on a GPU, one pass pair on a CPU). Each tensor is multiplied
+    by ``clip_norm / max(global_norm, clip_norm)``, with TensorFlow's own
+    formula ``clip_norm * min(1 / global_norm, 1 / clip_norm)`` in the norm's
+    dtype, so a list that needs no clipping comes back bit-identical to TF's.
+
+    Args:
+      t_list: a sequence of ``Tensor``, ``IndexedSlices`` or ``None``, of
+        float16, bfloat16, float32 or float64 (dtypes may be mixed).
+      clip_norm: the clipping ratio: a Python number or scalar tensor, > 0.
+      use_norm: optional scalar: the global norm to use instead of computing
+        it; it is returned as the norm.
+      name: optional name scope (graph mode).
+
+    Returns:
+      ``(list_clipped, global_norm)``: a list like ``t_list`` (``None`` entries
+      stay ``None``; ``IndexedSlices`` keep their indices and dense shape),
+      and a scalar tensor of the norm dtype: the list's dtype, or float32 for
+      a list of mixed dtypes. A list with no tensors (``[]`` or only ``None``)
+      gives ``([...None...], 0.0)``, or ``use_norm``, as TensorFlow does.
+      If the norm is inf or NaN, every output is NaN, as in TensorFlow.
+
+    Raises:
+      TypeError: ``t_list`` is not a sequence, or holds a non-float tensor.
+      ValueError: ``clip_norm`` or ``use_norm`` is not a scalar, or (eagerly)
+        the tensors are on different devices.
+      ImportError: clipops was built without its TensorFlow op, or against
+        another TensorFlow release.
+
+    Differences from TensorFlow (README, "Differences from TensorFlow"): the
+    sum of squares is accumulated in float32 or better (float16 lists do not
+    overflow), mixed dtypes are accepted, ``clip_norm`` / ``use_norm`` of
+    another float dtype are cast to the norm's dtype, and tensors on different
+    devices raise instead of being copied.
+
+    Example::
+
+        grads = tape.gradient(loss, model.trainable_variables)
+        grads, norm = clipops.clip_by_global_norm(grads, 15.0)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    """
     from . import tensorflow as _tf
 
     return _tf.clip_by_global_norm(t_list, clip_norm, use_norm=use_norm, name=name)
 
 
 def global_norm(t_list, name=None):
-    """Drop-in for ``tf.linalg.global_norm``; see clipops.tensorflow."""
+    """The global norm of a list of tensors: a drop-in for ``tf.linalg.global_norm``.
+
+    ``sqrt(sum(t ** 2 for every element of every tensor))``, in one fused op.
+
+    Args:
+      t_list: a sequence of ``Tensor``, ``IndexedSlices`` or ``None`` (ignored),
+        of float16, bfloat16, float32 or float64 (dtypes may be mixed).
+      name: optional name scope (graph mode).
+
+    Returns:
+      A scalar tensor of the list's dtype (float32 for a mixed list); 0.0
+      (float32) for a list with no tensors, as TensorFlow.
+
+    Raises:
+      TypeError: ``t_list`` is not a sequence, or holds a non-float tensor.
+      ValueError: (eagerly) the tensors are on different devices.
+
+    Unlike TensorFlow, float16 and bfloat16 squares are summed in float32 or
+    better, so a large float16 list gives its finite norm instead of inf.
+    """
     from . import tensorflow as _tf
 
     return _tf.global_norm(t_list, name=name)

@@ -19,16 +19,25 @@ _CODES = {np.dtype(name): code for name, code in _common.DTYPE_CODES.items() if 
 
 
 def _code_of(a: np.ndarray, index: int) -> int:
+    # non-native byte order (">f4" on x86) has its own dtype object: not in _CODES
     code = _CODES.get(a.dtype)
-    return _common.dtype_code(a.dtype.name, index) if code is None else code
+    return _common.dtype_code(a.dtype.name, index, "arrays") if code is None else code
 
 
 def _prepare(arrays, in_place: bool):
-    arrays = _common.check_list(arrays)
+    arrays = _common.check_list(arrays, "arrays")
     present = []  # (position, array, dtype code)
     for i, a in enumerate(arrays):
         if a is None:
             continue
+        if isinstance(a, np.ndarray) and not a.dtype.isnative:
+            # The kernel reads native floats: swapped bytes would be garbage.
+            if in_place:
+                raise ValueError(
+                    f"arrays[{i}] has non-native byte order ({a.dtype.str}); in_place=True "
+                    "cannot write it. Pass in_place=False (the result is native-order) or "
+                    "convert it first with a.astype(a.dtype.newbyteorder('='))")
+            a = a.astype(a.dtype.newbyteorder("="))
         if in_place:
             if not isinstance(a, np.ndarray):
                 raise TypeError(f"arrays[{i}] is a {type(a).__name__}; in_place=True needs "
@@ -46,7 +55,19 @@ def _prepare(arrays, in_place: bool):
 
 
 def global_norm(arrays) -> np.ndarray:
-    """sqrt(sum of squares of every element); a 0-d array of the norm dtype."""
+    """sqrt(sum of squares of every element), as ``tf.linalg.global_norm``.
+
+    Args:
+      arrays: a sequence of NumPy arrays (float16, bfloat16, float32, float64,
+        mixed allowed) or None entries, which are ignored.
+
+    Returns:
+      A 0-d array of the norm dtype: the arrays' dtype, or float32 for a mixed
+      list; 0.0 (float32) for a list with no arrays, as TensorFlow.
+
+    Raises:
+      TypeError: ``arrays`` is not a sequence, or holds a non-float array.
+    """
     _, present, norm_code = _prepare(arrays, in_place=False)
     norm = np.empty((), dtype=_common.np_dtype(norm_code))
     descs = [(a.ctypes.data, 0, a.size, c) for _, a, c in present]
@@ -55,11 +76,30 @@ def global_norm(arrays) -> np.ndarray:
 
 
 def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False):
-    """Scales every array by clip_norm / max(global_norm, clip_norm).
+    """Scales every array by clip_norm / max(global_norm, clip_norm), with
+    TensorFlow's formula and the same bits as the TF op on the same data.
 
-    Returns (clipped, norm): a list (None entries stay None) and the 0-d norm,
-    or use_norm when given. With in_place=True the caller's arrays are written
-    and returned; they must be C-contiguous, writable and not share memory.
+    Args:
+      arrays: a sequence of NumPy arrays (float16, bfloat16, float32, float64,
+        mixed allowed) or None entries, which stay None. Non-contiguous and
+        non-native byte order arrays are copied first (copy mode only).
+      clip_norm: the clip threshold, a number or 0-d array, rounded to the
+        norm dtype as TF converts it.
+      use_norm: optional global norm to use instead of computing it; it is
+        returned as the norm.
+      in_place: write the results into the caller's arrays (C-contiguous,
+        writable, native byte order, sharing no memory) and return them.
+
+    Returns:
+      ``(clipped, norm)``: a list like ``arrays`` and a 0-d array of the norm
+      dtype (the arrays' dtype, float32 for a mixed list). A list with no
+      arrays gives ``([...None...], 0.0)`` as TensorFlow does.
+
+    Raises:
+      TypeError: ``arrays`` is not a sequence, holds a non-float array, or (in
+        place) a non-NumPy object.
+      ValueError: a scalar argument is not a scalar; in place, an array is not
+        contiguous, read-only, byte-swapped, or shares memory with another.
     """
     arrays, present, norm_code = _prepare(arrays, in_place)
     clip = _common.scalar_in(clip_norm, norm_code, "clip_norm")

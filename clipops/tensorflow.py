@@ -1,7 +1,8 @@
 """TensorFlow front end: drop-ins for tf.clip_by_global_norm and
 tf.linalg.global_norm, backed by one fused custom op (csrc/tf/).
 
-Where clipops deliberately differs from TensorFlow (README, "Differences"):
+Where clipops deliberately differs from TensorFlow (README, "Differences from
+TensorFlow"):
   - the sum of squares is accumulated in float32 or better, so float16 and
     bfloat16 lists do not overflow where TF's own sum does;
   - a list may mix float16, bfloat16, float32 and float64 (TF raises); the
@@ -18,6 +19,7 @@ import os
 import tensorflow as tf
 
 from . import _build_info, _common
+from . import clip_by_global_norm as _documented_clip, global_norm as _documented_norm
 
 __all__ = ["clip_by_global_norm", "global_norm"]
 
@@ -104,27 +106,6 @@ def _rebuild(t_list: list, positions: list, outputs: list) -> list:
 
 
 def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
-    """Clips values of multiple tensors by the ratio of the sum of their norms.
-
-    Same signature and results as ``tf.clip_by_global_norm``: returns
-    ``(list_clipped, global_norm)``, where ``t_list[i] * clip_norm /
-    max(global_norm, clip_norm)`` is computed with TF's formula in the norm's
-    dtype, in one fused pass. A non-finite norm makes every output NaN. None
-    entries stay None; IndexedSlices keep their indices and dense_shape.
-
-    Args:
-      t_list: a sequence of Tensors, IndexedSlices or None (float16, bfloat16,
-        float32 or float64; dtypes may be mixed).
-      clip_norm: a scalar, Python number or tensor, > 0.
-      use_norm: optional scalar: the global norm to use instead of computing it;
-        it is returned as the norm.
-      name: optional name scope.
-
-    Raises:
-      TypeError: t_list is not a sequence, or holds a non-float tensor.
-      ValueError: the list has no tensors, a scalar argument is not a scalar, or
-        (eagerly) the tensors are on different devices.
-    """
     t_list = _common.check_list(t_list)
     if tf.executing_eagerly():  # name scopes do nothing eagerly, and cost time
         return _clip(t_list, clip_norm, use_norm)
@@ -132,44 +113,86 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
         return _clip(t_list, clip_norm, use_norm)
 
 
+clip_by_global_norm.__doc__ = _documented_clip.__doc__
+
+
 def _gpu_without_kernel(values: list) -> bool:
     """Eager GPU tensors while the op has only its CPU kernel (built without
     nvcc): TF would copy them to the host and back. They go to clipops.cupy
-    instead, by DLPack, without copies (not differentiable on that route)."""
+    instead, by DLPack, without copies (see _clip_through_cupy)."""
     return (not _build_info.WITH_CUDA and tf.executing_eagerly()
             and tf.DeviceSpec.from_string(values[0].device).device_type == "GPU")
 
 
 def _clip(t_list: list, clip_norm, use_norm):
     values, positions, code = _values(t_list)
-    if _gpu_without_kernel(values):
-        from . import _tf_cupy  # CuPy is optional: imported only here
-
-        clipped, norm = _tf_cupy.clip_tf_tensors(values, clip_norm, use_norm)
-        return _rebuild(t_list, positions, clipped), norm
     dtype = _TF_DTYPES[code]
     clip = _scalar(clip_norm, dtype, "clip_norm")
     given = use_norm is not None
     use = _scalar(use_norm if given else 0.0, dtype, "use_norm")
-    clipped, norm = _ops.clipops_clip_by_global_norm(
-        t_list=values, clip_norm=clip, use_norm=use, use_given=given)
+    if not values:  # TF's answer for a list with no tensors: the norm is 0 (or use_norm)
+        return [None] * len(t_list), use if given else tf.zeros((), dtype)
+    if _gpu_without_kernel(values):
+        clipped, norm = _clip_through_cupy(values, clip, use, given)
+    else:
+        clipped, norm = _ops.clipops_clip_by_global_norm(
+            t_list=values, clip_norm=clip, use_norm=use, use_given=given)
     return _rebuild(t_list, positions, clipped), norm
 
 
+def _clip_through_cupy(values: list, clip: tf.Tensor, use: tf.Tensor, given: bool):
+    """The clip on eager GPU tensors through CuPy (clipops/_tf_cupy.py). TF
+    cannot see through CuPy, so the op's gradient is attached here: under a
+    GradientTape the gradients are the op's, never a silent None."""
+    from . import _tf_cupy  # CuPy is optional: imported only here
+
+    values = [tf.convert_to_tensor(v) for v in values]  # a Variable's read is taped
+
+    @tf.custom_gradient
+    def clip_fn(*args):
+        tensors, c, u = list(args[:-2]), args[-2], args[-1]
+        clipped, norm = _tf_cupy.clip_tf_tensors(tensors, c, u if given else None)
+
+        def grad(*upstream):
+            g_t, g_c, g_u = _clip_grads(tensors, c, norm, upstream[:-1], upstream[-1], given)
+            return (*g_t, g_c, g_u if given else tf.zeros_like(u))
+
+        return (*clipped, norm), grad
+
+    out = clip_fn(*values, clip, use)
+    return list(out[:-1]), out[-1]
+
+
 def global_norm(t_list, name=None):
-    """``tf.linalg.global_norm``: sqrt(sum of squares of all elements), with
-    the sum accumulated in float32 or better. None entries are ignored."""
     t_list = _common.check_list(t_list)
     if tf.executing_eagerly():
-        values, _, code = _values(t_list)
-        if _gpu_without_kernel(values):
-            from . import _tf_cupy
-
-            return _tf_cupy.global_norm_tf_tensors(values)
-        return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
+        return _global_norm(t_list)
     with tf.name_scope(name or "global_norm"):
-        values, _, code = _values(t_list)
-        return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
+        return _global_norm(t_list)
+
+
+global_norm.__doc__ = _documented_norm.__doc__
+
+
+def _global_norm(t_list: list):
+    values, _, code = _values(t_list)
+    if not values:  # as tf.linalg.global_norm([])
+        return tf.zeros((), tf.float32)
+    if _gpu_without_kernel(values):
+        return _global_norm_through_cupy(values)
+    return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
+
+
+def _global_norm_through_cupy(values: list) -> tf.Tensor:
+    """global_norm of eager GPU tensors through CuPy, with the op's gradient."""
+    from . import _tf_cupy
+
+    @tf.custom_gradient
+    def norm_fn(*tensors):
+        norm = _tf_cupy.global_norm_tf_tensors(list(tensors))
+        return norm, lambda g_norm: _global_norm_grads(tensors, norm, g_norm)
+
+    return norm_fn(*[tf.convert_to_tensor(v) for v in values])
 
 
 # ---- gradients: the chain rule of TF's own formula ---------------------------
@@ -182,11 +205,9 @@ def _dot(grads, tensors, dtype):
     return tf.add_n(terms) if terms else tf.zeros((), dtype)
 
 
-@tf.RegisterGradient("ClipopsClipByGlobalNorm")
-def _clip_by_global_norm_grad(op, *grads):
-    n = len(op.inputs) - 2
-    tensors, clip, norm = op.inputs[:n], op.inputs[n], op.outputs[n]
-    g_out, g_norm = grads[:n], grads[n]
+def _clip_grads(tensors, clip, norm, g_out, g_norm, given: bool):
+    """Gradients of (clipped, norm) = clip_by_global_norm(tensors, clip[, use])
+    with respect to the tensors, clip and use_norm, given the upstream ones."""
     dtype = norm.dtype
     inv_n, inv_c = 1.0 / norm, 1.0 / clip
     on_norm = inv_n <= inv_c
@@ -196,19 +217,29 @@ def _clip_by_global_norm_grad(op, *grads):
     ds_dn = tf.where(on_norm, -clip * inv_n * inv_n, tf.zeros_like(norm))
     ds_dc = tf.where(on_norm, inv_n, tf.zeros_like(norm))
     g_n = dot * ds_dn + (g_norm if g_norm is not None else 0.0)
-    given = op.get_attr("use_given")
     g_t = []
     for t, g in zip(tensors, g_out):
         gt = tf.zeros_like(t) if g is None else g * tf.cast(scale, t.dtype)
         if not given:  # n depends on t: d n / d t = t / n
             gt = gt + t * tf.cast(g_n * inv_n, t.dtype)
         g_t.append(gt)
-    g_use = g_n if given else None
-    return g_t + [dot * ds_dc, g_use]
+    return g_t, dot * ds_dc, (g_n if given else None)
+
+
+@tf.RegisterGradient("ClipopsClipByGlobalNorm")
+def _clip_by_global_norm_grad(op, *grads):
+    n = len(op.inputs) - 2
+    g_t, g_clip, g_use = _clip_grads(op.inputs[:n], op.inputs[n], op.outputs[n], grads[:n],
+                                     grads[n], op.get_attr("use_given"))
+    return g_t + [g_clip, g_use]
+
+
+def _global_norm_grads(tensors, norm, g_norm) -> list:
+    """d norm / d t = t / norm, times the upstream gradient."""
+    factor = g_norm / norm
+    return [t * tf.cast(factor, t.dtype) for t in tensors]
 
 
 @tf.RegisterGradient("ClipopsGlobalNorm")
 def _global_norm_grad(op, g_norm):
-    norm = op.outputs[0]
-    factor = g_norm / norm
-    return [t * tf.cast(factor, t.dtype) for t in op.inputs]
+    return _global_norm_grads(op.inputs, op.outputs[0], g_norm)

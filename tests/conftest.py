@@ -17,6 +17,15 @@ except ImportError:  # bfloat16 cases are skipped without it
 
 CHUNK, LANES, THREADS = 16384, 1024, 256
 
+
+def pytest_configure(config):
+    """One clear error, instead of one per test module, when the clipops that
+    Python finds is the source folder (no compiled parts) or is not installed."""
+    try:
+        import clipops  # noqa: F401
+    except ImportError as exc:
+        pytest.exit(f"cannot test clipops: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+
 # Sizes that straddle every boundary of the work table and the lanes.
 BOUNDARY_SIZES = [0, 1, 2, 3, 4, 5, LANES - 1, LANES, LANES + 1, CHUNK - 1, CHUNK, CHUNK + 1,
                   2 * CHUNK + 3]

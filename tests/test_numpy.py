@@ -167,20 +167,50 @@ def test_non_contiguous_inputs_are_copied_in_copy_mode(rng):
 
 def test_errors_name_the_problem(rng):
     a = random_array(rng, (5,), np.float32)
-    with pytest.raises(TypeError, match="sequence"):
+    with pytest.raises(TypeError, match="`arrays` should be a sequence"):
         cn.clip_by_global_norm(a, 1.0)
-    with pytest.raises(TypeError, match="sequence"):
+    with pytest.raises(TypeError, match="`arrays` should be a sequence"):
         cn.global_norm("abc")
-    with pytest.raises(ValueError, match="no tensors"):
-        cn.clip_by_global_norm([], 1.0)
-    with pytest.raises(ValueError, match="no tensors"):
-        cn.clip_by_global_norm([None, None], 1.0)
-    with pytest.raises(TypeError, match=r"\[1\] has dtype int32"):
+    with pytest.raises(TypeError, match=r"^arrays\[1\] has dtype int32"):
         cn.clip_by_global_norm([a, np.arange(3, dtype=np.int32)], 1.0)
     with pytest.raises(ValueError, match="clip_norm must be a scalar"):
         cn.clip_by_global_norm([a], np.ones(2))
     with pytest.raises(ValueError, match="use_norm must be a scalar"):
         cn.clip_by_global_norm([a], 1.0, use_norm=np.ones((1, 1)))
+
+
+@pytest.mark.parametrize("empty", [[], [None, None]], ids=["empty", "only-None"])
+def test_a_list_without_arrays_gives_tf_s_answer(empty):
+    # tf.clip_by_global_norm([], 1.0) == ([], 0.0); [None, None] -> ([None, None], 0.0);
+    # tf.linalg.global_norm([]) == 0.0, all float32
+    out, norm = cn.clip_by_global_norm(empty, 1.0)
+    assert out == [None] * len(empty)
+    assert norm.dtype == np.float32 and norm.shape == () and norm == 0.0
+    norm = cn.global_norm(empty)
+    assert norm.dtype == np.float32 and norm == 0.0
+    _, norm = cn.clip_by_global_norm(empty, 1.0, use_norm=2.5)
+    assert norm.dtype == np.float32 and norm == 2.5
+    with pytest.raises(ValueError, match="clip_norm must be a scalar"):
+        cn.clip_by_global_norm(empty, np.ones(2))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_non_native_byte_order_is_read_correctly(rng, dtype):
+    native = scaled_list(rng, [CHUNK + 5, 7], dtype)
+    swapped = [a.astype(a.dtype.newbyteorder("S")) for a in native]  # ">f4" on x86
+    assert not swapped[0].dtype.isnative
+    clip = float(np.asarray(ref_norm(native) * 0.5).astype(dtype))
+    want, want_norm = cn.clip_by_global_norm(native, clip)
+    got, got_norm = cn.clip_by_global_norm(swapped, clip)
+    assert got_norm.tobytes() == want_norm.tobytes()
+    for g, w in zip(got, want):
+        assert g.dtype.isnative and g.tobytes() == w.tobytes()
+    assert cn.global_norm(swapped).tobytes() == want_norm.tobytes()
+    before = [a.copy() for a in swapped]
+    with pytest.raises(ValueError, match=r"arrays\[0\] has non-native byte order"):
+        cn.clip_by_global_norm(swapped, clip, in_place=True)
+    for a, b in zip(swapped, before):
+        assert a.tobytes() == b.tobytes()  # nothing written
 
 
 def test_in_place_rejects_aliasing_without_touching_data(rng):
@@ -222,3 +252,54 @@ def test_python_and_core_agree_on_dtype_codes():
     from clipops import _common
 
     assert _common.DTYPE_CODES == _common.load_core().DTYPE_CODES
+
+
+# ---- the core's own checks (clipops.h), through the pybind11 adapter ---------------
+
+def test_core_rejects_norm_out_aliasing_a_scalar_pointer(rng):
+    # Block 0 stores the norm while other blocks still read clip_norm/use_norm
+    # through their pointers: the core must refuse the aliasing before any CUDA
+    # call (validate() runs first, so this needs no GPU).
+    core = cn._common.load_core()
+    a = random_array(rng, (CHUNK + 3,), np.float32)
+    out = np.empty_like(a)
+    scalar = np.full(4, 7.0, np.float32)  # stands in for device memory: never dereferenced
+    p = scalar.ctypes.data
+    descs = [(a.ctypes.data, out.ctypes.data, a.size, 2)]
+    cases = {"clip_norm": dict(clip_ptr=p, use_norm=None, use_ptr=0, norm_out=p),
+             "use_norm": dict(clip_ptr=0, use_norm=None, use_ptr=p, norm_out=p),
+             "partly": dict(clip_ptr=p + 2, use_norm=None, use_ptr=0, norm_out=p)}
+    for name, kw in cases.items():
+        with pytest.raises(ValueError, match="norm_out and|and norm_out"):
+            core.clip_cuda(descs, 2, True, 1.0, workspace=16, workspace_bytes=1 << 20, stream=0,
+                           check_overlap=False, **kw)
+    # norm_out inside a tensor that the call writes is refused too (check_overlap)
+    with pytest.raises(ValueError, match="share memory"):
+        core.clip_cpu(descs, 2, True, 1.0, None, out.ctypes.data + 8)
+    np.testing.assert_array_equal(scalar, 7.0)
+
+
+# ---- the source folder shadowing the installed package -----------------------------
+
+def test_the_source_folder_explains_itself():
+    # `python -m pytest` or `python` in the repository root imports ./clipops,
+    # which has no compiled parts: one clear ImportError saying so, from every
+    # front end, and pytest stops with that one message instead of 70 errors.
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(root, "clipops", "_build_info.py")):
+        pytest.skip("this checkout was built in place: its clipops/ is a complete package")
+    for module in ("clipops", "clipops.numpy", "clipops.tensorflow", "clipops.cupy"):
+        out = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=root,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0
+        assert "ImportError: `import clipops` found the source folder" in out.stderr, module
+        assert "not `python -m pytest`" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_numpy.py"], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == pytest.ExitCode.USAGE_ERROR, out.stdout + out.stderr
+    assert "cannot test clipops: `import clipops` found the source folder" in out.stdout + out.stderr

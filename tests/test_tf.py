@@ -204,25 +204,168 @@ def test_global_norm_matches(mode, rng):
     assert_close(norm.numpy(), ref_norm(arrays), "float32", "global_norm")
 
 
+# Gradients, against TF's own gradient of tf.clip_by_global_norm. Both are the
+# chain rule of one formula, evaluated with a few roundings per element in the
+# dtype, plus dot products over at most 15 elements here: float64 agrees to
+# ~20 * 2^-53, float32 to ~20 * 2^-24 = 1.2e-6 relative to the largest gradient
+# (terms of opposite sign cancel, so the bound is on the scale of the largest).
+GRAD_RTOL = {"float32": 5e-6, "float64": 1e-12}
+
+
+def _assert_grads_close(ours, theirs, dtype):
+    """Within GRAD_RTOL of the largest gradient element of the call: a scalar
+    gradient that cancels to ~0 (clip_norm's, when not clipped) carries the
+    rounding of the terms that cancelled, not of its own tiny value."""
+    assert [o is None for o in ours] == [t is None for t in theirs]
+    pairs = [(tf.convert_to_tensor(o).numpy(), tf.convert_to_tensor(t).numpy())
+             for o, t in zip(ours, theirs) if o is not None]
+    scale = max(max(float(np.max(np.abs(t), initial=0.0)) for _, t in pairs), 1e-30)
+    for o, t in pairs:
+        np.testing.assert_allclose(o, t, rtol=0, atol=GRAD_RTOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("clip", [0.5, 100.0], ids=["clipped", "not-clipped"])
 @pytest.mark.parametrize("use_norm", [None, 3.0], ids=["computed", "use_norm"])
 @eager_and_function
-def test_gradients_match_tf(mode, rng, clip, use_norm):
-    values = [tf.constant(rng.standard_normal(s)) for s in [(4, 3), (5,), ()]]
-    weights = [tf.constant(rng.standard_normal(v.shape)) for v in values]
+def test_gradients_match_tf(mode, rng, clip, use_norm, dtype):
+    # d/d tensors, d/d clip_norm and d/d use_norm, all watched
+    values = [tf.constant(rng.standard_normal(s).astype(dtype)) for s in [(4, 3), (5,), ()]]
+    weights = [tf.constant(rng.standard_normal(v.shape).astype(dtype)) for v in values]
+    scalars = [tf.constant(clip, dtype), tf.constant(use_norm or 0.0, dtype)]
 
-    def grads(fn, vs):
+    def grads(fn, vs, c, u):
         with tf.GradientTape() as tape:
-            tape.watch(vs)
-            out, norm = fn(vs, clip, use_norm=None if use_norm is None else tf.constant(use_norm,
-                                                                                      tf.float64))
+            tape.watch([vs, c, u])
+            out, norm = fn(vs, c, use_norm=None if use_norm is None else u)
             loss = tf.add_n([tf.reduce_sum(w * o) for w, o in zip(weights, out)]) + 0.3 * norm
-        return tape.gradient(loss, vs)
+        return tape.gradient(loss, [*vs, c, u])
 
-    ours = run(mode, lambda vs: grads(clipops.clip_by_global_norm, vs), values)
-    theirs = grads(tf.clip_by_global_norm, values)
-    for o, t in zip(ours, theirs):
-        np.testing.assert_allclose(o.numpy(), t.numpy(), rtol=1e-10, atol=1e-12)
+    ours = run(mode, lambda vs, c, u: grads(clipops.clip_by_global_norm, vs, c, u), values,
+               *scalars)
+    theirs = grads(tf.clip_by_global_norm, values, *scalars)
+    if use_norm is None:  # the norm is computed: use_norm has no gradient in either
+        assert ours[-1] is None and theirs[-1] is None
+    else:
+        assert ours[-1] is not None
+    assert ours[-2] is not None  # clip_norm's gradient (0 when not clipped)
+    _assert_grads_close(ours, theirs, dtype)
+
+
+@eager_and_function
+def test_gradients_of_a_mixed_list(mode, rng):
+    # TF refuses mixed lists, so the reference is TF's gradient of the same
+    # formula written in float64; each tensor's gradient is then rounded to its
+    # dtype (float16: u = 2^-11 at a few roundings: 4e-3 of the largest).
+    dtypes = ["float16", "float32", "float64"]
+    values = [tf.constant(rng.standard_normal(6).astype(d)) for d in dtypes]
+    # the loss weights as each output's dtype holds them, so both sides use the same
+    weights = [rng.standard_normal(6).astype(d).astype(np.float64) for d in dtypes]
+    clip = tf.constant(0.5, tf.float32)
+
+    def loss_of(out, norm):  # summed in float64 so the dtypes can meet
+        return tf.add_n([tf.cast(tf.reduce_sum(tf.constant(w, o.dtype) * o), tf.float64)
+                         for w, o in zip(weights, out)]) + 0.3 * tf.cast(norm, tf.float64)
+
+    def ours_fn(vs, c):
+        with tf.GradientTape() as tape:
+            tape.watch([vs, c])
+            loss = loss_of(*clipops.clip_by_global_norm(vs, c))
+        return tape.gradient(loss, [*vs, c])
+
+    ours = run(mode, ours_fn, values, clip)
+    v64 = [tf.cast(v, tf.float64) for v in values]
+    c64 = tf.cast(clip, tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch([v64, c64])
+        norm = tf.sqrt(tf.add_n([tf.reduce_sum(v * v) for v in v64]))
+        scale = c64 * tf.minimum(1.0 / norm, 1.0 / c64)
+        loss = tf.add_n([tf.reduce_sum(tf.constant(w) * v * scale) for w, v in zip(weights, v64)]
+                        ) + 0.3 * norm
+    ref = tape.gradient(loss, [*v64, c64])
+    tol = {"float16": 4e-3, "float32": 5e-6, "float64": 5e-6}  # float64's share a float32 norm
+    for o, r, d in zip(ours, ref, dtypes + ["float32"]):
+        assert o.dtype.name == d
+        scale = float(np.max(np.abs(r.numpy())))
+        np.testing.assert_allclose(o.numpy().astype(np.float64), r.numpy(), rtol=0,
+                                   atol=tol[d] * scale, err_msg=d)
+
+
+@eager_and_function
+def test_gradients_through_indexed_slices(mode, rng):
+    # Embedding-style gradients: the variable's gradient arrives as IndexedSlices.
+    table = tf.Variable(rng.standard_normal((10, 4)).astype(np.float32))
+    dense = tf.Variable(rng.standard_normal((4, 3)).astype(np.float32))
+    ids = tf.constant([1, 7, 7, 2])
+
+    def grads_of(clip_fn):
+        def f():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.matmul(tf.gather(table, ids), dense) ** 2)
+            g = tape.gradient(loss, [table, dense])
+            with tf.GradientTape() as tape2:  # differentiate through the clip too
+                tape2.watch(g[0].values)
+                clipped, norm = clip_fn(g, 1.0)
+                second = tf.reduce_sum(clipped[0].values ** 3) + norm
+            return clipped, norm, tape2.gradient(second, g[0].values)
+        return run(mode, f)
+
+    ours, n_ours, d_ours = grads_of(clipops.clip_by_global_norm)
+    theirs, n_tf, d_tf = grads_of(tf.clip_by_global_norm)
+    assert isinstance(ours[0], tf.IndexedSlices)
+    np.testing.assert_array_equal(ours[0].indices.numpy(), theirs[0].indices.numpy())
+    np.testing.assert_allclose(n_ours.numpy(), n_tf.numpy(), rtol=VS_TF_RTOL["float32"])
+    for o, t in zip([ours[0].values, ours[1]], [theirs[0].values, theirs[1]]):
+        np.testing.assert_allclose(o.numpy(), t.numpy(), rtol=VS_TF_RTOL["float32"], atol=1e-30)
+    _assert_grads_close([d_ours], [d_tf], "float32")
+
+
+def test_the_cupy_route_records_the_op_s_gradient(monkeypatch, rng):
+    # GPU tensors without the op's GPU kernel go through CuPy, which TF cannot
+    # see through. Here that route is faked by a CuPy stand-in that computes on
+    # the host (opaque to the tape, like the real one): the gradients must be
+    # the op's, never a silent None.
+    import clipops.tensorflow as ctf
+
+    class FakeBridge:
+        @staticmethod
+        def clip_tf_tensors(values, clip_norm, use_norm=None):
+            import clipops.numpy as cn
+
+            out, norm = cn.clip_by_global_norm(
+                [v.numpy() for v in values], np.asarray(clip_norm),
+                None if use_norm is None else np.asarray(use_norm))
+            return [tf.constant(o) for o in out], tf.constant(norm)
+
+        @staticmethod
+        def global_norm_tf_tensors(values):
+            import clipops.numpy as cn
+
+            return tf.constant(cn.global_norm([v.numpy() for v in values]))
+
+    values = [tf.constant(rng.standard_normal(s)) for s in [(4, 3), (5,)]]
+    weights = [tf.constant(rng.standard_normal(v.shape)) for v in values]
+    clip, use = tf.constant(0.5, tf.float64), tf.constant(3.0, tf.float64)
+
+    def grads(use_norm):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([values, clip, use])
+            out, norm = clipops.clip_by_global_norm(values, clip, use_norm=use_norm)
+            loss = tf.add_n([tf.reduce_sum(w * o) for w, o in zip(weights, out)]) + 0.3 * norm
+            gn = clipops.global_norm(values)
+        return tape.gradient(loss, [*values, clip, use]) + tape.gradient(gn, values), out
+
+    for use_norm in (None, use):
+        want, want_out = grads(use_norm)
+        monkeypatch.setattr(ctf, "_gpu_without_kernel", lambda vs: True)
+        monkeypatch.setitem(sys.modules, "clipops._tf_cupy", FakeBridge)
+        monkeypatch.setattr(clipops, "_tf_cupy", FakeBridge, raising=False)
+        got, got_out = grads(use_norm)
+        monkeypatch.undo()
+        for g, w in zip(got_out, want_out):
+            assert g.numpy().tobytes() == w.numpy().tobytes()  # the same kernel's bits
+        assert all(g is not None for g in got[:3]) and (got[3] is None) == (use_norm is None)
+        _assert_grads_close(got, want, "float64")
 
 
 def test_global_norm_gradient_matches_tf(rng):
@@ -248,6 +391,86 @@ def test_variables_are_not_modified(rng):
     out, _ = clipops.clip_by_global_norm([v], 0.01)
     np.testing.assert_array_equal(v.numpy(), before)
     assert not np.array_equal(out[0].numpy(), before)
+
+
+def test_no_input_is_modified_inside_a_function(rng):
+    # Inside a graph TF forwards an input's buffer to the op's output when
+    # nothing else holds it. That must never reach a buffer someone else still
+    # reads: the function's argument, a tensor listed twice, a variable's read
+    # value, an intermediate that is also returned. The intermediate that only
+    # the op consumes may be forwarded: its output must still be right.
+    v = tf.Variable(rng.standard_normal(300).astype(np.float32))
+    x = tf.constant(rng.standard_normal(300).astype(np.float32))
+    v0, x0 = v.numpy().copy(), x.numpy().copy()
+
+    @tf.function
+    def step(x):
+        kept = x * 2.0     # returned too: not forwardable
+        private = x + 1.0  # consumed by the op alone: forwardable
+        r = v.read_value()
+        want, want_norm = tf.clip_by_global_norm([kept, private, x, x, r, v], 0.01)
+        got, norm = clipops.clip_by_global_norm([kept, private, x, x, r, v], 0.01)
+        return got, norm, want, want_norm, kept, x
+
+    got, norm, want, want_norm, kept, x_after = step(x)
+    np.testing.assert_array_equal(v.numpy(), v0)
+    np.testing.assert_array_equal(x.numpy(), x0)
+    np.testing.assert_array_equal(x_after.numpy(), x0)
+    np.testing.assert_array_equal(kept.numpy(), x0 * np.float32(2.0))
+    assert not np.array_equal(got[0].numpy(), kept.numpy())  # the call did clip
+    np.testing.assert_allclose(norm.numpy(), want_norm.numpy(), rtol=VS_TF_RTOL["float32"])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=VS_TF_RTOL["float32"], atol=1e-30)
+
+
+# ---- a list with no tensors: TF's answer ------------------------------------------
+
+@pytest.mark.parametrize("empty", [[], [None, None]], ids=["empty", "only-None"])
+@eager_and_function
+def test_a_list_without_tensors_gives_tf_s_answer(mode, empty):
+    out, norm = run(mode, lambda: clipops.clip_by_global_norm(empty, 1.0))
+    tf_out, tf_norm = tf.clip_by_global_norm(empty, 1.0)
+    assert out == tf_out == [None] * len(empty)
+    assert norm.dtype == tf_norm.dtype == tf.float32 and norm.numpy() == tf_norm.numpy() == 0.0
+    gn = run(mode, lambda: clipops.global_norm(empty))
+    assert gn.dtype == tf.float32 and gn.numpy() == tf.linalg.global_norm(empty).numpy() == 0.0
+    _, given = run(mode, lambda: clipops.clip_by_global_norm(empty, 1.0, use_norm=tf.constant(2.5)))
+    assert given.dtype == tf.float32 and given.numpy() == 2.5
+
+
+# ---- the raw ops check their attrs against their inputs -------------------------------
+
+@pytest.mark.parametrize("tnorm", [tf.float16, tf.float64])
+def test_raw_ops_refuse_a_tnorm_other_than_the_list_s(tnorm):
+    # Tnorm sizes the norm output: float64 data with a float16 Tnorm once wrote
+    # 8 bytes into a 2-byte output, float32 with float64 returned garbage.
+    from clipops.tensorflow import _ops
+
+    x = tf.constant([1.0, 1.0, 1.0], tf.float64 if tnorm == tf.float16 else tf.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Tnorm must be the dtype of t_list"):
+        _ops.clipops_global_norm(t_list=[x], Tnorm=tnorm)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Tnorm must be the dtype of t_list"):
+        _ops.clipops_clip_by_global_norm(t_list=[x], clip_norm=tf.constant(1.0, tnorm),
+                                         use_norm=tf.constant(0.0, tnorm))
+    mixed = [tf.constant([1.0], tf.float16), tf.constant([2.0], tf.float64)]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="float32 for a list of mixed"):
+        _ops.clipops_global_norm(t_list=mixed, Tnorm=tf.float64)
+    assert _ops.clipops_global_norm(t_list=mixed, Tnorm=tf.float32).numpy() == np.float32(np.sqrt(5))
+
+
+# ---- documentation ------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "global_norm"])
+def test_help_shows_the_full_docstring(fn):
+    import clipops.tensorflow as ctf
+
+    for f in (getattr(clipops, fn), getattr(ctf, fn)):
+        doc = f.__doc__
+        for section in ("Args:", "Returns:", "Raises:", "t_list:"):
+            assert section in doc, (f, section)
+    assert "Differences from TensorFlow" in clipops.clip_by_global_norm.__doc__
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert "### Differences from TensorFlow" in readme  # the section the docstrings point to
 
 
 # ---- the op and its kernels ----------------------------------------------------
@@ -282,10 +505,6 @@ def test_bad_input_raises_clearly():
     x = tf.constant([1.0, 2.0])
     with pytest.raises(TypeError, match="sequence"):
         clipops.clip_by_global_norm(x, 1.0)
-    with pytest.raises(ValueError, match="no tensors"):
-        clipops.clip_by_global_norm([], 1.0)
-    with pytest.raises(ValueError, match="no tensors"):
-        clipops.global_norm([None])
     with pytest.raises(TypeError, match=r"t_list\[1\] has dtype int32"):
         clipops.clip_by_global_norm([x, tf.constant([1, 2])], 1.0)
     with pytest.raises(ValueError, match="clip_norm must be a scalar"):

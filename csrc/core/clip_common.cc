@@ -27,26 +27,54 @@ namespace {
 
 std::string where(int i) { return "tensor " + std::to_string(i) + ": "; }
 
+// Ranges of the scalar arguments are labelled by these negative indices.
+constexpr int kClipNorm = -1, kUseNorm = -2, kNormOut = -3;
+
+std::string label(int index) {
+  switch (index) {
+    case kClipNorm: return "clip_norm";
+    case kUseNorm: return "use_norm";
+    case kNormOut: return "norm_out";
+    default: return "tensor " + std::to_string(index);
+  }
+}
+
 struct Range {
   uintptr_t begin, end;
-  int index;
-  bool written;  // an output, or an input clipped in place
+  int index;     // a tensor, or one of the scalar labels above
+  bool written;  // an output, an input clipped in place, or norm_out
 };
 
+Range range_of(const void* p, size_t bytes, int index, bool written) {
+  const auto b = reinterpret_cast<uintptr_t>(p);
+  return {b, b + bytes, index, written};
+}
+
+bool overlap(const Range& a, const Range& b) { return a.begin < b.end && b.begin < a.end; }
+
+Status conflict(const Range& a, const Range& b) {
+  return Status::Error(label(a.index) + " and " + label(b.index) +
+                       " share memory that would be written; pass each buffer once, "
+                       "and outputs that alias nothing else");
+}
+
+// The scalars the kernel reads through pointers and the norm it writes. Every
+// block reads clip_norm/use_norm after block 0 has stored the norm, so norm_out
+// must not alias them (checked even when the caller vouches for its tensors).
+std::vector<Range> scalar_ranges(const ClipArgs& args) {
+  const size_t bytes = static_cast<size_t>(detail::dtype_size(args.norm_dtype));
+  std::vector<Range> r;
+  if (args.clip_norm.device_ptr != nullptr && args.scale)
+    r.push_back(range_of(args.clip_norm.device_ptr, bytes, kClipNorm, false));
+  if (args.use_norm.device_ptr != nullptr && args.has_use_norm)
+    r.push_back(range_of(args.use_norm.device_ptr, bytes, kUseNorm, false));
+  if (args.norm_out != nullptr) r.push_back(range_of(args.norm_out, bytes, kNormOut, true));
+  return r;
+}
+
 // A written range must not overlap any other range: scaling one tensor would
-// change another's data mid-call. Read-only inputs may share memory.
-Status check_overlaps(const TensorDesc* tensors, int num_tensors) {
-  std::vector<Range> ranges;
-  ranges.reserve(2 * static_cast<size_t>(num_tensors));
-  for (int i = 0; i < num_tensors; ++i) {
-    const TensorDesc& t = tensors[i];
-    if (t.numel == 0) continue;
-    const uintptr_t bytes = static_cast<uintptr_t>(t.numel) * detail::dtype_size(t.dtype);
-    const auto in = reinterpret_cast<uintptr_t>(t.in);
-    const auto out = reinterpret_cast<uintptr_t>(t.out);
-    ranges.push_back({in, in + bytes, i, t.out == t.in});
-    if (t.out != nullptr && t.out != t.in) ranges.push_back({out, out + bytes, i, true});
-  }
+// change another's data mid-call. Read-only ranges may share memory.
+Status check_overlaps(std::vector<Range> ranges) {
   std::sort(ranges.begin(), ranges.end(),
             [](const Range& a, const Range& b) { return a.begin < b.begin; });
   // Sweep in address order, remembering the furthest end of any earlier range
@@ -54,14 +82,9 @@ Status check_overlaps(const TensorDesc* tensors, int num_tensors) {
   const Range* far_any = nullptr;
   const Range* far_written = nullptr;
   for (const Range& r : ranges) {
-    const Range* hit = nullptr;
-    if (far_written != nullptr && r.begin < far_written->end) hit = far_written;
-    else if (r.written && far_any != nullptr && r.begin < far_any->end) hit = far_any;
-    if (hit != nullptr)
-      return Status::Error("tensors " + std::to_string(std::min(hit->index, r.index)) + " and " +
-                           std::to_string(std::max(hit->index, r.index)) +
-                           " share memory that would be written; pass each buffer once, "
-                           "and outputs that alias no other tensor");
+    if (r.begin == r.end) continue;
+    if (far_written != nullptr && r.begin < far_written->end) return conflict(*far_written, r);
+    if (r.written && far_any != nullptr && r.begin < far_any->end) return conflict(*far_any, r);
     if (far_any == nullptr || r.end > far_any->end) far_any = &r;
     if (r.written && (far_written == nullptr || r.end > far_written->end)) far_written = &r;
   }
@@ -87,8 +110,20 @@ Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args
     if (args.scale && t.numel > 0 && t.out == nullptr)
       return Status::Error(where(i) + "null output pointer");
   }
-  if (args.check_overlap && args.scale) return check_overlaps(tensors, num_tensors);
-  return Status::Ok();
+  std::vector<Range> ranges = scalar_ranges(args);
+  for (size_t a = 0; a < ranges.size(); ++a)
+    for (size_t b = a + 1; b < ranges.size(); ++b)
+      if ((ranges[a].written || ranges[b].written) && overlap(ranges[a], ranges[b]))
+        return conflict(ranges[a], ranges[b]);
+  if (!args.check_overlap) return Status::Ok();
+  for (int i = 0; i < num_tensors; ++i) {
+    const TensorDesc& t = tensors[i];
+    const size_t bytes = static_cast<size_t>(t.numel) * detail::dtype_size(t.dtype);
+    ranges.push_back(range_of(t.in, bytes, i, args.scale && t.out == t.in));
+    if (args.scale && t.out != nullptr && t.out != t.in)
+      ranges.push_back(range_of(t.out, bytes, i, true));
+  }
+  return check_overlaps(std::move(ranges));
 }
 
 ParallelFor default_parallel_for() {

@@ -42,8 +42,13 @@ struct ClipArgs {
   Scalar clip_norm;        // the clip threshold, exactly representable in norm_dtype
   bool has_use_norm = false;
   Scalar use_norm;         // replaces the computed norm when has_use_norm
-  void* norm_out = nullptr;  // one element of norm_dtype (host for CPU, device for CUDA); may be null
-  bool check_overlap = true;  // false when the caller allocated every output itself
+  // One element of norm_dtype (host for CPU, device for CUDA); may be null. It
+  // must not alias clip_norm.device_ptr or use_norm.device_ptr: block 0 stores
+  // the norm while other blocks may still read them (validate() rejects it).
+  void* norm_out = nullptr;
+  // false when the caller allocated every output itself; true also checks
+  // that norm_out and the scalar pointers overlap no tensor that is written.
+  bool check_overlap = true;
 };
 
 // Success, or what went wrong: bad input (nothing was touched), or a failure
@@ -64,8 +69,9 @@ int norm_dtype_of(const TensorDesc* tensors, int num_tensors);
 // Number of work items (chunks) of a list, the length of the partials array.
 int64_t num_work_items(const TensorDesc* tensors, int num_tensors);
 
-// Checks dtypes, sizes, pointers and (if args.check_overlap) that no output
-// overlaps another tensor. Both entry points call it before touching data.
+// Checks dtypes, sizes and pointers, that norm_out aliases neither scalar
+// pointer, and (if args.check_overlap) that nothing written overlaps another
+// tensor or scalar. Both entry points call it before touching data.
 Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args);
 
 // ---- CPU -------------------------------------------------------------------

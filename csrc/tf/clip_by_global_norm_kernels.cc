@@ -27,6 +27,8 @@ int DTypeCode(DataType dt) {
   }
 }
 
+constexpr const char* kDTypeNames[] = {"half", "bfloat16", "float", "double"};
+
 double ScalarValue(const Tensor& t) {
   switch (t.dtype()) {
     case tensorflow::DT_HALF: return static_cast<float>(t.scalar<Eigen::half>()());
@@ -44,6 +46,9 @@ class ClipByGlobalNormOp : public OpKernel {
  public:
   explicit ClipByGlobalNormOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     if (kClip) OP_REQUIRES_OK(ctx, ctx->GetAttr("use_given", &use_given_));
+    DataType tnorm;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("Tnorm", &tnorm));
+    tnorm_ = DTypeCode(tnorm);
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -60,6 +65,13 @@ class ClipByGlobalNormOp : public OpKernel {
 
     clipops::ClipArgs args;
     args.norm_dtype = clipops::norm_dtype_of(descs.data(), n);
+    // The attr sizes the norm output (and types clip_norm/use_norm): a raw op
+    // call with another Tnorm would write past a 2-byte output or misread it.
+    OP_REQUIRES(ctx, tnorm_ == args.norm_dtype,
+                absl::InvalidArgumentError(
+                    "Tnorm must be the dtype of t_list (float32 for a list of mixed dtypes): "
+                    "got Tnorm " + std::string(kDTypeNames[tnorm_]) + " for a list whose norm is " +
+                    kDTypeNames[args.norm_dtype]));
     args.scale = kClip;
     args.check_overlap = false;  // TF allocated (or forwarded) every output itself
     if (kClip) {
@@ -113,6 +125,7 @@ class ClipByGlobalNormOp : public OpKernel {
 
  private:
   bool use_given_ = false;
+  int tnorm_ = clipops::kFloat32;
 };
 
 #define CLIPOPS_REGISTER_CPU(T)                                                         \
