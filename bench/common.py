@@ -1,5 +1,9 @@
 """Shared pieces of the clipops benchmarks: timing statistics, the machine's
-measured copy bandwidth, and result files under bench/results/."""
+measured copy bandwidth, and result files.
+
+A run writes to bench/out/ (git ignores it), so running a benchmark never
+rewrites the committed reference results in bench/results/: those change only
+when a run is pointed there explicitly (`--out bench/results`)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # committed reference results
+OUT = Path(__file__).resolve().parent / "out"          # a run's default output, untracked
 
 
 def summarize(times_s: Sequence[float]) -> dict:
@@ -84,6 +89,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpu": _cpu_name(),
+        "cpu_flags": _cpu_flags(),
         "numpy": np.__version__,
     }
     for mod in ("tensorflow", "cupy", "torch", "jax", "optax"):
@@ -103,6 +109,21 @@ def machine_info() -> dict:
     return info
 
 
+# The instruction-set extensions the CPU kernel's speed depends on.
+_FLAGS_OF_INTEREST = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _FLAGS_OF_INTEREST if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -114,8 +135,8 @@ def _cpu_name() -> str:
 
 
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
-    """Writes payload as bench/results/<name>.json (or under out_dir)."""
-    out_dir = Path(out_dir) if out_dir else RESULTS
+    """Writes payload as bench/out/<name>.json (or under out_dir)."""
+    out_dir = Path(out_dir) if out_dir else OUT
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")

@@ -13,7 +13,7 @@ Usage, on a GPU machine with clipops installed (Python puts only bench/ on
 sys.path, so the source tree's clipops/ does not shadow the installed package):
     python bench/gpu.py            # all cases, a few minutes
     python bench/gpu.py --smoke    # small cases, a quick check; targets not judged
-Results: bench/results/gpu_<device>_<date>[_smoke].json, with a .md table and
+Results: bench/out/gpu_<device>_<date>[_smoke].json (--out-dir bench/results to commit), a .md table and
 a .png plot beside it.
 
 Timing.
@@ -595,7 +595,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="pipelined rounds")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
-    ap.add_argument("--out-dir", default=None, help="default bench/results")
+    ap.add_argument("--out-dir", default=None,
+                    help="default bench/out (untracked); commit a device's run with "
+                         "`--out-dir bench/results`")
     args = ap.parse_args()
     if args.smoke:
         args.reps, args.rounds, args.warmup = min(args.reps, 10), min(args.rounds, 3), 2

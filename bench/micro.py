@@ -47,7 +47,7 @@ How it is timed:
     compile alone would take minutes); *_norm_* rows time the norm alone, the
     first of clipping's two passes.
 
-Results go to bench/results/micro.json (or --out), then micro.md and micro.png
+Results go to bench/out/micro.json (or --out DIR), then micro.md and micro.png
 are drawn from that JSON file by bench/plot.py. See bench/plot.py's module
 docstring for what each column means.
 """
@@ -73,7 +73,7 @@ import tensorflow as tf  # noqa: E402
 import clipops  # noqa: E402
 import clipops.numpy as cnp  # noqa: E402
 import plot  # noqa: E402  (bench/plot.py)
-from common import RESULTS, copy_bandwidth_gbs, machine_info, summarize, write_json  # noqa: E402
+from common import OUT, copy_bandwidth_gbs, machine_info, summarize, write_json  # noqa: E402
 
 Shape = tuple[int, ...]
 ClipFn = Callable[[Sequence, object], tuple]
@@ -718,8 +718,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--out", type=Path, default=RESULTS,
-                   help="directory for micro.json, micro.md and micro.png (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=OUT,
+                   help="directory for micro.json, micro.md and micro.png (default: %(default)s, "
+                        "untracked; `--out bench/results` replaces the committed reference)")
     p.add_argument("--smoke", action="store_true",
                    help="toy sizes and few repeats, under a minute (CI: keeps the script alive)")
     p.add_argument("--cases", nargs="+", choices=names, metavar="CASE",
