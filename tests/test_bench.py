@@ -80,3 +80,15 @@ def test_the_norm_bound_covers_float32_summation(rng):
     # a sum of squares' relative error is twice its square root's
     assert abs(float(acc) - leaf_exact) / leaf_exact <= 2 * agreement.norm_rtol(g.size, 6)
     assert agreement.norm_rtol(g.size, 6) < 1e-4  # still tight enough to catch a wrong norm
+
+
+@pytest.mark.slow
+def test_no_front_end_leaks(tmp_path):
+    # 100,000 calls of each front end; RSS may not grow by 1% (bench/leaks.py).
+    import leaks
+
+    rows = {r["front_end"]: r for r in [leaks.measure(name, call, 100_000)
+                                         for name, call in leaks.front_ends().items()]}
+    assert {"numpy clip", "numpy in place", "numpy global_norm"} <= set(rows)
+    for name, r in rows.items():
+        assert r["growth_fraction"] < 0.01, (name, r)

@@ -1,5 +1,10 @@
 // Host-side pieces shared by the CPU kernel and the CUDA launcher.
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -126,23 +131,98 @@ Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args
   return check_overlaps(std::move(ranges));
 }
 
+namespace {
+
+// A fixed set of worker threads, started at the first parallel call and shared
+// by every call and every calling thread: starting threads per call cost tens
+// of microseconds each, and concurrent callers multiplied them without bound.
+// A call hands out tickets; whoever holds one (a worker, or the caller itself)
+// claims pieces until none is left, so a call completes even when every
+// worker is busy with other calls. Tickets outlive their call harmlessly: a
+// late one finds no piece left.
+class WorkerPool {
+ public:
+  static WorkerPool& instance() {
+    // Never destroyed: workers may still wait on the queue while the process exits.
+    static WorkerPool* pool = new WorkerPool(
+        static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) - 1);
+    return *pool;
+  }
+
+  int workers() const { return static_cast<int>(threads_.size()); }
+
+  // Runs fn(k) for every k in [0, pieces), on the caller and up to
+  // pieces - 1 workers, and returns when all have run.
+  void run(int pieces, const std::function<void(int)>& fn) {
+    auto call = std::make_shared<Call>(pieces, fn);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (int k = 1; k < pieces; ++k) tickets_.push_back(call);
+    }
+    ready_.notify_all();
+    call->work();
+    std::unique_lock<std::mutex> lock(call->mu);
+    call->finished.wait(lock, [&] { return call->done == call->pieces; });
+  }
+
+ private:
+  struct Call {
+    Call(int n, const std::function<void(int)>& f) : pieces(n), fn(f) {}
+    const int pieces;
+    const std::function<void(int)>& fn;  // the caller waits, so the reference stays valid
+    std::atomic<int> next{0};
+    std::mutex mu;
+    std::condition_variable finished;
+    int done = 0;  // guarded by mu
+
+    void work() {
+      for (int k; (k = next.fetch_add(1)) < pieces;) {
+        fn(k);
+        std::lock_guard<std::mutex> lock(mu);
+        if (++done == pieces) finished.notify_all();
+      }
+    }
+  };
+
+  explicit WorkerPool(int n) {
+    for (int i = 0; i < n; ++i) threads_.emplace_back([this] { loop(); });
+  }
+
+  void loop() {
+    for (;;) {
+      std::shared_ptr<Call> call;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        ready_.wait(lock, [&] { return !tickets_.empty(); });
+        call = std::move(tickets_.front());
+        tickets_.pop_front();
+      }
+      call->work();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable ready_;
+  std::deque<std::shared_ptr<Call>> tickets_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace
+
 ParallelFor default_parallel_for() {
   return [](int64_t n, int64_t cost_per_item,
             const std::function<void(int64_t, int64_t)>& fn) {
+    // Handing pieces to the pool costs microseconds: only worth it for ~0.1 ms of work.
+    const int64_t by_cost = (n * std::max<int64_t>(cost_per_item, 1)) / 100000;
     const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-    // Starting a thread costs tens of microseconds: only worth it for ~1 ms of work.
-    const int64_t by_cost = (n * std::max<int64_t>(cost_per_item, 1)) / 500000;
-    const int64_t threads = std::min({hw, n, std::max<int64_t>(by_cost, 1)});
-    if (threads <= 1) {
+    const int64_t pieces = std::min({hw, n, std::max<int64_t>(by_cost, 1)});
+    if (pieces <= 1) {
       if (n > 0) fn(0, n);
       return;
     }
-    std::vector<std::thread> pool;
-    pool.reserve(threads - 1);
-    for (int64_t k = 1; k < threads; ++k)
-      pool.emplace_back([&fn, n, threads, k] { fn(n * k / threads, n * (k + 1) / threads); });
-    fn(0, n / threads);
-    for (auto& th : pool) th.join();
+    WorkerPool::instance().run(static_cast<int>(pieces), [&](int k) {
+      fn(n * k / pieces, n * (k + 1) / pieces);
+    });
   };
 }
 

@@ -81,7 +81,9 @@ using ParallelFor =
     std::function<void(int64_t n, int64_t cost_per_item,
                        const std::function<void(int64_t begin, int64_t end)>& fn)>;
 
-// A ParallelFor on std::thread, one thread per core for large lists.
+// A ParallelFor over one process-wide pool of (cores - 1) worker threads,
+// started at first use and shared by concurrent callers; the calling thread
+// works too, so a call never waits for a busy pool to free up.
 ParallelFor default_parallel_for();
 
 // Computes the global norm and (if args.scale) writes every scaled tensor.
