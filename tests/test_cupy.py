@@ -86,29 +86,42 @@ def test_import_without_cupy_says_how_to_install(tmp_path):
 @needs_cupy
 @pytest.mark.parametrize("bad", [1.0, "grads", b"grads", None, {"a": 1}])
 def test_not_a_sequence_is_type_error(bad):
+    """Checked before any device call, so it runs without a GPU; the error
+    names this front end's parameter, `arrays`."""
     for call in (lambda: ccp.global_norm(bad), lambda: ccp.clip_by_global_norm(bad, 1.0)):
-        with pytest.raises(TypeError, match="sequence"):
+        with pytest.raises(TypeError, match="^`arrays` should be a sequence of tensors"):
             call()
 
 
 @needs_cupy
 @pytest.mark.parametrize("empty", [[], (), [None], [None, None]])
-def test_empty_list_is_value_error(empty):
-    with pytest.raises(ValueError, match="no tensors"):
-        ccp.global_norm(empty)
-    with pytest.raises(ValueError, match="no tensors"):
-        ccp.clip_by_global_norm(empty, 1.0)
+def test_empty_list_checks_its_scalars_before_any_device_call(empty, monkeypatch):
+    """A list with no tensors still needs a scalar clip_norm (and use_norm),
+    and says so before touching the device: the same error with or without a GPU."""
+    def device_call():
+        raise AssertionError("the device was queried before the scalars were checked")
+
+    monkeypatch.setattr(ccp, "_current_device", device_call)
+    with pytest.raises(ValueError, match="clip_norm must be a scalar"):
+        ccp.clip_by_global_norm(empty, np.ones(2))
+    with pytest.raises(TypeError, match="clip_norm must be a number"):
+        ccp.clip_by_global_norm(empty, None)
+    with pytest.raises(ValueError, match="use_norm must be a scalar"):
+        ccp.clip_by_global_norm(empty, 1.0, use_norm=np.zeros((1, 1)))
 
 
 @needs_cupy
 @pytest.mark.skipif(HAVE_GPU, reason="a GPU is usable here; the no-GPU error cannot occur")
-def test_no_gpu_gives_clear_error():
-    """CuPy installed but no driver/device: our error, naming the reason."""
-    with pytest.raises(ccp.CudaUnavailableError, match="needs an NVIDIA GPU") as info:
-        ccp.clip_by_global_norm([np.ones(3, np.float32)], 1.0)
-    assert isinstance(info.value, RuntimeError)
-    assert "CUDA runtime reports" in str(info.value)
-    assert isinstance(info.value.__cause__, cupy.cuda.runtime.CUDARuntimeError)
+@pytest.mark.parametrize("arrays", [[np.ones(3, np.float32)], [], [None]])
+def test_no_gpu_gives_clear_error(arrays):
+    """CuPy installed but no driver/device: our error, naming the reason; also
+    for a list with no tensors, whose 0-d norm still lives on a device."""
+    for call in (lambda: ccp.clip_by_global_norm(arrays, 1.0), lambda: ccp.global_norm(arrays)):
+        with pytest.raises(ccp.CudaUnavailableError, match="needs an NVIDIA GPU") as info:
+            call()
+        assert isinstance(info.value, RuntimeError)
+        assert "CUDA runtime reports" in str(info.value)
+        assert isinstance(info.value.__cause__, cupy.cuda.runtime.CUDARuntimeError)
 
 
 @needs_cupy
@@ -156,10 +169,9 @@ def fake_gpu(monkeypatch):
 @pytest.mark.parametrize("dtype", ["int32", "complex64", "uint16", "bool"])
 def test_bad_dtype_names_the_index(fake_gpu, dtype):
     arrays = [FakeDeviceArray(), None, FakeDeviceArray(dtype=dtype, ptr=1 << 30)]
-    with pytest.raises(TypeError, match=rf"\[2\] has dtype {dtype}"):
-        ccp.clip_by_global_norm(arrays, 1.0)
-    with pytest.raises(TypeError, match=r"\[2\]"):
-        ccp.global_norm(arrays)
+    for call in (lambda: ccp.clip_by_global_norm(arrays, 1.0), lambda: ccp.global_norm(arrays)):
+        with pytest.raises(TypeError, match=rf"^arrays\[2\] has dtype {dtype}; clipops clips"):
+            call()
 
 
 @needs_cupy
@@ -235,15 +247,34 @@ def test_bad_use_norm(fake_gpu):
         ccp.clip_by_global_norm([FakeDeviceArray()], 1.0, use_norm=np.zeros((1, 1)))
 
 
+_needs_bf16 = pytest.mark.skipif(BF16 is None, reason="ml_dtypes is not installed (bfloat16)")
+
+
 @needs_cupy
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 70000 -> float16 inf
-@pytest.mark.parametrize("code, value", [(0, 0.1), (2, 0.1), (3, 0.1), (0, 70000.0), (2, 3)])
-def test_host_scalars_round_like_numpy(fake_gpu, code, value):
-    """clip_norm is rounded to the norm dtype exactly as clipops.numpy does."""
+@pytest.mark.parametrize("code, value, want", [
+    # Exact values of the nearest float16 / bfloat16 / float32 / float64 (ties to even),
+    # written out rather than recomputed, so that a rounding bug cannot cancel out.
+    (0, 0.1, 0.0999755859375),                          # float16 0x1.998p-4
+    pytest.param(1, 0.1, 0.10009765625, marks=_needs_bf16),  # bfloat16 0x1.9ap-4
+    (2, 0.1, 0.100000001490116119384765625),            # float32 0x1.99999ap-4
+    (3, 0.1, 0.1),                                      # float64: unchanged
+    (0, 70000.0, math.inf),                             # past float16's largest, 65504
+    pytest.param(1, 70000.0, 70144.0, marks=_needs_bf16),  # bfloat16's step there is 512
+    (2, 70000.0, 70000.0),
+    (0, 2049, 2048.0),                                  # an int, half-way: to even
+    (2, 2**24 + 1, 2.0**24),                            # half-way in float32: to even
+    (3, 2**24 + 1, 2.0**24 + 1),
+    (3, np.float32(0.1), 0.100000001490116119384765625),  # a NumPy scalar keeps its value
+    (0, np.asarray(0.1), 0.0999755859375),              # a 0-d host array
+])
+def test_host_scalars_are_rounded_to_the_norm_dtype(code, value, want):
+    """A host clip_norm reaches the launcher as a double holding the norm
+    dtype's nearest value, as TF converts it (no device involved)."""
     prep = SimpleNamespace(norm_code=code, device=0)
     s = ccp._scalar(value, prep, "clip_norm", copy=False)
-    assert s.ptr == 0
-    assert s.value == cnp._scalar_in(value, code, "clip_norm")
+    assert s.ptr == 0 and s.array is None
+    assert type(s.value) is float and s.value == want
 
 
 @needs_cupy
@@ -313,6 +344,46 @@ def test_launch_arguments(recorded, monkeypatch, force_nvrtc):
     (_, args, _), = recorded
     assert args[0] == [(b.data.ptr, 0, 16385, 0)] and args[1] == 0 and args[2] is False
     assert args[7] == g.data.ptr and g.dtype == np.float16
+
+
+@needs_cupy
+@pytest.mark.parametrize("empty", [[], (None, None)])
+def test_empty_list_launches_nothing(recorded, monkeypatch, empty):
+    """No tensors, as TF: ([None, ...], 0.0 float32) or use_norm as the norm;
+    neither route is called (`recorded` stays empty). The norm is copied from
+    a host float32 (stand-in: cupy.asarray returns what it is given)."""
+    monkeypatch.setattr(cupy, "asarray", lambda x: x)
+    for in_place in (False, True):
+        out, norm = ccp.clip_by_global_norm(empty, 1.0, in_place=in_place)
+        assert out == [None] * len(empty) and type(out) is list
+        assert type(norm) is np.float32 and norm == 0.0
+    out, norm = ccp.clip_by_global_norm(empty, 1.0, use_norm=0.1)
+    assert type(norm) is np.float32 and norm == np.float32(0.1)
+    norm = ccp.global_norm(empty)
+    assert type(norm) is np.float32 and norm == 0.0
+    assert recorded == []
+
+
+@needs_cupy
+def test_separate_allocations_give_each_output_its_own(monkeypatch):
+    """CLIPOPS_SEPARATE_ALLOCATIONS=1 (gpu_checks.sh's memcheck runs): one
+    allocation per output, of exactly its shape and dtype, no padding."""
+    made = []
+
+    def fake_empty(shape, dtype):
+        made.append((shape, np.dtype(dtype)))
+        return FakeDeviceArray(n=int(np.prod(shape)), dtype=dtype, ptr=len(made) << 20)
+
+    monkeypatch.setattr(cupy, "empty", fake_empty)
+    values = [FakeDeviceArray(n=5), FakeDeviceArray(n=0, dtype="float16"),
+              FakeDeviceArray(n=CHUNK + 1, dtype="float64")]
+    monkeypatch.setenv("CLIPOPS_SEPARATE_ALLOCATIONS", "1")
+    outs = ccp._empty_like_all(values)
+    assert made == [((5,), np.dtype("float32")), ((0,), np.dtype("float16")),
+                    ((CHUNK + 1,), np.dtype("float64"))]
+    assert [o.data.ptr for o in outs] == [1 << 20, 2 << 20, 3 << 20]
+    monkeypatch.setenv("CLIPOPS_SEPARATE_ALLOCATIONS", "0")
+    assert not ccp._separate_allocations()
 
 
 @needs_cupy
