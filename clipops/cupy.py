@@ -266,9 +266,9 @@ def _empty_like_all(values: list[cupy.ndarray]) -> list[cupy.ndarray]:
 
 
 def _norm_without_tensors(use: _Scalar | None) -> cupy.ndarray:
-    """The norm of a list with no tensors, made without a kernel (a copy on the
-    current stream): 0.0 as in TensorFlow, or use_norm, in float32, the norm
-    dtype of such a list. Always a new array, as the kernel's norm would be."""
+    """The norm of a list with no tensors, made without the clip kernel (a
+    copy on the current stream): 0.0 as in TensorFlow, or use_norm, in float32,
+    the norm dtype of such a list. Always a new array, as the kernel's norm is."""
     if use is not None and use.ptr:
         return use.array.copy()
     return cupy.asarray(np.float32(0.0 if use is None else use.value))
