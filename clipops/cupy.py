@@ -103,6 +103,14 @@ def _use_nvrtc(core) -> bool:
     return os.environ.get("CLIPOPS_FORCE_NVRTC") == "1" or not core.cuda_compiled()
 
 
+def _separate_allocations() -> bool:
+    """CLIPOPS_SEPARATE_ALLOCATIONS=1 gives every output an allocation of its
+    own, of its exact size: with CuPy's pool off, compute-sanitizer memcheck
+    then sees each output's bounds (tests/gpu_checks.sh). Off by default: one
+    pool allocation per output costs microseconds each."""
+    return os.environ.get("CLIPOPS_SEPARATE_ALLOCATIONS") == "1"
+
+
 # ---- inputs --------------------------------------------------------------------
 
 def _dlpack_device_type(x) -> int | None:
@@ -168,16 +176,14 @@ class _Prepared:
 
 
 def _prepare(arrays, in_place: bool) -> _Prepared:
-    arrays = _common.check_list(arrays)
+    arrays = _common.check_list(arrays, "arrays")
     positions = [i for i, a in enumerate(arrays) if a is not None]
-    if not positions:
-        _common.norm_dtype_code([])  # raises the front ends' ValueError
     device = _current_device()
     values, codes = [], []
     for i in positions:
         what = f"arrays[{i}]"
         a = _as_device_array(arrays[i], what)
-        codes.append(_common.dtype_code(a.dtype.name, i))
+        codes.append(_common.dtype_code(a.dtype.name, i, "arrays"))
         if a.data.device_id != device:
             raise UnsupportedArrayError(
                 f"{what} is on GPU {a.data.device_id} but the current device is GPU {device}; "
@@ -226,8 +232,9 @@ def _scalar(value, prep: _Prepared, what: str, copy: bool) -> _Scalar:
     """A Python number (or host scalar) is rounded to the norm dtype exactly as
     clipops.numpy does; a 0-d GPU array is cast to it on the current stream.
     copy=True always makes that a private copy: in place, the kernel writes
-    the arrays while reading the scalar, which must not live in one of them."""
-    _common.check_scalar(value, what)
+    the arrays while reading the scalar, which must not live in one of them.
+    `value` has passed _common.check_scalar (clip_by_global_norm checks it
+    before any device call)."""
     if not _is_device_array(value):
         return _Scalar(value=_common.scalar_in(value, prep.norm_code, what))
     a = _as_device_array(value, what)
@@ -246,7 +253,10 @@ def _empty_like_all(values: list[cupy.ndarray]) -> list[cupy.ndarray]:
     """Uninitialised C-contiguous arrays shaped like `values`, carved from ONE
     allocation (a pool allocation per tensor costs microseconds of host time,
     thousands of them milliseconds). Each starts on a 256-byte boundary. Every
-    output keeps the shared buffer alive."""
+    output keeps the shared buffer alive. With CLIPOPS_SEPARATE_ALLOCATIONS=1,
+    one unpadded allocation per output instead (see _separate_allocations)."""
+    if _separate_allocations():
+        return [cupy.empty(a.shape, a.dtype) for a in values]
     offsets, total = [], 0
     for a in values:
         offsets.append(total)
@@ -255,10 +265,22 @@ def _empty_like_all(values: list[cupy.ndarray]) -> list[cupy.ndarray]:
     return [cupy.ndarray(a.shape, a.dtype, memptr=buf.data + off) for a, off in zip(values, offsets)]
 
 
+def _norm_without_tensors(use: _Scalar | None) -> cupy.ndarray:
+    """The norm of a list with no tensors, made without the clip kernel (a
+    copy on the current stream): 0.0 as in TensorFlow, or use_norm, in float32,
+    the norm dtype of such a list. Always a new array, as the kernel's norm is."""
+    if use is not None and use.ptr:
+        return use.array.copy()
+    return cupy.asarray(np.float32(0.0 if use is None else use.value))
+
+
 def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
             use: _Scalar | None) -> cupy.ndarray:
     """One launch over prep's arrays on the current stream; returns the 0-d norm.
-    outs None: the norm only. Never waits for the GPU."""
+    outs None: the norm only. Never waits for the GPU. A list with no tensors
+    launches nothing: the kernel would only write the norm."""
+    if not prep.values:
+        return _norm_without_tensors(use)
     core = _common.load_core()
     if outs is None:
         descs = [(a.data.ptr, 0, a.size, c) for a, c in zip(prep.values, prep.codes)]
@@ -292,11 +314,13 @@ def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
 def global_norm(arrays) -> cupy.ndarray:
     """sqrt(sum of squares of every element) as a 0-d CuPy array of the norm
     dtype (the arrays' dtype, float32 for a mixed list); None entries are
-    ignored. Queued on the current stream; the host does not wait.
+    ignored. Queued on the current stream; the host does not wait. A list with
+    no arrays (empty, or only None) has the norm 0.0 in float32, as in
+    TensorFlow, and launches no kernel.
 
     Raises:
       TypeError: not a sequence, a non-float array, or a host / non-GPU array.
-      ValueError: no arrays; UnsupportedArrayError: an array on another device.
+      UnsupportedArrayError (a ValueError): an array on another device.
       CudaUnavailableError: no usable GPU (no driver, no device, no NVRTC).
       LaunchError: the launch failed.
     """
@@ -326,10 +350,15 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
       (clipped, norm): a list (None entries stay None) and the 0-d norm of the
       norm dtype, both on the current stream's timeline (not waited for).
       Out of place, the clipped arrays are views into one shared allocation.
+      A list with no arrays gives ([None, ...], 0.0 float32) as in TensorFlow,
+      or use_norm as the norm, without a kernel.
 
     Raises: as global_norm; ValueError also when in-place arrays share memory
-    or a scalar argument is not a scalar.
+    or a scalar argument is not a scalar (checked before any device call).
     """
+    _common.check_scalar(clip_norm, "clip_norm")
+    if use_norm is not None:
+        _common.check_scalar(use_norm, "use_norm")
     prep = _prepare(arrays, in_place)
     clip = _scalar(clip_norm, prep, "clip_norm", copy=in_place)
     use = None if use_norm is None else _scalar(use_norm, prep, "use_norm", copy=in_place)

@@ -86,29 +86,42 @@ def test_import_without_cupy_says_how_to_install(tmp_path):
 @needs_cupy
 @pytest.mark.parametrize("bad", [1.0, "grads", b"grads", None, {"a": 1}])
 def test_not_a_sequence_is_type_error(bad):
+    """Checked before any device call, so it runs without a GPU; the error
+    names this front end's parameter, `arrays`."""
     for call in (lambda: ccp.global_norm(bad), lambda: ccp.clip_by_global_norm(bad, 1.0)):
-        with pytest.raises(TypeError, match="sequence"):
+        with pytest.raises(TypeError, match="^`arrays` should be a sequence of tensors"):
             call()
 
 
 @needs_cupy
 @pytest.mark.parametrize("empty", [[], (), [None], [None, None]])
-def test_empty_list_is_value_error(empty):
-    with pytest.raises(ValueError, match="no tensors"):
-        ccp.global_norm(empty)
-    with pytest.raises(ValueError, match="no tensors"):
-        ccp.clip_by_global_norm(empty, 1.0)
+def test_empty_list_checks_its_scalars_before_any_device_call(empty, monkeypatch):
+    """A list with no tensors still needs a scalar clip_norm (and use_norm),
+    and says so before touching the device: the same error with or without a GPU."""
+    def device_call():
+        raise AssertionError("the device was queried before the scalars were checked")
+
+    monkeypatch.setattr(ccp, "_current_device", device_call)
+    with pytest.raises(ValueError, match="clip_norm must be a scalar"):
+        ccp.clip_by_global_norm(empty, np.ones(2))
+    with pytest.raises(TypeError, match="clip_norm must be a number"):
+        ccp.clip_by_global_norm(empty, None)
+    with pytest.raises(ValueError, match="use_norm must be a scalar"):
+        ccp.clip_by_global_norm(empty, 1.0, use_norm=np.zeros((1, 1)))
 
 
 @needs_cupy
 @pytest.mark.skipif(HAVE_GPU, reason="a GPU is usable here; the no-GPU error cannot occur")
-def test_no_gpu_gives_clear_error():
-    """CuPy installed but no driver/device: our error, naming the reason."""
-    with pytest.raises(ccp.CudaUnavailableError, match="needs an NVIDIA GPU") as info:
-        ccp.clip_by_global_norm([np.ones(3, np.float32)], 1.0)
-    assert isinstance(info.value, RuntimeError)
-    assert "CUDA runtime reports" in str(info.value)
-    assert isinstance(info.value.__cause__, cupy.cuda.runtime.CUDARuntimeError)
+@pytest.mark.parametrize("arrays", [[np.ones(3, np.float32)], [], [None]])
+def test_no_gpu_gives_clear_error(arrays):
+    """CuPy installed but no driver/device: our error, naming the reason; also
+    for a list with no tensors, whose 0-d norm still lives on a device."""
+    for call in (lambda: ccp.clip_by_global_norm(arrays, 1.0), lambda: ccp.global_norm(arrays)):
+        with pytest.raises(ccp.CudaUnavailableError, match="needs an NVIDIA GPU") as info:
+            call()
+        assert isinstance(info.value, RuntimeError)
+        assert "CUDA runtime reports" in str(info.value)
+        assert isinstance(info.value.__cause__, cupy.cuda.runtime.CUDARuntimeError)
 
 
 @needs_cupy
@@ -156,10 +169,9 @@ def fake_gpu(monkeypatch):
 @pytest.mark.parametrize("dtype", ["int32", "complex64", "uint16", "bool"])
 def test_bad_dtype_names_the_index(fake_gpu, dtype):
     arrays = [FakeDeviceArray(), None, FakeDeviceArray(dtype=dtype, ptr=1 << 30)]
-    with pytest.raises(TypeError, match=rf"\[2\] has dtype {dtype}"):
-        ccp.clip_by_global_norm(arrays, 1.0)
-    with pytest.raises(TypeError, match=r"\[2\]"):
-        ccp.global_norm(arrays)
+    for call in (lambda: ccp.clip_by_global_norm(arrays, 1.0), lambda: ccp.global_norm(arrays)):
+        with pytest.raises(TypeError, match=rf"^arrays\[2\] has dtype {dtype}; clipops clips"):
+            call()
 
 
 @needs_cupy
@@ -235,15 +247,34 @@ def test_bad_use_norm(fake_gpu):
         ccp.clip_by_global_norm([FakeDeviceArray()], 1.0, use_norm=np.zeros((1, 1)))
 
 
+_needs_bf16 = pytest.mark.skipif(BF16 is None, reason="ml_dtypes is not installed (bfloat16)")
+
+
 @needs_cupy
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 70000 -> float16 inf
-@pytest.mark.parametrize("code, value", [(0, 0.1), (2, 0.1), (3, 0.1), (0, 70000.0), (2, 3)])
-def test_host_scalars_round_like_numpy(fake_gpu, code, value):
-    """clip_norm is rounded to the norm dtype exactly as clipops.numpy does."""
+@pytest.mark.parametrize("code, value, want", [
+    # Exact values of the nearest float16 / bfloat16 / float32 / float64 (ties to even),
+    # written out rather than recomputed, so that a rounding bug cannot cancel out.
+    (0, 0.1, 0.0999755859375),                          # float16 0x1.998p-4
+    pytest.param(1, 0.1, 0.10009765625, marks=_needs_bf16),  # bfloat16 0x1.9ap-4
+    (2, 0.1, 0.100000001490116119384765625),            # float32 0x1.99999ap-4
+    (3, 0.1, 0.1),                                      # float64: unchanged
+    (0, 70000.0, math.inf),                             # past float16's largest, 65504
+    pytest.param(1, 70000.0, 70144.0, marks=_needs_bf16),  # bfloat16's step there is 512
+    (2, 70000.0, 70000.0),
+    (0, 2049, 2048.0),                                  # an int, half-way: to even
+    (2, 2**24 + 1, 2.0**24),                            # half-way in float32: to even
+    (3, 2**24 + 1, 2.0**24 + 1),
+    (3, np.float32(0.1), 0.100000001490116119384765625),  # a NumPy scalar keeps its value
+    (0, np.asarray(0.1), 0.0999755859375),              # a 0-d host array
+])
+def test_host_scalars_are_rounded_to_the_norm_dtype(code, value, want):
+    """A host clip_norm reaches the launcher as a double holding the norm
+    dtype's nearest value, as TF converts it (no device involved)."""
     prep = SimpleNamespace(norm_code=code, device=0)
     s = ccp._scalar(value, prep, "clip_norm", copy=False)
-    assert s.ptr == 0
-    assert s.value == cnp._scalar_in(value, code, "clip_norm")
+    assert s.ptr == 0 and s.array is None
+    assert type(s.value) is float and s.value == want
 
 
 @needs_cupy
@@ -313,6 +344,46 @@ def test_launch_arguments(recorded, monkeypatch, force_nvrtc):
     (_, args, _), = recorded
     assert args[0] == [(b.data.ptr, 0, 16385, 0)] and args[1] == 0 and args[2] is False
     assert args[7] == g.data.ptr and g.dtype == np.float16
+
+
+@needs_cupy
+@pytest.mark.parametrize("empty", [[], (None, None)])
+def test_empty_list_launches_nothing(recorded, monkeypatch, empty):
+    """No tensors, as TF: ([None, ...], 0.0 float32) or use_norm as the norm;
+    neither route is called (`recorded` stays empty). The norm is copied from
+    a host float32 (stand-in: cupy.asarray returns what it is given)."""
+    monkeypatch.setattr(cupy, "asarray", lambda x: x)
+    for in_place in (False, True):
+        out, norm = ccp.clip_by_global_norm(empty, 1.0, in_place=in_place)
+        assert out == [None] * len(empty) and type(out) is list
+        assert type(norm) is np.float32 and norm == 0.0
+    out, norm = ccp.clip_by_global_norm(empty, 1.0, use_norm=0.1)
+    assert type(norm) is np.float32 and norm == np.float32(0.1)
+    norm = ccp.global_norm(empty)
+    assert type(norm) is np.float32 and norm == 0.0
+    assert recorded == []
+
+
+@needs_cupy
+def test_separate_allocations_give_each_output_its_own(monkeypatch):
+    """CLIPOPS_SEPARATE_ALLOCATIONS=1 (gpu_checks.sh's memcheck runs): one
+    allocation per output, of exactly its shape and dtype, no padding."""
+    made = []
+
+    def fake_empty(shape, dtype):
+        made.append((shape, np.dtype(dtype)))
+        return FakeDeviceArray(n=int(np.prod(shape)), dtype=dtype, ptr=len(made) << 20)
+
+    monkeypatch.setattr(cupy, "empty", fake_empty)
+    values = [FakeDeviceArray(n=5), FakeDeviceArray(n=0, dtype="float16"),
+              FakeDeviceArray(n=CHUNK + 1, dtype="float64")]
+    monkeypatch.setenv("CLIPOPS_SEPARATE_ALLOCATIONS", "1")
+    outs = ccp._empty_like_all(values)
+    assert made == [((5,), np.dtype("float32")), ((0,), np.dtype("float16")),
+                    ((CHUNK + 1,), np.dtype("float64"))]
+    assert [o.data.ptr for o in outs] == [1 << 20, 2 << 20, 3 << 20]
+    monkeypatch.setenv("CLIPOPS_SEPARATE_ALLOCATIONS", "0")
+    assert not ccp._separate_allocations()
 
 
 @needs_cupy
@@ -861,28 +932,61 @@ def _spin(seconds: float) -> None:
     kernel((1,), (1,), (np.uint64(int(seconds * 1e9)),))
 
 
-@gpu
-@pytest.mark.parametrize("count", [1, 5000])
-def test_call_does_not_wait_for_the_gpu(route, count):
-    """Queued behind a 2 s kernel on a non-default stream, the call returns at
-    once, and the results are right once the stream is synchronised."""
-    sizes = _list_sizes(count)
-    host = _host_list(sizes, ["float32"] * count, seed=count)
-    want, want_norm = cnp.clip_by_global_norm(host, 0.5)
+def _clip_on_a_busy_stream(host, clip, seconds: float):
+    """Clips `host` on a non-blocking stream whose inputs are written ON that
+    stream, behind a `seconds`-long kernel, and returns
+    (clipped, norm, global_norm, host seconds of the two calls, whether the
+    stream was still busy when they returned).
+
+    Why this catches a launch on any other stream: until the spin ends, the
+    input buffers hold 0xFF bytes (NaN in every float dtype); the real values
+    are copied in by the stream itself after the spin. A kernel queued on
+    CuPy's null stream (the legacy default stream, which does not wait for a
+    non-blocking stream) or on any other stream starts at once, while the spin
+    (one thread) leaves the GPU free, reads the NaNs and returns a NaN norm.
+    Only a kernel ordered after the copy on this stream sees the data.
+    (Inputs written before the spin would be right on every stream.)"""
+    offsets, total = [], 0
+    for h in host:  # one buffer, so that one copy writes every input
+        offsets.append(total)
+        total += -(-h.nbytes // 256) * 256  # 256-byte aligned, as real allocations
+    packed = np.zeros(max(total, 1), np.uint8)
+    for h, off in zip(host, offsets):
+        packed[off:off + h.nbytes] = np.ascontiguousarray(h).view(np.uint8).ravel()
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        dev = _to_gpu(host)
-        ccp.clip_by_global_norm(dev, 0.5)  # warm: kernel loaded, pool filled
+        source = cupy.asarray(packed)
+        inputs = cupy.empty_like(source)
+        dev = [cupy.ndarray(h.shape, h.dtype, memptr=inputs.data + off)
+               for h, off in zip(host, offsets)]
+        inputs.data.copy_from_device_async(source.data, source.nbytes)
+        ccp.clip_by_global_norm(dev, clip)  # warm: kernel loaded, pool filled
+        ccp.global_norm(dev)
+        inputs.fill(0xFF)
         stream.synchronize()
-        _spin(2.0)
+        _spin(seconds)
         spun = cupy.cuda.Event()
         spun.record()
+        # a device-to-device copy: queued without waiting, unlike one from pageable host memory
+        inputs.data.copy_from_device_async(source.data, source.nbytes)
         t0 = time.perf_counter()
-        out, norm = ccp.clip_by_global_norm(dev, 0.5)
+        out, norm = ccp.clip_by_global_norm(dev, clip)
         norm_only = ccp.global_norm(dev)
         elapsed = time.perf_counter() - t0
         still_spinning = not spun.done
         stream.synchronize()
+    return out, norm, norm_only, elapsed, still_spinning
+
+
+@gpu
+@pytest.mark.parametrize("count", [1, 5000])
+def test_call_does_not_wait_for_the_gpu(route, count):
+    """Queued behind a 2 s kernel on a non-blocking stream, the call returns at
+    once; the results, read after the stream is synchronised, are right only
+    if the kernel ran on that stream, after its inputs were written there."""
+    host = _host_list(_list_sizes(count), ["float32"] * count, seed=count)
+    want, want_norm = cnp.clip_by_global_norm(host, 0.5)
+    out, norm, norm_only, elapsed, still_spinning = _clip_on_a_busy_stream(host, 0.5, 2.0)
     assert still_spinning, "the spin kernel ended before the call returned: the call waited"
     assert elapsed < 1.0, f"the call took {elapsed:.3f} s behind a 2 s kernel"
     _assert_same_bits(cupy.asnumpy(norm), want_norm, "norm")
@@ -895,16 +999,85 @@ def test_call_does_not_wait_for_the_gpu(route, count):
 def test_non_default_stream_matches_default(route):
     host = _host_list(BOUNDARY_SIZES, ["float16"] * len(BOUNDARY_SIZES), seed=2)
     out0, norm0 = ccp.clip_by_global_norm(_to_gpu(host), 2.0)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        out1, norm1 = ccp.clip_by_global_norm(_to_gpu(host), 2.0)
-        stream.synchronize()
+    out1, norm1, norm_only, _, _ = _clip_on_a_busy_stream(host, 2.0, 0.2)
     _assert_same_bits(cupy.asnumpy(norm1), cupy.asnumpy(norm0))
+    _assert_same_bits(cupy.asnumpy(norm_only), cupy.asnumpy(norm0))
     for a, b in zip(out1, out0):
         _assert_same_bits(cupy.asnumpy(a), cupy.asnumpy(b))
 
 
+@gpu
+def test_busy_stream_check_catches_a_launch_on_another_stream(route, monkeypatch):
+    """The two tests above can fail the way they claim: with clipops sent to
+    CuPy's null stream instead of the current one, the same check reads the
+    poisoned inputs and gets a NaN norm."""
+    host = _host_list([CHUNK + 1, 5], ["float32", "float32"], seed=12)
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: cupy.cuda.Stream.null)
+    _, norm, norm_only, _, _ = _clip_on_a_busy_stream(host, 0.5, 1.0)
+    cupy.cuda.runtime.deviceSynchronize()  # the null-stream kernels are not on the stream synchronised
+    assert math.isnan(float(norm)) and math.isnan(float(norm_only))
+
+
 # ---- API details ----------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("empty", [[], (), [None], [None, None]])
+def test_empty_list_as_tf(empty, monkeypatch):
+    """TF: clip_by_global_norm([], 1.0) is ([], 0.0), [None, None] gives
+    ([None, None], 0.0), global_norm([]) is 0.0, all float32; use_norm is
+    returned as the norm. Real device arrays, and no launch on either route."""
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a list with no tensors launched the kernel")
+
+    monkeypatch.setattr(_core(), "clip_cuda", no_launch)
+    monkeypatch.setattr(_nvrtc, "clip_cuda", no_launch)
+
+    def check(norm, want):
+        assert isinstance(norm, cupy.ndarray) and norm.shape == () and norm.dtype == np.float32
+        assert float(norm) == want
+
+    for in_place in (False, True):
+        out, norm = ccp.clip_by_global_norm(empty, 1.0, in_place=in_place)
+        assert out == [None] * len(empty) and type(out) is list
+        check(norm, 0.0)
+        _, norm = ccp.clip_by_global_norm(empty, cupy.asarray(1.0), use_norm=0.1, in_place=in_place)
+        check(norm, float(np.float32(0.1)))
+    check(ccp.global_norm(empty), 0.0)
+    use = cupy.asarray(2.5, dtype=cupy.float32)
+    _, norm = ccp.clip_by_global_norm(empty, 1.0, use_norm=use)
+    check(norm, 2.5)
+    norm += 1  # a new array, as the kernel's norm: the caller's use_norm is not it
+    assert float(use) == 2.5
+    _, norm = ccp.clip_by_global_norm(empty, 1.0, use_norm=cupy.asarray(0.1))  # float64 on the device
+    check(norm, float(np.float32(0.1)))
+    with pytest.raises(TypeError, match="clip_norm must be a float"):
+        ccp.clip_by_global_norm(empty, cupy.asarray(2))
+
+
+@gpu
+def test_separate_allocations_same_bits(route, monkeypatch):
+    """CLIPOPS_SEPARATE_ALLOCATIONS=1, with CuPy's pool off as in gpu_checks.sh:
+    every output is one allocation of exactly its size (so memcheck sees its
+    bounds), and the results are the bits of the shared-buffer default."""
+    dtypes = ["float32", "float16", "float64", "float32"]
+    host = _host_list([5, 0, CHUNK + 1, 3], dtypes, seed=13)
+    shared, shared_norm = ccp.clip_by_global_norm(_to_gpu(host), 0.5)
+    assert all(o.data.mem is shared[0].data.mem for o in shared)
+    monkeypatch.setenv("CLIPOPS_SEPARATE_ALLOCATIONS", "1")
+    pool = cupy.cuda.get_allocator()
+    cupy.cuda.set_allocator(None)  # plain cudaMalloc: an allocation's size is the one asked for
+    try:
+        dev = _to_gpu(host)
+        out, norm = ccp.clip_by_global_norm(dev, 0.5)
+        cupy.cuda.get_current_stream().synchronize()
+        assert len({id(o.data.mem) for o in out}) == len(out)
+        assert [o.data.mem.size for o in out] == [h.nbytes for h in host]
+        _assert_same_bits(cupy.asnumpy(norm), cupy.asnumpy(shared_norm), "norm")
+        for i, (a, b) in enumerate(zip(out, shared)):
+            _assert_same_bits(cupy.asnumpy(a), cupy.asnumpy(b), f"arrays[{i}]")
+    finally:
+        cupy.cuda.set_allocator(pool)
+
 
 @gpu
 def test_none_entries_shapes_and_identity(route):
