@@ -17,7 +17,7 @@ import os
 
 import tensorflow as tf
 
-from . import _build_info, _common
+from . import _build_info, _common, _tf_xla
 
 __all__ = ["clip_by_global_norm", "global_norm"]
 
@@ -151,8 +151,11 @@ def _clip(t_list: list, clip_norm, use_norm):
     clip = _scalar(clip_norm, dtype, "clip_norm")
     given = use_norm is not None
     use = _scalar(use_norm if given else 0.0, dtype, "use_norm")
-    clipped, norm = _ops.clipops_clip_by_global_norm(
-        t_list=values, clip_norm=clip, use_norm=use, use_given=given)
+    if _tf_xla.in_xla_context():  # XLA cannot compile the custom op: the same math in TF ops
+        clipped, norm = _tf_xla.clip_by_global_norm(values, clip, use if given else None)
+    else:
+        clipped, norm = _ops.clipops_clip_by_global_norm(
+            t_list=values, clip_norm=clip, use_norm=use, use_given=given)
     return _rebuild(t_list, positions, clipped), norm
 
 
@@ -169,6 +172,8 @@ def global_norm(t_list, name=None):
         return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
     with tf.name_scope(name or "global_norm"):
         values, _, code = _values(t_list)
+        if _tf_xla.in_xla_context():
+            return _tf_xla.global_norm(values, _TF_DTYPES[code])
         return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
 
 
