@@ -12,10 +12,16 @@ Front ends, one core (csrc/core):
   - clipops.numpy: NumPy arrays on the CPU
   - clipops.cupy: CuPy (and any __cuda_array_interface__ / DLPack) arrays on a GPU
 
-TensorFlow and CuPy are imported only when their front end is used.
+TensorFlow and CuPy are imported only when their front end is used; but once
+both clipops and TensorFlow are imported, in either order, clipops' op is
+registered with TensorFlow, so that SavedModels and graphs holding it load.
 """
 
 from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 __all__ = ["clip_by_global_norm", "global_norm", "build_info", "__version__"]
@@ -51,3 +57,38 @@ def __getattr__(name: str):
 
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register_tf_op() -> None:
+    try:
+        from . import tensorflow  # noqa: F401  (loading it registers the op with TF)
+    except ImportError:
+        # built without the op, or for another TF: clipops' own calls raise that clearly,
+        # and importing TensorFlow must not fail because of clipops
+        pass
+
+
+class _RegisterOpAfterTensorFlow(importlib.abc.MetaPathFinder):
+    """Registers the op as soon as `import tensorflow` has run: tf.saved_model.load
+    needs every op of a model registered, and `import clipops` may come first."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once only, and the search below must not find us again
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                _register_tf_op()
+
+            spec.loader.exec_module = exec_then_register  # this spec's own loader instance
+        return spec
+
+
+if "tensorflow" in sys.modules:
+    _register_tf_op()
+else:
+    sys.meta_path.insert(0, _RegisterOpAfterTensorFlow())
