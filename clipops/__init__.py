@@ -42,10 +42,20 @@ def global_norm(t_list, name=None):
 
 
 def build_info() -> dict:
-    """What this installation was built with (CUDA, architectures, TensorFlow)."""
+    """What this installation was built with, and its GPU route.
+
+    gpu_route "nvcc": the kernel was compiled by nvcc (CUDA `cuda_version`, whose
+    runtime is linked in statically) for `cuda_architectures`; the TF op's GPU
+    kernel and clipops.cupy launch it. "nvrtc": nothing was compiled for the
+    GPU; clipops.cupy compiles the shipped kernel source at first use with the
+    NVRTC that CuPy loads, for the GPU present (so the CUDA version and the
+    architecture are known only then), and the TF op has only its CPU kernel.
+    """
     from . import _build_info as b
 
-    return {"with_cuda": b.WITH_CUDA, "cuda_architectures": b.CUDA_ARCHITECTURES,
+    return {"gpu_route": "nvcc" if b.WITH_CUDA else "nvrtc",
+            "with_cuda": b.WITH_CUDA, "cuda_version": b.CUDA_VERSION,
+            "cuda_architectures": b.CUDA_ARCHITECTURES,
             "with_tf": b.WITH_TF, "tf_version": b.TF_VERSION}
 
 

@@ -24,17 +24,24 @@ __all__ = ["clip_by_global_norm", "global_norm"]
 _TF_DTYPES = {0: tf.float16, 1: tf.bfloat16, 2: tf.float32, 3: tf.float64}
 
 
+def _same_abi(installed: str, built: str) -> bool:
+    """TF keeps its C++ ABI within a patch series (2.21.0, 2.21.1, ...), not across
+    minor releases: the op loads into the major.minor it was compiled against."""
+    return installed.split(".")[:2] == built.split(".")[:2]
+
+
 def _load_op_library():
     if not _build_info.WITH_TF:
         raise ImportError(
             "clipops was built without its TensorFlow op (TensorFlow was not importable at build "
             "time). Reinstall with `pip install --no-build-isolation .` in an environment that "
             "has tensorflow; clipops.numpy and clipops.cupy work without it.")
-    if tf.__version__ != _build_info.TF_VERSION:
+    if not _same_abi(tf.__version__, _build_info.TF_VERSION):
+        series = ".".join(_build_info.TF_VERSION.split(".")[:2]) + ".*"
         raise ImportError(
             f"clipops' TensorFlow op was compiled against TensorFlow {_build_info.TF_VERSION}, "
             f"but TensorFlow {tf.__version__} is installed, and TF's C++ ABI changes between "
-            f"releases. Install tensorflow=={_build_info.TF_VERSION} or rebuild clipops with "
+            f"minor releases. Install tensorflow=={series} or rebuild clipops with "
             "`pip install --no-build-isolation --force-reinstall .`.")
     return tf.load_op_library(os.path.join(os.path.dirname(__file__), "_clipops_tf.so"))
 
