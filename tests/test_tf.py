@@ -268,6 +268,20 @@ def test_every_dtype_has_cpu_and_gpu_kernels():
             assert found.get("GPU") == want, (op, found)
 
 
+@pytest.mark.skipif(not clipops.build_info()["with_cuda"], reason="this build has no GPU kernel")
+def test_gpu_kernels_keep_clip_norm_and_use_norm_on_the_device():
+    # a host-memory input would cost a device-to-host copy that waits for the stream
+    from tensorflow.python.framework import kernels
+
+    found = set()
+    for k in kernels.get_registered_kernels_for_op("ClipopsClipByGlobalNorm").kernel:
+        if k.device_type == "GPU":
+            assert not k.host_memory_arg, (k.host_memory_arg, k.constraint)
+            found |= {tf.dtypes.as_dtype(t).name for c in k.constraint if c.name == "Tnorm"
+                      for t in c.allowed_values.list.type}
+    assert found == {"float16", "bfloat16", "float32", "float64"}
+
+
 def test_one_fused_op_in_the_graph():
     f = tf.function(lambda t: clipops.clip_by_global_norm(t, 1.0))
     graph = f.get_concrete_function([tf.TensorSpec((3,)), tf.TensorSpec((4, 2))]).graph
