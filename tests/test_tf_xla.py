@@ -12,7 +12,7 @@ import clipops  # noqa: E402
 from conftest import BF16, CHUNK, TOL, assert_close, ref_clip, ref_norm  # noqa: E402
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
-SIZES = (1, 0, 33, CHUNK + 9, 700)
+SIZES = (1, 0, 15, 16, 17, 33, CHUNK + 9, 700)  # around the 16-term groups and a chunk
 
 
 def arrays_of(rng, dtype, sizes=SIZES, scale=0.05):
