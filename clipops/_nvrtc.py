@@ -204,11 +204,14 @@ def select_target(cc: int, supported: tuple[int, ...]) -> tuple[str, str]:
     return f"-arch=compute_{max(older)}", "ptx"
 
 
-def nvrtc_options(arch_option: str) -> tuple[str, ...]:
+def nvrtc_options(arch_option: str, include_dirs: list[str] | None = None) -> tuple[str, ...]:
     """The NVRTC options. They reproduce the nvcc build's code generation
     (CMakeLists.txt: --fmad=false, nvcc's defaults for the rest); every one
-    that changes floating-point results is spelled out."""
-    return ("-std=c++17", f"-I{kernel_dir()}", *(f"-I{d}" for d in cuda_include_dirs()),
+    that changes floating-point results is spelled out. include_dirs: the CUDA
+    header folders (default: cuda_include_dirs(), those of CuPy's CUDA)."""
+    if include_dirs is None:
+        include_dirs = cuda_include_dirs()
+    return ("-std=c++17", f"-I{kernel_dir()}", *(f"-I{d}" for d in include_dirs),
             arch_option, "--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true")
 
 

@@ -18,12 +18,18 @@ import os
 
 import tensorflow as tf
 
-from . import _build_info, _common
+from . import _build_info, _common, _tf_xla
 from . import clip_by_global_norm as _documented_clip, global_norm as _documented_norm
 
 __all__ = ["clip_by_global_norm", "global_norm"]
 
 _TF_DTYPES = {0: tf.float16, 1: tf.bfloat16, 2: tf.float32, 3: tf.float64}
+
+
+def _same_abi(installed: str, built: str) -> bool:
+    """TF keeps its C++ ABI within a patch series (2.21.0, 2.21.1, ...), not across
+    minor releases: the op loads into the major.minor it was compiled against."""
+    return installed.split(".")[:2] == built.split(".")[:2]
 
 
 def _load_op_library():
@@ -32,11 +38,12 @@ def _load_op_library():
             "clipops was built without its TensorFlow op (TensorFlow was not importable at build "
             "time). Reinstall with `pip install --no-build-isolation .` in an environment that "
             "has tensorflow; clipops.numpy and clipops.cupy work without it.")
-    if tf.__version__ != _build_info.TF_VERSION:
+    if not _same_abi(tf.__version__, _build_info.TF_VERSION):
+        series = ".".join(_build_info.TF_VERSION.split(".")[:2]) + ".*"
         raise ImportError(
             f"clipops' TensorFlow op was compiled against TensorFlow {_build_info.TF_VERSION}, "
             f"but TensorFlow {tf.__version__} is installed, and TF's C++ ABI changes between "
-            f"releases. Install tensorflow=={_build_info.TF_VERSION} or rebuild clipops with "
+            f"minor releases. Install tensorflow=={series} or rebuild clipops with "
             "`pip install --no-build-isolation --force-reinstall .`.")
     return tf.load_op_library(os.path.join(os.path.dirname(__file__), "_clipops_tf.so"))
 
@@ -132,7 +139,9 @@ def _clip(t_list: list, clip_norm, use_norm):
     use = _scalar(use_norm if given else 0.0, dtype, "use_norm")
     if not values:  # TF's answer for a list with no tensors: the norm is 0 (or use_norm)
         return [None] * len(t_list), use if given else tf.zeros((), dtype)
-    if _gpu_without_kernel(values):
+    if _tf_xla.in_xla_context():  # XLA cannot compile the custom op: the same math in TF ops
+        clipped, norm = _tf_xla.clip_by_global_norm(values, clip, use if given else None)
+    elif _gpu_without_kernel(values):
         clipped, norm = _clip_through_cupy(values, clip, use, given)
     else:
         clipped, norm = _ops.clipops_clip_by_global_norm(
@@ -178,6 +187,8 @@ def _global_norm(t_list: list):
     values, _, code = _values(t_list)
     if not values:  # as tf.linalg.global_norm([])
         return tf.zeros((), tf.float32)
+    if _tf_xla.in_xla_context():
+        return _tf_xla.global_norm(values, _TF_DTYPES[code])
     if _gpu_without_kernel(values):
         return _global_norm_through_cupy(values)
     return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])

@@ -491,6 +491,44 @@ def test_every_dtype_has_cpu_and_gpu_kernels():
             assert found.get("GPU") == want, (op, found)
 
 
+@pytest.mark.skipif(not clipops.build_info()["with_cuda"], reason="this build has no GPU kernel")
+def test_gpu_kernels_keep_clip_norm_and_use_norm_on_the_device():
+    # a host-memory input would cost a device-to-host copy that waits for the stream
+    from tensorflow.python.framework import kernels
+
+    found = set()
+    for k in kernels.get_registered_kernels_for_op("ClipopsClipByGlobalNorm").kernel:
+        if k.device_type == "GPU":
+            assert not k.host_memory_arg, (k.host_memory_arg, k.constraint)
+            found |= {tf.dtypes.as_dtype(t).name for c in k.constraint if c.name == "Tnorm"
+                      for t in c.allowed_values.list.type}
+    assert found == {"float16", "bfloat16", "float32", "float64"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (clipops.build_info()["with_cuda"] and tf.config.list_physical_devices("GPU")),
+                    reason="needs a GPU that TensorFlow sees and a build with the CUDA kernel")
+@pytest.mark.parametrize("given", [False, True], ids=["computed", "use_norm"])
+def test_gpu_kernel_reads_clip_norm_and_use_norm_on_the_device(rng, given):
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (3, CHUNK + 1, 700)]
+
+    def clip_on(device, clip, use):
+        with tf.device(device):
+            f = tf.function(lambda t: clipops.clip_by_global_norm(t, clip, use if given else None))
+            return f([tf.constant(a) for a in arrays])
+
+    with tf.device("/GPU:0"):
+        clip, use = tf.Variable(0.5), tf.Variable(40.0)
+    for value in (0.5, 0.25):  # a new value in the variable is read at the next step
+        clip.assign(value)
+        out, norm = clip_on("/GPU:0", clip, use)
+        cpu_out, cpu_norm = clip_on("/CPU:0", tf.constant(value), tf.constant(40.0))
+        assert "GPU" in out[0].device and "GPU" in clip.device
+        assert norm.numpy() == cpu_norm.numpy()  # one reduction order on both devices
+        for o, c in zip(out, cpu_out):
+            assert o.numpy().tobytes() == c.numpy().tobytes()
+
+
 def test_one_fused_op_in_the_graph():
     f = tf.function(lambda t: clipops.clip_by_global_norm(t, 1.0))
     graph = f.get_concrete_function([tf.TensorSpec((3,)), tf.TensorSpec((4, 2))]).graph

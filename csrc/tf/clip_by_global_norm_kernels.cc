@@ -83,9 +83,15 @@ class ClipByGlobalNormOp : public OpKernel {
       OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(use.shape()),
                   absl::InvalidArgumentError("use_norm must be a scalar, got shape " +
                                              use.shape().DebugString()));
-      args.clip_norm.value = ScalarValue(clip);
       args.has_use_norm = use_given_;
-      args.use_norm.value = ScalarValue(use);
+      if constexpr (kDevice == Device::kCpu) {
+        args.clip_norm.value = ScalarValue(clip);
+        args.use_norm.value = ScalarValue(use);
+      } else {
+        // in device memory, read by the kernel: the host never waits for the stream
+        args.clip_norm.device_ptr = clip.data();
+        args.use_norm.device_ptr = use.data();
+      }
       for (int i = 0; i < n; ++i) {
         Tensor* out = nullptr;
         // reuse the gradient's buffer when nothing else holds it
@@ -141,14 +147,12 @@ CLIPOPS_REGISTER_CPU(float)
 CLIPOPS_REGISTER_CPU(double)
 
 #if defined(CLIPOPS_WITH_CUDA)
-// clip_norm and use_norm stay on the host: the kernel takes them by value.
+// clip_norm and use_norm stay in device memory (a variable, a schedule's output):
+// as host memory they would cost a copy that waits for the stream at every step.
 #define CLIPOPS_REGISTER_GPU(T)                                                         \
-  REGISTER_KERNEL_BUILDER(Name("ClipopsClipByGlobalNorm")                               \
-                              .Device(tensorflow::DEVICE_GPU)                           \
-                              .TypeConstraint<T>("Tnorm")                               \
-                              .HostMemory("clip_norm")                                  \
-                              .HostMemory("use_norm"),                                  \
-                          (ClipByGlobalNormOp<Device::kGpu, true>));                    \
+  REGISTER_KERNEL_BUILDER(                                                              \
+      Name("ClipopsClipByGlobalNorm").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("Tnorm"), \
+      (ClipByGlobalNormOp<Device::kGpu, true>));                                        \
   REGISTER_KERNEL_BUILDER(                                                              \
       Name("ClipopsGlobalNorm").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("Tnorm"), \
       (ClipByGlobalNormOp<Device::kGpu, false>));

@@ -1,0 +1,65 @@
+"""The TensorFlow front end's route inside XLA: clipops' math in plain TF ops.
+
+XLA compiles a function only if it can lower every op in it, and it cannot lower
+a custom op such as ClipopsClipByGlobalNorm ("unsupported operations"). Inside
+an XLA context (``tf.function(jit_compile=True)``, Keras' ``jit_compile``, TPU
+replication), detected while the function is traced, clipops therefore emits
+the same computation as TF ops, which XLA compiles and fuses:
+
+  - the sum of squares is accumulated in float32 or better, as the op does:
+    16-bit and float32 tensors are squared in float32 and summed in groups of
+    16 (the 16 terms of one of the op's float lanes), and the group sums are
+    added in float64, so a long tensor's rounding error does not grow with its
+    length whatever order XLA reduces in; float64 tensors are summed in float64;
+  - the norm is the sqrt of that double, rounded to float32 and then to the
+    norm's dtype, as in clip_math.h;
+  - the scale is TF's formula, ``clip * min(1/norm, 1/clip) + (norm - norm)``,
+    op for op in the norm's dtype, and each tensor is multiplied by it cast to
+    its own dtype. A list that is not clipped therefore comes back with the
+    same bits as from the op.
+
+Gradients are TF's own for these ops: the chain rule of the same formula.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
+
+# Terms summed in float32 before a partial sum goes to float64: the length of
+# one float lane of the op's reduction order (clip_math.h: 16,384 / 1024).
+_GROUP = 16
+
+
+def in_xla_context() -> bool:
+    """True while tracing a function that XLA will compile."""
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
+def _sum_of_squares(v: tf.Tensor) -> tf.Tensor:
+    """sum(v**2) as a float64 scalar."""
+    if v.dtype == tf.float64:
+        return tf.reduce_sum(tf.square(v))
+    x = tf.reshape(tf.cast(v, tf.float32), [-1])
+    x = tf.pad(x, [[0, -tf.size(x) % _GROUP]])  # zeros add nothing to a sum of squares
+    groups = tf.reduce_sum(tf.square(tf.reshape(x, [-1, _GROUP])), axis=1)
+    return tf.reduce_sum(tf.cast(groups, tf.float64))
+
+
+def global_norm(values: list, dtype: tf.DType) -> tf.Tensor:
+    """The global norm of `values` (tensors, no None) in `dtype`."""
+    norm = tf.sqrt(tf.add_n([_sum_of_squares(v) for v in values]))
+    if dtype == tf.float64:
+        return norm
+    # rounded to float32 first, as the op rounds it (clip_math.h norm_from_sumsq)
+    return tf.cast(tf.cast(norm, tf.float32), dtype)
+
+
+def clip_by_global_norm(values: list, clip: tf.Tensor, use_norm: tf.Tensor | None):
+    """(clipped values, norm); clip and use_norm are scalars of the norm dtype."""
+    norm = global_norm(values, clip.dtype) if use_norm is None else use_norm
+    scale = clip * tf.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
+    return [v * tf.cast(scale, v.dtype) for v in values], norm
