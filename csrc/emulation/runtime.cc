@@ -66,7 +66,9 @@ std::set<const CUstream_st*> g_streams{nullptr};  // nullptr: the default stream
 std::set<const CUevent_st*> g_events;
 std::map<const char*, size_t, std::less<>> g_pinned;  // cudaHostAlloc buffers: start -> bytes
 Stats g_stats;
-std::deque<std::function<std::string()>> g_queue;  // stream work, run by synchronize()
+// Stream work, run by synchronize(): every stream's in one queue, in
+// submission order, which is one of the orders CUDA allows.
+std::deque<std::function<std::string()>> g_queue;
 thread_local int t_device = 0;                      // per host thread, as in CUDA
 
 const KernelInfo* find_kernel(const void* fn) {
@@ -698,17 +700,10 @@ const char* cudaGetErrorString(cudaError_t error) {
     case cudaErrorInvalidDeviceFunction: return "invalid device function";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorNotReady: return "device not ready";
-    case cudaErrorLaunchFailure: return "unspecified launch failure";
     case cudaErrorCooperativeLaunchTooLarge: return "too many blocks in cooperative launch";
     case cudaErrorNotSupported: return "operation not supported";
   }
   return "unrecognized error code";
-}
-
-cudaError_t cudaGetDeviceCount(int* count) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  *count = static_cast<int>(g_devices.size());
-  return cudaSuccess;
 }
 
 cudaError_t cudaGetDevice(int* device) {
@@ -731,10 +726,6 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrCooperativeLaunch: *value = g_devices[device].cooperative; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
-}
-
-cudaError_t cudaDeviceSynchronize() {
-  return synchronize().empty() ? cudaSuccess : cudaErrorLaunchFailure;
 }
 
 cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int) {
@@ -777,28 +768,10 @@ cudaError_t cudaStreamCreate(cudaStream_t* stream) {
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamDestroy(cudaStream_t stream) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (stream == nullptr || !g_streams.erase(stream)) return cudaErrorInvalidResourceHandle;
-  delete stream;
-  return cudaSuccess;
-}
-
-// Work of every stream runs in one queue, in submission order: one of the
-// orders CUDA allows.
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaDeviceSynchronize(); }
-
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
   std::lock_guard<std::mutex> lock(g_mu);
   *event = new CUevent_st;
   g_events.insert(*event);
-  return cudaSuccess;
-}
-
-cudaError_t cudaEventDestroy(cudaEvent_t event) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (!g_events.erase(event)) return cudaErrorInvalidResourceHandle;
-  delete event;
   return cudaSuccess;
 }
 

@@ -1,8 +1,9 @@
 // The CUDA emulation's <cuda_runtime.h>: the runtime API the clipops launcher
 // (csrc/core/clip_cuda.cu) calls, implemented by a fake runtime on the host
-// (csrc/emulation/runtime.cc). "Device memory" is host memory; work queued on
-// a stream runs when the host synchronizes, so a launcher that read back a
-// table too early, or reused a staging buffer before its copy ran, would see it.
+// (csrc/emulation/runtime.cc), and no more. "Device memory" is host memory;
+// work queued on a stream runs when the host synchronizes (clipops_emu::
+// synchronize), so a launcher that reused a staging buffer before its copy
+// ran would be caught.
 #pragma once
 
 #include <cstddef>
@@ -20,12 +21,10 @@ enum cudaError_t {
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
   cudaErrorNotReady = 600,
-  cudaErrorLaunchFailure = 719,
   cudaErrorCooperativeLaunchTooLarge = 720,
   cudaErrorNotSupported = 801,
   cudaErrorInvalidDeviceFunction = 98,
 };
-typedef cudaError_t cudaError;
 
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
@@ -41,15 +40,12 @@ enum cudaMemcpyKind {
 };
 
 #define cudaHostAllocDefault 0x00u
-#define cudaEventDefault 0x00u
 #define cudaEventDisableTiming 0x02u
 
 const char* cudaGetErrorString(cudaError_t error);
-cudaError_t cudaGetDeviceCount(int* count);
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
-cudaError_t cudaDeviceSynchronize();
 
 cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int flags);
 cudaError_t cudaFreeHost(void* ptr);
@@ -57,11 +53,8 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
                             cudaStream_t stream = nullptr);
 
 cudaError_t cudaStreamCreate(cudaStream_t* stream);
-cudaError_t cudaStreamDestroy(cudaStream_t stream);
-cudaError_t cudaStreamSynchronize(cudaStream_t stream);
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags);
-cudaError_t cudaEventDestroy(cudaEvent_t event);
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream = nullptr);
 cudaError_t cudaEventQuery(cudaEvent_t event);
 

@@ -23,7 +23,6 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
-#define __align__(n) alignas(n)
 
 // ---- vector types (CUDA's alignments, which the kernels' casts rely on) ----------
 struct dim3 {
