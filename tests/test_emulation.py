@@ -9,6 +9,9 @@ from __future__ import annotations
 import ctypes
 import importlib
 import mmap
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -65,14 +68,20 @@ def use_device(resident: int, mod=emu):
 
 
 def run(arrays, clip, *, use_norm=None, scale=True, in_offset=0, out_offset=0, in_place=False,
-        pointers=False, norm_out=True, mod=emu):
+        pointers=False, norm_out=True, exact=False, mod=emu):
     """The emulated launcher over copies of `arrays`; returns (outputs, norm,
-    table bytes from the workspace). Outputs, norm and workspace start as NaN."""
+    table bytes from the workspace). Outputs, norm and workspace start as NaN.
+    exact: tensors in allocations of exactly their size instead of between
+    guards, so that AddressSanitizer sees any access past their ends."""
     ndt = norm_dtype(arrays)
     clip_v = float(np.asarray(clip).astype(ndt))
     use_v = None if use_norm is None else float(np.asarray(use_norm).astype(ndt))
-    ins = [place(a, in_offset) for a in arrays]
-    outs = ins if in_place else [place(a, out_offset, fill=True) for a in arrays]
+    if exact:
+        ins = [np.array(a) for a in arrays]
+        outs = ins if in_place else [np.full_like(a, np.nan) for a in arrays]
+    else:
+        ins = [place(a, in_offset) for a in arrays]
+        outs = ins if in_place else [place(a, out_offset, fill=True) for a in arrays]
     norm = place(np.zeros((), ndt), 0, fill=True).reshape(())
     # scalars as device pointers: the host values passed beside them are NaN, so reading them shows
     clip_buf, use_buf = np.array(clip_v, ndt), np.array(np.nan if use_v is None else use_v, ndt)
@@ -85,7 +94,7 @@ def run(arrays, clip, *, use_norm=None, scale=True, in_offset=0, out_offset=0, i
                   use_buf.ctypes.data if (pointers and use_v is not None) else 0,
                   norm.ctypes.data if norm_out else 0, ws.ctypes.data, ws.nbytes, 0)
     mod.synchronize()
-    check_guards(outs + [norm, ws])
+    check_guards(([] if exact else outs) + [norm, ws])
     return outs, norm, ws[:40 * len(arrays)].tobytes()
 
 
@@ -209,6 +218,14 @@ def test_misaligned_inputs_and_outputs(rng, dtype, in_offset, out_offset):
     assert_same_bits(arrays, ref_norm(arrays) * 0.5, in_offset=in_offset, out_offset=out_offset)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_exact_allocations(rng, dtype):
+    """Tensors whose ends are their allocations' ends: under the sanitizer build
+    (CI), a vector load past an end is a heap-buffer-overflow report."""
+    arrays = sized_list(rng, 11, [dtype], sizes=[1, 3, 5, 7, 1023, 16385, 2, 0, 6])
+    assert_same_bits(arrays, ref_norm(arrays) * 0.5, exact=True)
+
+
 def _readonly_copies(arrays):
     """The arrays copied into one anonymous mapping, made read-only by mprotect."""
     size = sum(-(-a.nbytes // 64) * 64 for a in arrays) + mmap.PAGESIZE
@@ -306,19 +323,20 @@ def test_thread_and_block_orders_give_the_same_bits(rng):
 # ---- what the launcher asks of the runtime ----------------------------------------------------
 
 def test_launcher_never_waits_and_stages_through_pinned_memory(rng):
-    """Two calls queued before any work runs: the second must not reuse the
-    first's staging buffer (its copy has not run), and no copy is pageable."""
+    """Two calls on two streams, queued before any work runs: the second must
+    not reuse the first's staging buffer (its copy has not run), and no copy is
+    pageable."""
     emu.reset_stats()
     a = sized_list(rng, 5, [np.float32])
     b = sized_list(rng, 8, [np.float64])
     runs = []
-    for arrays in (a, b):
+    for arrays, stream in ((a, 0), (b, emu.stream_create())):
         outs = [place(x, 0, fill=True) for x in arrays]
         norm = np.full((), np.nan, arrays[0].dtype)
         descs = [(x.ctypes.data, o.ctypes.data, x.size, code_of(x.dtype)) for x, o in zip(arrays, outs)]
         ws = np.zeros(emu.cuda_workspace_bytes(descs) // 8 + 2, np.float64)
         emu.clip_cuda(descs, code_of(arrays[0].dtype), True, 1.0, 0, None, 0, norm.ctypes.data,
-                      ws.ctypes.data, ws.nbytes, 0)
+                      ws.ctypes.data, ws.nbytes, stream)
         runs.append((arrays, outs, norm, ws))
     before = emu.pinned_buffers()
     emu.synchronize()
@@ -376,6 +394,7 @@ def test_shuffles_move_the_right_values():
     np.testing.assert_array_equal(got[:, 4], np.where(lane % 8 + 3 < 8, lane + 3, lane) * 10)
     np.testing.assert_array_equal(got[:, 5], np.where(lane < 31, lane + 1, lane))
     np.testing.assert_array_equal(got[:, 6], np.where(lane < 16, (lane ^ 1) * 10, -1))
+    np.testing.assert_array_equal(got[:, 7], 0)  # blockIdx.x
 
 
 @pytest.mark.parametrize("probe, grid, cooperative, message", [
@@ -440,3 +459,22 @@ def test_teeth_a_broken_kernel_fails(rng, variant):
         except (AssertionError, RuntimeError) as exc:
             failures.append(f"{threads}/{blocks}: {str(exc).splitlines()[0]}")
     assert failures, f"the {variant} kernel passed every check"
+
+
+def test_teeth_vector_overrun_is_an_address_sanitizer_report():
+    """In the sanitizer build (CI: LD_PRELOAD of libasan), the over-reading
+    variant on exactly sized tensors is stopped by AddressSanitizer."""
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("needs the AddressSanitizer build, run by .ci/run")
+    try:
+        importlib.import_module("clipops._emulation_teeth_vector_overrun")
+    except ImportError:
+        pytest.skip("the teeth variants are built with CLIPOPS_EMULATION_TEETH=ON (CI does)")
+    script = ("import numpy as np, test_emulation as T\n"
+              "from clipops import _emulation_teeth_vector_overrun as mod\n"
+              "arrays = [np.ones(1027, np.float32), np.ones(5, np.float32)]\n"
+              "T.run(arrays, 1.0, exact=True, mod=mod)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), timeout=300)
+    assert proc.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in proc.stderr, \
+        proc.stderr[-2000:]
