@@ -38,8 +38,9 @@ def code_of(dtype) -> int:
     return CODES[np.dtype(dtype)]
 
 
-def norm_dtype(arrays):
-    return [d for d, c in CODES.items() if c == _core.norm_dtype_of([code_of(a.dtype) for a in arrays])][0]
+def norm_dtype(arrays) -> np.dtype:
+    code = _core.norm_dtype_of([code_of(a.dtype) for a in arrays])
+    return next(d for d, c in CODES.items() if c == code)
 
 
 def place(a, offset, fill=False):
@@ -245,9 +246,7 @@ def test_forwarded_buffers_with_scale_one_are_not_written(rng):
     arrays = sized_list(rng, 12, [np.float32, np.float16])
     m, views = _readonly_copies(arrays)
     libc = ctypes.CDLL(None, use_errno=True)
-    addr = ctypes.c_void_p.from_buffer(m)  # start of the mapping
-    base = ctypes.addressof(addr)
-    del addr
+    base = np.frombuffer(m, np.uint8).ctypes.data  # the mapping's first page
     assert libc.mprotect(ctypes.c_void_p(base), ctypes.c_size_t(len(m)), 1) == 0  # PROT_READ
     try:
         ndt = norm_dtype(views)
