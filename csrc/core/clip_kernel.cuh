@@ -13,6 +13,10 @@
 
 #include "clip_math.h"
 
+// CLIPOPS_TEETH_* macros break the kernel on purpose, one way each, for the
+// CUDA emulation's tests (csrc/emulation, CMake CLIPOPS_EMULATION_TEETH): they
+// show the tests catch such a bug. No real build defines them.
+
 namespace clipops {
 namespace detail {
 
@@ -32,7 +36,11 @@ __device__ __forceinline__ int find_tensor(const TensorEntry* t, int n, long lon
   int lo = 0, hi = n - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
+#ifndef CLIPOPS_TEETH_FIND_TENSOR_OFF_BY_ONE
     if (t[mid].first_item <= w) lo = mid; else hi = mid - 1;
+#else
+    if (t[mid].first_item < w) lo = mid; else hi = mid - 1;
+#endif
   }
   return lo;
 }
@@ -41,7 +49,9 @@ __device__ __forceinline__ int find_tensor(const TensorEntry* t, int n, long lon
 __device__ __forceinline__ double block_tree(double v, double* red) {
   const int tid = threadIdx.x;
   red[tid] = v;
+#ifndef CLIPOPS_TEETH_NO_SYNCTHREADS
   __syncthreads();
+#endif
   for (int s = kThreads / 2; s >= 32; s >>= 1) {
     if (tid < s) red[tid] = add_d(red[tid], red[tid + s]);
     __syncthreads();
@@ -65,7 +75,11 @@ template <int DT>
 __device__ __forceinline__ Quad<DT> load_quad(const typename Storage<DT>::type* p, long long e,
                                               long long n, bool vec) {
   Quad<DT> q;
+#ifndef CLIPOPS_TEETH_VECTOR_OVERRUN
   if (vec && e + 3 < n) {
+#else
+  if (vec && e < n) {
+#endif
     if (DT == kFloat64) {
       const double2 a = *reinterpret_cast<const double2*>(p + e);
       const double2 b = *reinterpret_cast<const double2*>(p + e + 2);
@@ -215,7 +229,9 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
       v = block_tree(v, red);
       if (threadIdx.x == 0) partials[w] = v;
     }
+#ifndef CLIPOPS_TEETH_NO_GRID_SYNC
     cooperative_groups::this_grid().sync();
+#endif
     // every block sums all partials in the one fixed order: no second sync needed
     double u = 0.0;
     for (long long w = threadIdx.x; w < num_items; w += kThreads) u = add_d(u, __ldcg(partials + w));
