@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from . import _build_info, _common, _tf_xla
@@ -88,12 +89,15 @@ _EAGER_SCALARS: dict = {}
 def _scalar(value, dtype: tf.DType, what: str) -> tf.Tensor:
     """clip_norm / use_norm as a scalar tensor of the norm dtype."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and tf.executing_eagerly():
-        key = (value, dtype)
+        # keyed by the float's exact bits: -0.0 == 0.0 as keys, but they clip differently
+        key = (float(value).hex(), dtype)
         cached = _EAGER_SCALARS.get(key)
         if cached is None:
             if len(_EAGER_SCALARS) >= 256:
                 _EAGER_SCALARS.clear()
-            cached = _EAGER_SCALARS[key] = tf.constant(value, dtype)
+            # from a 0-d array: TF's own eager cache of Python scalars also returns
+            # +0.0 for -0.0 once 0.0 has been made (TF 2.21)
+            cached = _EAGER_SCALARS[key] = tf.constant(np.asarray(float(value)), dtype)
         return cached
     _common.check_scalar(value, what)
     if isinstance(value, (tf.Tensor, tf.Variable)):

@@ -184,11 +184,12 @@ def test_tf_op_gives_the_numpy_front_end_s_bits(arrays, clip, use, slices, mode)
                                            tf.constant([a.size, 1], tf.int64)))
         else:
             t_list.append(tf.constant(a))
-    nd = tf.as_dtype(want_norm.dtype)
-    use_t = None if use is None else tf.constant(use, nd)
+    # 0-d arrays, not Python floats: TF's eager tf.constant(-0.0) may return a cached +0.0
+    clip_t = tf.constant(np.asarray(clip).astype(want_norm.dtype))
+    use_t = None if use is None else tf.constant(np.asarray(use).astype(want_norm.dtype))
 
     def f(t):
-        return clipops.clip_by_global_norm(t, tf.constant(clip, nd), use_norm=use_t)
+        return clipops.clip_by_global_norm(t, clip_t, use_norm=use_t)
 
     out, norm = f(t_list) if mode == "eager" else tf.function(f)(t_list)
     assert _same_bits(norm.numpy(), want_norm)

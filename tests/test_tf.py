@@ -377,6 +377,21 @@ def test_global_norm_gradient_matches_tf(rng):
         np.testing.assert_allclose(o.numpy(), t.numpy(), rtol=1e-12)
 
 
+def test_eager_scalar_cache_tells_minus_zero_from_zero():
+    # Found by tests/test_fuzz.py: the cache of eager scalar tensors was keyed by
+    # the Python value, and -0.0 == 0.0, so a clip_norm of -0.0 reused 0.0's tensor.
+    # (TF's own tf.constant(-0.0) has the same flaw, hence the 0-d arrays here.)
+    # TF's formula gives NaN for -0.0 (-0 * min(1/n, -inf)) and 0 for +0.0.
+    x = [tf.constant([0.125, -3.0])]
+    for clip in (0.0, -0.0, 0.0):
+        out, _ = clipops.clip_by_global_norm(x, clip)
+        want, _ = tf.clip_by_global_norm(x, tf.constant(np.asarray(clip, np.float32)))
+        assert np.isnan(want[0].numpy()).all() == bool(np.signbit(clip))
+        assert out[0].numpy().tobytes() == want[0].numpy().tobytes(), clip
+    _, norm = clipops.clip_by_global_norm([], 1.0, use_norm=-0.0)
+    assert np.signbit(norm.numpy())
+
+
 def test_clip_norm_as_tensor_and_variable(rng):
     values = [tf.constant(rng.standard_normal(20).astype(np.float32))]
     for clip in (tf.constant(0.5), tf.Variable(0.5), tf.constant(0.5, tf.float64), np.float32(0.5)):
