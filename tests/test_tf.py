@@ -392,6 +392,27 @@ def test_eager_scalar_cache_tells_minus_zero_from_zero():
     assert np.signbit(norm.numpy())
 
 
+@eager_and_function
+def test_subnormals_are_kept_as_on_every_other_front_end(mode):
+    # TF runs CPU kernels with denormals flushed to zero; clipops' kernel clears
+    # FTZ/DAZ for its work, so it gives the NumPy front end's (and the GPU's)
+    # bits. Found by tests/test_fuzz.py: a subnormal negative scale became +0.
+    import clipops.numpy as cn
+
+    cases = [([np.array([1e-40, 3.0], np.float32)], 1.5, None),  # subnormal output 5e-41
+             ([np.array([0.1257], np.float16), np.zeros(0, np.float32)], 0.001,
+              np.float32(-8.507060567439122e34))]                 # scale -1.2e-38, then -0 in half
+    for arrays, clip, use in cases:
+        want, want_norm = cn.clip_by_global_norm(arrays, clip, use_norm=use)
+        out, norm = run(mode, lambda t: clipops.clip_by_global_norm(
+            t, clip, use_norm=None if use is None else tf.constant(use)),
+            [tf.constant(a) for a in arrays])
+        assert norm.numpy().tobytes() == want_norm.tobytes()
+        for o, w in zip(out, want):
+            assert o.numpy().tobytes() == w.tobytes(), (o.numpy(), w)
+    assert want[0][0] == 0 and np.signbit(want[0][0])
+
+
 def test_clip_norm_as_tensor_and_variable(rng):
     values = [tf.constant(rng.standard_normal(20).astype(np.float32))]
     for clip in (tf.constant(0.5), tf.Variable(0.5), tf.constant(0.5, tf.float64), np.float32(0.5)):

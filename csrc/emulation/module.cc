@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "clipops.h"
+#include "core_args.h"
 #include "emu.h"
 
 namespace py = pybind11;
@@ -27,17 +28,8 @@ namespace {
 
 using clipops_emu::Order;
 
-// (input address, output address or 0, element count, dtype code), as clipops._core takes them
-using Desc = std::tuple<uintptr_t, uintptr_t, int64_t, int>;
-
-std::vector<clipops::TensorDesc> to_descs(const std::vector<Desc>& descs) {
-  std::vector<clipops::TensorDesc> out(descs.size());
-  for (size_t i = 0; i < descs.size(); ++i)
-    out[i] = {reinterpret_cast<const void*>(std::get<0>(descs[i])),
-              reinterpret_cast<void*>(std::get<1>(descs[i])), std::get<2>(descs[i]),
-              std::get<3>(descs[i])};
-  return out;
-}
+using clipops_py::Desc;
+using clipops_py::to_descs;
 
 Order to_order(const std::string& name) {
   if (name == "forward") return Order::kForward;
@@ -112,18 +104,11 @@ void bind(py::module_& m) {
          uintptr_t clip_ptr, std::optional<double> use_norm, uintptr_t use_ptr, uintptr_t norm_out,
          uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
         const auto t = to_descs(descs);
-        clipops::ClipArgs a;
-        a.norm_dtype = norm_dtype;
-        a.scale = scale;
-        a.clip_norm = {clip_norm, reinterpret_cast<const void*>(clip_ptr)};
-        a.has_use_norm = use_norm.has_value() || use_ptr != 0;
-        a.use_norm = {use_norm.value_or(0.0), reinterpret_cast<const void*>(use_ptr)};
-        a.norm_out = reinterpret_cast<void*>(norm_out);
-        const clipops::Status s = clipops::clip_by_global_norm_cuda(
+        const auto a = clipops_py::to_args(norm_dtype, scale, clip_norm, clip_ptr, use_norm,
+                                           use_ptr, norm_out, true);
+        clipops_py::raise_if_error(clipops::clip_by_global_norm_cuda(
             t.data(), static_cast<int>(t.size()), a, reinterpret_cast<void*>(workspace),
-            workspace_bytes, reinterpret_cast<cudaStream_t>(stream));
-        if (s.code == clipops::Status::kInvalidArgument) throw py::value_error(s.message);
-        if (!s.ok()) throw std::runtime_error(s.message);
+            workspace_bytes, reinterpret_cast<cudaStream_t>(stream)));
       },
       py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),
       py::arg("clip_ptr"), py::arg("use_norm"), py::arg("use_ptr"), py::arg("norm_out"),

@@ -9,45 +9,14 @@
 #include <vector>
 
 #include "clipops.h"
+#include "core_args.h"
 
 namespace py = pybind11;
 
-namespace {
-
-// (input address, output address or 0, element count, dtype code)
-using Desc = std::tuple<uintptr_t, uintptr_t, int64_t, int>;
-
-std::vector<clipops::TensorDesc> to_descs(const std::vector<Desc>& descs) {
-  std::vector<clipops::TensorDesc> out(descs.size());
-  for (size_t i = 0; i < descs.size(); ++i) {
-    out[i].in = reinterpret_cast<const void*>(std::get<0>(descs[i]));
-    out[i].out = reinterpret_cast<void*>(std::get<1>(descs[i]));
-    out[i].numel = std::get<2>(descs[i]);
-    out[i].dtype = std::get<3>(descs[i]);
-  }
-  return out;
-}
-
-clipops::ClipArgs to_args(int norm_dtype, bool scale, double clip, uintptr_t clip_ptr,
-                          std::optional<double> use_norm, uintptr_t use_ptr,
-                          uintptr_t norm_out, bool check_overlap) {
-  clipops::ClipArgs a;
-  a.norm_dtype = norm_dtype;
-  a.scale = scale;
-  a.clip_norm = {clip, reinterpret_cast<const void*>(clip_ptr)};
-  a.has_use_norm = use_norm.has_value() || use_ptr != 0;
-  a.use_norm = {use_norm.value_or(0.0), reinterpret_cast<const void*>(use_ptr)};
-  a.norm_out = reinterpret_cast<void*>(norm_out);
-  a.check_overlap = check_overlap;
-  return a;
-}
-
-void raise_if_error(const clipops::Status& s) {
-  if (s.code == clipops::Status::kInvalidArgument) throw py::value_error(s.message);
-  if (!s.ok()) throw std::runtime_error(s.message);  // a CUDA failure: RuntimeError
-}
-
-}  // namespace
+using clipops_py::Desc;
+using clipops_py::raise_if_error;
+using clipops_py::to_args;
+using clipops_py::to_descs;
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "clipops core: fused global-norm clipping (CPU and CUDA), framework-free";
