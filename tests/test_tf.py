@@ -401,16 +401,19 @@ def test_subnormals_are_kept_as_on_every_other_front_end(mode):
 
     cases = [([np.array([1e-40, 3.0], np.float32)], 1.5, None),  # subnormal output 5e-41
              ([np.array([0.1257], np.float16), np.zeros(0, np.float32)], 0.001,
-              np.float32(-8.507060567439122e34))]                 # scale -1.2e-38, then -0 in half
+              np.float32(-8.507060567439122e34)),                 # scale -1.2e-38, then -0 in half
+             ([np.array([0.1257], np.float16), np.zeros(0, np.float32)], -4.75e-43, None),
+             ([np.zeros(0, np.float32)], 1.0, np.float32(4.75e-43))]  # subnormal scalars
     for arrays, clip, use in cases:
         want, want_norm = cn.clip_by_global_norm(arrays, clip, use_norm=use)
+        if arrays[0].dtype == np.float16 and use is not None:
+            assert want[0][0] == 0 and np.signbit(want[0][0])
         out, norm = run(mode, lambda t: clipops.clip_by_global_norm(
             t, clip, use_norm=None if use is None else tf.constant(use)),
             [tf.constant(a) for a in arrays])
         assert norm.numpy().tobytes() == want_norm.tobytes()
         for o, w in zip(out, want):
             assert o.numpy().tobytes() == w.tobytes(), (o.numpy(), w)
-    assert want[0][0] == 0 and np.signbit(want[0][0])
 
 
 def test_clip_norm_as_tensor_and_variable(rng):

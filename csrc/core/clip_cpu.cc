@@ -127,23 +127,6 @@ void scale_chunk<kFloat32>(const float* in, float* out, int64_t count,
 }
 #endif
 
-// TensorFlow runs its CPU kernels with denormals flushed to zero (FTZ/DAZ in
-// MXCSR); the CUDA kernel and the NumPy front end keep IEEE subnormals. Each
-// piece of CPU work clears both flags for its duration, so the CPU kernel gives
-// the same bits on every front end and thread (a subnormal scale times a half
-// value, say, keeps its sign instead of becoming +0).
-class IeeeSubnormals {
- public:
-#if defined(__SSE2__)
-  IeeeSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~(kFtz | kDaz)); }
-  ~IeeeSubnormals() { _mm_setcsr(saved_); }
-
- private:
-  static constexpr unsigned kFtz = 1u << 15, kDaz = 1u << 6;
-  unsigned saved_;
-#endif
-};
-
 // Lists below this many elements run on the calling thread: handing shards to a
 // pool whose workers are busy with the rest of a training step costs more than
 // one core needs for them (bench/mnist.py: 0.3 ms in a 4 ms step, against
@@ -184,11 +167,24 @@ constexpr int64_t kCostPerItem = kChunk / 8;
 
 }  // namespace
 
+#if defined(__SSE2__)
+namespace {
+constexpr unsigned kFtz = 1u << 15, kDaz = 1u << 6;  // MXCSR flags
+}  // namespace
+ScopedIeeeSubnormals::ScopedIeeeSubnormals() : saved_(_mm_getcsr()) {
+  _mm_setcsr(saved_ & ~(kFtz | kDaz));
+}
+ScopedIeeeSubnormals::~ScopedIeeeSubnormals() { _mm_setcsr(saved_); }
+#else
+ScopedIeeeSubnormals::ScopedIeeeSubnormals() = default;
+ScopedIeeeSubnormals::~ScopedIeeeSubnormals() = default;
+#endif
+
 Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
                                const ClipArgs& args, const ParallelFor& parallel_for) {
   Status status = validate(tensors, num_tensors, args);
   if (!status.ok()) return status;
-  const IeeeSubnormals ieee;  // for the norm and the scale, computed on this thread
+  const ScopedIeeeSubnormals ieee;  // for the norm and the scale, computed on this thread
   if (args.clip_norm.device_ptr != nullptr || args.use_norm.device_ptr != nullptr)
     return Status::Error("the CPU kernel takes clip_norm and use_norm as host values");
 
@@ -214,7 +210,7 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
     // partials are summed in a fixed order, so the norm is bitwise reproducible
     std::vector<double> partials(items);
     run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
-      const IeeeSubnormals ieee;
+      const ScopedIeeeSubnormals ieee;
       for_items(tensors, first_item, begin, end,
                 [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t w) {
                   partials[w] = dispatch(t.dtype, [&](auto dt) {
@@ -234,7 +230,7 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
   const double scale = clip_scale(norm, args.clip_norm.value, args.norm_dtype);
   const bool stream = bytes > kStreamBytes;  // outputs are as large as inputs
   run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
-    const IeeeSubnormals ieee;
+    const ScopedIeeeSubnormals ieee;
     for_items(tensors, first_item, begin, end,
               [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t) {
                 dispatch(t.dtype, [&](auto dt) {

@@ -86,6 +86,22 @@ using ParallelFor =
 // works too, so a call never waits for a busy pool to free up.
 ParallelFor default_parallel_for();
 
+// While alive, this thread computes with IEEE subnormals: FTZ and DAZ cleared
+// (x86), the previous mode restored after. TensorFlow runs its CPU kernels with
+// both set; the CPU kernel clears them for all its work, and an adapter must
+// hold one while it converts scalar arguments to double, so that every front
+// end, and the GPU, give the same bits.
+class ScopedIeeeSubnormals {
+ public:
+  ScopedIeeeSubnormals();
+  ~ScopedIeeeSubnormals();
+  ScopedIeeeSubnormals(const ScopedIeeeSubnormals&) = delete;
+  ScopedIeeeSubnormals& operator=(const ScopedIeeeSubnormals&) = delete;
+
+ private:
+  unsigned saved_ = 0;
+};
+
 // Computes the global norm and (if args.scale) writes every scaled tensor.
 // \param[in] tensors      the list; host memory
 // \param[in] num_tensors  its length (may be 0: the norm is then 0)

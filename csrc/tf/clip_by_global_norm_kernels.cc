@@ -85,6 +85,7 @@ class ClipByGlobalNormOp : public OpKernel {
                                              use.shape().DebugString()));
       args.has_use_norm = use_given_;
       if constexpr (kDevice == Device::kCpu) {
+        const clipops::ScopedIeeeSubnormals ieee;  // TF's DAZ would read a subnormal as 0
         args.clip_norm.value = ScalarValue(clip);
         args.use_norm.value = ScalarValue(use);
       } else {
