@@ -1,14 +1,16 @@
-"""Fuzzing: random lists, random scalars and garbage, through every CPU-side front end.
+"""Fuzzing: random lists, random scalars and garbage, through every front end a
+CPU can run: NumPy, the TF op, and the CUDA kernel under the CUDA emulation.
 
 Every valid input must give exactly the bits of the independent NumPy model of
-the documented reduction order and TF's scale formula (tests/conftest.py);
-every invalid one a TypeError or ValueError that names it; nothing may crash.
+the documented reduction order and TF's scale formula (tests/conftest.py), or
+of the NumPy front end, which is held to that model; every invalid one a
+TypeError or ValueError that names it; nothing may crash.
 
 Budgets: CI runs the "ci" profile (a few hundred examples); the full run,
 
     CLIPOPS_FUZZ=full pytest tests/test_fuzz.py
 
-draws 4,000 examples per test (12,000 or more in all; README, Reliability).
+draws 4,000 examples per test (20,000 in all; README, Reliability).
 """
 
 from __future__ import annotations
@@ -198,3 +200,28 @@ def test_tf_op_gives_the_numpy_front_end_s_bits(arrays, clip, use, slices, mode)
         if o is not None:
             o = o.values if isinstance(o, tf.IndexedSlices) else o
             assert _same_bits(o.numpy().reshape(w.shape), w)
+
+
+@FUZZ
+@given(arrays=gradient_lists(allow_none=False), clip=SCALARS, use=st.one_of(st.none(), SCALARS),
+       resident=st.sampled_from([1, 2, 3, 7, 64]), pointers=st.booleans(),
+       order=st.sampled_from(["forward", "reverse", "random"]), seed=st.integers(0, 2**32 - 1))
+def test_emulated_cuda_kernel_gives_the_cpu_kernel_s_bits(arrays, clip, use, resident, pointers,
+                                                          order, seed):
+    # the CUDA kernel and its launcher, unchanged, run on the CPU (tests/test_emulation.py)
+    pytest.importorskip("clipops._emulation", reason="built without the CUDA emulation")
+    import test_emulation as te
+
+    te.emu.configure(order, order, seed)
+    try:
+        te.use_device(resident)
+        outs, norm, _ = te.run(arrays, clip, use_norm=use, pointers=pointers)
+    finally:
+        te.emu.configure()
+    want, want_norm = te.reference(arrays, clip, use_norm=use)
+    # Same bits, NaNs aside: which operand's NaN a product passes on depends on
+    # the instruction (the CPU's AVX2 loops vs scalar code; a GPU makes one
+    # canonical NaN), so only NaN-ness is compared for them.
+    assert _same_bits(norm, want_norm), (norm, want_norm)
+    for i, (o, w) in enumerate(zip(outs, want)):
+        assert _same_bits(o, w), f"arrays[{i}] ({o.dtype}, {o.size})"
