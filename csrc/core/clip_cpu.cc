@@ -6,6 +6,9 @@
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "clipops.h"
 
@@ -136,6 +139,25 @@ constexpr int64_t kParallelMinElements = int64_t(1) << 20;
 // Outputs beyond this many bytes go around the cache (see scale_chunk).
 constexpr int64_t kStreamBytes = int64_t(64) << 20;
 
+// A fresh output (TF's allocator hands large ones out unfaulted) costs a page
+// fault per 4 KiB page when the scale pass first writes it: where transparent
+// huge pages are in "madvise" mode, a common default, that was 23,000 faults
+// and ~60 ms for a 94 MB output on a 2-core AMD EPYC, 3x the pass itself.
+// Asking for huge pages on the output's 2 MiB-aligned interior makes it ~50.
+// Advice only: where THP is off, or the pages are already there, nothing changes.
+void advise_huge_pages(void* out, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < static_cast<int64_t>(2 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(out) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(out) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)out;
+  (void)bytes;
+#endif
+}
+
 // Calls fn(tensor, first element, count) for every work item in [begin, end).
 template <typename Fn>
 void for_items(const TensorDesc* tensors, const std::vector<int64_t>& first_item,
@@ -229,6 +251,9 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
 
   const double scale = clip_scale(norm, args.clip_norm.value, args.norm_dtype);
   const bool stream = bytes > kStreamBytes;  // outputs are as large as inputs
+  for (int t = 0; t < num_tensors; ++t)
+    if (tensors[t].out != tensors[t].in)
+      advise_huge_pages(tensors[t].out, tensors[t].numel * dtype_size(tensors[t].dtype));
   run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
     const ScopedIeeeSubnormals ieee;
     for_items(tensors, first_item, begin, end,
