@@ -229,8 +229,11 @@ ParallelFor default_parallel_for() {
 #if !defined(CLIPOPS_WITH_CUDA)
 bool cuda_compiled() { return false; }
 size_t cuda_workspace_bytes(const TensorDesc*, int) { return 0; }
-Status clip_by_global_norm_cuda(const TensorDesc*, int, const ClipArgs&, void*, size_t,
-                                cudaStream_t) {
+Status clip_by_global_norm_cuda(const TensorDesc* tensors, int num_tensors, const ClipArgs& args,
+                                void*, size_t, cudaStream_t) {
+  // bad input is reported as such on every build, as by the real launcher
+  Status status = validate(tensors, num_tensors, args);
+  if (!status.ok()) return status;
   return Status::Runtime("clipops was built without CUDA (nvcc was not found at build time)");
 }
 #endif
