@@ -114,21 +114,32 @@ def global_norm(t_list, name=None):
 
 
 def build_info() -> dict:
-    """What this installation was built with, and its GPU route.
+    """What this installation was built with, and its GPU routes.
 
-    gpu_route "nvcc": the kernel was compiled by nvcc (CUDA `cuda_version`, whose
-    runtime is linked in statically) for `cuda_architectures`; the TF op's GPU
-    kernel and clipops.cupy launch it. "nvrtc": nothing was compiled for the
-    GPU; clipops.cupy compiles the shipped kernel source at first use with the
-    NVRTC that CuPy loads, for the GPU present (so the CUDA version and the
-    architecture are known only then), and the TF op has only its CPU kernel.
+    gpu_route, for clipops.cupy: "nvcc" when the kernel was compiled by nvcc
+    (CUDA `cuda_version`, whose runtime is linked in statically, for
+    `cuda_architectures`); "nvrtc" when nothing was compiled for the GPU and
+    clipops.cupy compiles the shipped kernel source at first use with the NVRTC
+    that CuPy loads, for the GPU present.
+
+    tf_gpu_route, for the TF op's GPU kernel: "driver" on every build with the
+    op. The kernel is compiled at first use by the NVRTC of TensorFlow's CUDA
+    (`tf_nvrtc`, libnvrtc.so.12 from `tensorflow[and-cuda]`) for the GPU
+    present and launched through the driver API: no CUDA runtime of clipops'
+    own, so any driver and GPU that TensorFlow's CUDA 12 supports (sm_60+).
     """
     from . import _build_info as b
 
-    return {"gpu_route": "nvcc" if b.WITH_CUDA else "nvrtc",
+    info = {"gpu_route": "nvcc" if b.WITH_CUDA else "nvrtc",
             "with_cuda": b.WITH_CUDA, "cuda_version": b.CUDA_VERSION,
             "cuda_architectures": b.CUDA_ARCHITECTURES,
-            "with_tf": b.WITH_TF, "tf_version": b.TF_VERSION}
+            "with_tf": b.WITH_TF, "tf_version": b.TF_VERSION,
+            "tf_gpu_route": "driver" if b.WITH_TF else None, "tf_nvrtc": None}
+    if b.WITH_TF:
+        from . import _driver
+
+        info["tf_nvrtc"] = _driver.nvrtc_library()
+    return info
 
 
 def __getattr__(name: str):

@@ -35,14 +35,14 @@ import cupy
 import numpy as np
 from cupy.cuda import driver, function, runtime
 
-from . import _common
+from . import _common, _driver
 
 __all__ = ["CudaUnavailableError", "LaunchError", "TENSOR_ENTRY", "build_table",
            "cuda_workspace_bytes", "clip_cuda", "grid_size", "select_target",
            "cuda_include_dirs", "compile_kernel", "get_kernel"]
 
 KERNEL_NAME = "clipops_clip_kernel"
-KERNEL_FILES = ("clip_kernel.cuh", "clip_math.h")
+KERNEL_FILES = _driver.KERNEL_FILES
 # Bump when the way binaries are produced changes without the sources changing.
 _CACHE_FORMAT = b"clipops-nvrtc-1"
 
@@ -122,13 +122,13 @@ def grid_size(num_items: int, resident_blocks: int) -> int:
 def kernel_dir() -> Path:
     """The folder holding clip_kernel.cuh and clip_math.h: clipops/kernels in an
     installed package, csrc/core in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for d in (here / "kernels", here.parent / "csrc" / "core"):
-        if all((d / f).is_file() for f in KERNEL_FILES):
-            return d
-    raise CudaUnavailableError(
-        f"clipops' kernel sources ({', '.join(KERNEL_FILES)}) are missing from {here / 'kernels'}; "
-        "reinstall clipops (`pip install --no-build-isolation .`)")
+    found = _driver.kernel_dir()
+    if found is None:
+        raise CudaUnavailableError(
+            f"clipops' kernel sources ({', '.join(KERNEL_FILES)}) are missing from "
+            f"{Path(__file__).resolve().parent / 'kernels'}; reinstall clipops "
+            "(`pip install --no-build-isolation .`)")
+    return found
 
 
 def _header_candidates(lib: str) -> list[Path]:

@@ -14,12 +14,13 @@ TensorFlow"):
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from . import _build_info, _common, _tf_xla
+from . import _build_info, _common, _driver, _tf_xla
 from . import clip_by_global_norm as _documented_clip, global_norm as _documented_norm
 
 __all__ = ["clip_by_global_norm", "global_norm"]
@@ -46,7 +47,15 @@ def _load_op_library():
             f"but TensorFlow {tf.__version__} is installed, and TF's C++ ABI changes between "
             f"minor releases. Install tensorflow=={series} or rebuild clipops with "
             "`pip install --no-build-isolation --force-reinstall .`.")
-    return tf.load_op_library(os.path.join(os.path.dirname(__file__), "_clipops_tf.so"))
+    path = os.path.join(os.path.dirname(__file__), "_clipops_tf.so")
+    ops = tf.load_op_library(path)
+    # Where the GPU kernel (the driver route) finds NVRTC, the CUDA headers and
+    # its cache; it opens them only when it first runs on a GPU.
+    c = _driver.config()
+    ctypes.CDLL(path).clipops_tf_configure_driver(
+        c.nvrtc_library.encode(), c.cuda_library.encode(), "\n".join(c.include_dirs).encode(),
+        c.kernel_dir.encode(), c.cache_dir.encode())
+    return ops
 
 
 _ops = _load_op_library()
@@ -127,14 +136,6 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
 clip_by_global_norm.__doc__ = _documented_clip.__doc__
 
 
-def _gpu_without_kernel(values: list) -> bool:
-    """Eager GPU tensors while the op has only its CPU kernel (built without
-    nvcc): TF would copy them to the host and back. They go to clipops.cupy
-    instead, by DLPack, without copies (see _clip_through_cupy)."""
-    return (not _build_info.WITH_CUDA and tf.executing_eagerly()
-            and tf.DeviceSpec.from_string(values[0].device).device_type == "GPU")
-
-
 def _clip(t_list: list, clip_norm, use_norm):
     values, positions, code = _values(t_list)
     dtype = _TF_DTYPES[code]
@@ -145,35 +146,10 @@ def _clip(t_list: list, clip_norm, use_norm):
         return [None] * len(t_list), use if given else tf.zeros((), dtype)
     if _tf_xla.in_xla_context():  # XLA cannot compile the custom op: the same math in TF ops
         clipped, norm = _tf_xla.clip_by_global_norm(values, clip, use if given else None)
-    elif _gpu_without_kernel(values):
-        clipped, norm = _clip_through_cupy(values, clip, use, given)
     else:
         clipped, norm = _ops.clipops_clip_by_global_norm(
             t_list=values, clip_norm=clip, use_norm=use, use_given=given)
     return _rebuild(t_list, positions, clipped), norm
-
-
-def _clip_through_cupy(values: list, clip: tf.Tensor, use: tf.Tensor, given: bool):
-    """The clip on eager GPU tensors through CuPy (clipops/_tf_cupy.py). TF
-    cannot see through CuPy, so the op's gradient is attached here: under a
-    GradientTape the gradients are the op's, never a silent None."""
-    from . import _tf_cupy  # CuPy is optional: imported only here
-
-    values = [tf.convert_to_tensor(v) for v in values]  # a Variable's read is taped
-
-    @tf.custom_gradient
-    def clip_fn(*args):
-        tensors, c, u = list(args[:-2]), args[-2], args[-1]
-        clipped, norm = _tf_cupy.clip_tf_tensors(tensors, c, u if given else None)
-
-        def grad(*upstream):
-            g_t, g_c, g_u = _clip_grads(tensors, c, norm, upstream[:-1], upstream[-1], given)
-            return (*g_t, g_c, g_u if given else tf.zeros_like(u))
-
-        return (*clipped, norm), grad
-
-    out = clip_fn(*values, clip, use)
-    return list(out[:-1]), out[-1]
 
 
 def global_norm(t_list, name=None):
@@ -193,21 +169,7 @@ def _global_norm(t_list: list):
         return tf.zeros((), tf.float32)
     if _tf_xla.in_xla_context():
         return _tf_xla.global_norm(values, _TF_DTYPES[code])
-    if _gpu_without_kernel(values):
-        return _global_norm_through_cupy(values)
     return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
-
-
-def _global_norm_through_cupy(values: list) -> tf.Tensor:
-    """global_norm of eager GPU tensors through CuPy, with the op's gradient."""
-    from . import _tf_cupy
-
-    @tf.custom_gradient
-    def norm_fn(*tensors):
-        norm = _tf_cupy.global_norm_tf_tensors(list(tensors))
-        return norm, lambda g_norm: _global_norm_grads(tensors, norm, g_norm)
-
-    return norm_fn(*[tf.convert_to_tensor(v) for v in values])
 
 
 # ---- gradients: the chain rule of TF's own formula ---------------------------

@@ -639,25 +639,6 @@ def test_nvrtc_cubin(tmp_path, monkeypatch):
     assert _nvrtc.compile_kernel("-arch=sm_90", "cubin")[:4] == b"\x7fELF"
 
 
-# ---- the TensorFlow hook's error paths -----------------------------------------
-
-@needs_cupy
-def test_tf_hook_refuses_graph_mode_and_cpu_tensors():
-    tf = pytest.importorskip("tensorflow")
-    from clipops import _tf_cupy
-
-    with pytest.raises(ValueError, match="GPU tensors"):
-        with tf.device("/CPU:0"):
-            _tf_cupy.clip_tf_tensors([tf.constant([1.0, 2.0])], 1.0)
-
-    @tf.function
-    def graph(x):
-        return _tf_cupy.clip_tf_tensors([x], 1.0)
-
-    with pytest.raises(RuntimeError, match="tf.function"):
-        graph(tf.constant([1.0, 2.0]))
-
-
 # =============================================================================
 # GPU tests
 # =============================================================================

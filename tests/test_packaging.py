@@ -139,6 +139,11 @@ def test_op_refuses_the_next_minor_release():
 
 def test_build_info_reports_the_gpu_route():
     info = clipops.build_info()
+    if info["with_tf"]:  # the TF op's GPU kernel: the driver route on every build
+        assert info["tf_gpu_route"] == "driver"
+        assert info["tf_nvrtc"].endswith("libnvrtc.so.12"), info
+    else:
+        assert info["tf_gpu_route"] is None
     if not info["with_cuda"]:
         assert info["gpu_route"] == "nvrtc"
         assert info["cuda_version"] == info["cuda_architectures"] == ""

@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "clip_launch.h"
 #include "clipops.h"
 
 namespace clipops {
@@ -226,9 +227,14 @@ ParallelFor default_parallel_for() {
   };
 }
 
+size_t cuda_workspace_bytes(const TensorDesc* tensors, int num_tensors) {
+  const size_t table = detail::partials_offset(num_tensors);
+  const size_t partials = sizeof(double) * static_cast<size_t>(num_work_items(tensors, num_tensors));
+  return std::max<size_t>(16, table + partials);
+}
+
 #if !defined(CLIPOPS_WITH_CUDA)
 bool cuda_compiled() { return false; }
-size_t cuda_workspace_bytes(const TensorDesc*, int) { return 0; }
 Status clip_by_global_norm_cuda(const TensorDesc* tensors, int num_tensors, const ClipArgs& args,
                                 void*, size_t, cudaStream_t) {
   // bad input is reported as such on every build, as by the real launcher

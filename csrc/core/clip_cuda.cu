@@ -9,14 +9,13 @@
 #include <vector>
 
 #include "clip_kernel.cuh"
+#include "clip_launch.h"
 #include "clipops.h"
 
 namespace clipops {
 namespace {
 
 using detail::TensorEntry;
-
-constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
 Status cuda_error(const char* what, cudaError_t err) {
   return Status::Runtime(std::string(what) + ": " + cudaGetErrorString(err));
@@ -94,59 +93,30 @@ Status max_resident_blocks(int device, int* blocks) {
 
 bool cuda_compiled() { return true; }
 
-size_t cuda_workspace_bytes(const TensorDesc* tensors, int num_tensors) {
-  const size_t table = align16(sizeof(TensorEntry) * static_cast<size_t>(num_tensors));
-  const size_t partials = sizeof(double) * static_cast<size_t>(num_work_items(tensors, num_tensors));
-  return std::max<size_t>(16, table + partials);
-}
-
 Status clip_by_global_norm_cuda(const TensorDesc* tensors, int num_tensors,
                                 const ClipArgs& args, void* workspace,
                                 size_t workspace_bytes, cudaStream_t stream) {
-  Status status = validate(tensors, num_tensors, args);
-  if (!status.ok()) return status;
-  if (workspace == nullptr || workspace_bytes < cuda_workspace_bytes(tensors, num_tensors))
-    return Status::Error("the CUDA workspace is missing or smaller than cuda_workspace_bytes()");
-  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
-    return Status::Error("the CUDA workspace must be 16-byte aligned");
-
   thread_local std::vector<TensorEntry> table;
-  table.resize(num_tensors);
   long long items = 0;
-  for (int i = 0; i < num_tensors; ++i) {
-    table[i] = TensorEntry{tensors[i].in, tensors[i].out, tensors[i].numel, items, tensors[i].dtype, 0};
-    items += (tensors[i].numel + detail::kChunk - 1) / detail::kChunk;
-  }
-  auto* d_table = static_cast<TensorEntry*>(workspace);
-  auto* d_partials = reinterpret_cast<double*>(static_cast<char*>(workspace) +
-                                               align16(sizeof(TensorEntry) * num_tensors));
+  Status status = detail::prepare_launch(tensors, num_tensors, args, workspace, workspace_bytes,
+                                         &table, &items);
+  if (!status.ok()) return status;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return cuda_error("cudaGetDevice", err);
   if (num_tensors > 0) {
     static PinnedStaging staging;
-    status = staging.copy(d_table, table.data(), sizeof(TensorEntry) * num_tensors, device, stream);
+    status = staging.copy(workspace, table.data(), sizeof(TensorEntry) * num_tensors, device, stream);
     if (!status.ok()) return status;
   }
 
   int resident = 0;
   status = max_resident_blocks(device, &resident);
   if (!status.ok()) return status;
-  const int grid = static_cast<int>(std::max<long long>(1, std::min<long long>(items, resident)));
-
-  int num = num_tensors;
-  int norm_dtype = args.norm_dtype;
-  int do_scale = args.scale ? 1 : 0;
-  double clip_value = args.clip_norm.value;
-  const void* clip_ptr = args.clip_norm.device_ptr;
-  int has_use = args.has_use_norm ? 1 : 0;
-  double use_value = args.use_norm.value;
-  const void* use_ptr = args.use_norm.device_ptr;
-  void* norm_out = args.norm_out;
-  void* params[] = {&d_table, &num, &items, &d_partials, &norm_dtype, &do_scale,
-                    &clip_value, &clip_ptr, &has_use, &use_value, &use_ptr, &norm_out};
-  err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(clipops_clip_kernel), dim3(grid),
-                                    dim3(detail::kThreads), params, 0, stream);
+  detail::KernelArgs kernel_args(workspace, num_tensors, items, args);
+  err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(clipops_clip_kernel),
+                                    dim3(detail::grid_size(items, resident)),
+                                    dim3(detail::kThreads), kernel_args.params, 0, stream);
   if (err != cudaSuccess) return cuda_error("launching the clip kernel", err);
   return Status::Ok();
 }

@@ -20,17 +20,6 @@
 namespace clipops {
 namespace detail {
 
-// One row of the device-side tensor table. 40 bytes; clipops/_nvrtc.py
-// mirrors this layout with a NumPy structured dtype.
-struct TensorEntry {
-  const void* in;
-  void* out;
-  long long numel;
-  long long first_item;  // index of this tensor's first work item
-  int dtype;
-  int pad;
-};
-
 // The last tensor whose first item is <= w (empty tensors own no item).
 __device__ __forceinline__ int find_tensor(const TensorEntry* t, int n, long long w) {
   int lo = 0, hi = n - 1;

@@ -42,6 +42,18 @@ constexpr int kLanesPerThread = kLanes / kThreads;
 constexpr int kRowsPerChunk = static_cast<int>(kChunk / kLanes);
 static_assert(kLanesPerThread == 4, "the kernels load four lanes per thread");
 
+// One row of the tensor table the CUDA kernel reads, built on the host by both
+// launchers (clip_launch.h). 40 bytes; clipops/_nvrtc.py mirrors this layout
+// with a NumPy structured dtype.
+struct TensorEntry {
+  const void* in;
+  void* out;
+  long long numel;
+  long long first_item;  // index of this tensor's first work item
+  int dtype;
+  int pad;
+};
+
 CLIPOPS_HD int dtype_size(int dtype) {
   return dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
 }

@@ -10,11 +10,13 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "clip_math.h"
 
 // The CUDA runtime's own declaration, repeated so this header needs no CUDA.
 typedef struct CUstream_st* cudaStream_t;
+typedef struct CUstream_st* CUstream;  // the driver API's name for the same handle
 
 namespace clipops {
 
@@ -51,16 +53,19 @@ struct ClipArgs {
   bool check_overlap = true;
 };
 
-// Success, or what went wrong: bad input (nothing was touched), or a failure
-// of the CUDA runtime. Adapters map them to their own error types.
+// Success, or what went wrong: bad input (nothing was touched), a failure of
+// the CUDA runtime or driver, or a GPU route that cannot run on this machine
+// (a missing library, an old driver or GPU: the message names the cause and
+// the fix). Adapters map them to their own error types.
 struct Status {
-  enum Code { kOk = 0, kInvalidArgument, kRuntimeError };
+  enum Code { kOk = 0, kInvalidArgument, kRuntimeError, kUnavailable };
   Code code = kOk;
   std::string message;
   bool ok() const { return code == kOk; }
   static Status Ok() { return {}; }
   static Status Error(std::string m) { return {kInvalidArgument, std::move(m)}; }
   static Status Runtime(std::string m) { return {kRuntimeError, std::move(m)}; }
+  static Status Unavailable(std::string m) { return {kUnavailable, std::move(m)}; }
 };
 
 // The dtype of the returned norm: the common dtype, or float32 if mixed.
@@ -129,5 +134,32 @@ size_t cuda_workspace_bytes(const TensorDesc* tensors, int num_tensors);
 Status clip_by_global_norm_cuda(const TensorDesc* tensors, int num_tensors,
                                 const ClipArgs& args, void* workspace,
                                 size_t workspace_bytes, cudaStream_t stream);
+
+// ---- CUDA through the driver API (clip_driver.cc) ---------------------------
+// The TF op's GPU route. Nothing of CUDA is linked: at the first launch,
+// libcuda.so.1 and the NVRTC named below are opened with dlopen, the shipped
+// kernel source is compiled for the GPU present (cached on disk), and the
+// launch is one cuLaunchCooperativeKernel on the caller's stream, in the
+// stream's own context. So the kernel runs with the CUDA the framework loaded
+// (TensorFlow 2.21: CUDA 12, any driver from 525, sm_60 and newer).
+struct DriverConfig {
+  std::string nvrtc_library = "libnvrtc.so.12";  // a path, or a name dlopen searches
+  std::string cuda_library = "libcuda.so.1";
+  std::vector<std::string> include_dirs;  // <cooperative_groups.h> and CCCL's <nv/target>
+  std::string kernel_dir;                 // clip_kernel.cuh and clip_math.h
+  std::string cache_dir;                  // compiled kernels; empty: no disk cache
+};
+
+// Sets where the route finds its libraries, headers and cache. Takes effect
+// for contexts whose kernel is not loaded yet; the Python adapters call it
+// once at import.
+void configure_driver_route(const DriverConfig& config);
+
+// As clip_by_global_norm_cuda, through the driver route; the workspace is
+// cuda_workspace_bytes() of device memory. A route that cannot run here
+// returns kUnavailable with the cause and the fix.
+Status clip_by_global_norm_driver(const TensorDesc* tensors, int num_tensors,
+                                  const ClipArgs& args, void* workspace,
+                                  size_t workspace_bytes, CUstream stream);
 
 }  // namespace clipops

@@ -18,6 +18,31 @@ using clipops_py::raise_if_error;
 using clipops_py::to_args;
 using clipops_py::to_descs;
 
+// clip_cuda and clip_driver: one launcher's call over device buffers. The GIL
+// is released: the driver route's first call compiles for seconds.
+template <auto kLauncher, typename Stream>
+void launch(const std::vector<Desc>& descs, int norm_dtype, bool scale, double clip_norm,
+            uintptr_t clip_ptr, std::optional<double> use_norm, uintptr_t use_ptr,
+            uintptr_t norm_out, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
+            bool check_overlap) {
+  const auto t = to_descs(descs);
+  const auto args =
+      to_args(norm_dtype, scale, clip_norm, clip_ptr, use_norm, use_ptr, norm_out, check_overlap);
+  clipops::Status s;
+  {
+    py::gil_scoped_release release;
+    s = kLauncher(t.data(), static_cast<int>(t.size()), args, reinterpret_cast<void*>(workspace),
+                  workspace_bytes, reinterpret_cast<Stream>(stream));
+  }
+  raise_if_error(s);
+}
+
+#define LAUNCH_ARGS                                                                            \
+  py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),             \
+      py::arg("clip_ptr"), py::arg("use_norm"), py::arg("use_ptr"), py::arg("norm_out"),       \
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),                     \
+      py::arg("check_overlap") = true
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "clipops core: fused global-norm clipping (CPU and CUDA), framework-free";
   m.attr("CHUNK") = clipops::detail::kChunk;
@@ -66,22 +91,29 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("descs"), "Device workspace bytes clip_cuda needs for this list.");
 
+  m.def("clip_cuda", &launch<clipops::clip_by_global_norm_cuda, cudaStream_t>,
+        LAUNCH_ARGS,
+        "One cooperative launch on `stream` over device buffers; never waits for the GPU.");
+
   m.def(
-      "clip_cuda",
-      [](const std::vector<Desc>& descs, int norm_dtype, bool scale, double clip_norm,
-         uintptr_t clip_ptr, std::optional<double> use_norm, uintptr_t use_ptr,
-         uintptr_t norm_out, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
-         bool check_overlap) {
-        const auto t = to_descs(descs);
-        const auto args =
-            to_args(norm_dtype, scale, clip_norm, clip_ptr, use_norm, use_ptr, norm_out, check_overlap);
-        raise_if_error(clipops::clip_by_global_norm_cuda(
-            t.data(), static_cast<int>(t.size()), args, reinterpret_cast<void*>(workspace),
-            workspace_bytes, reinterpret_cast<cudaStream_t>(stream)));
+      "configure_driver",
+      [](const std::string& nvrtc_library, const std::string& cuda_library,
+         const std::vector<std::string>& include_dirs, const std::string& kernel_dir,
+         const std::string& cache_dir) {
+        clipops::DriverConfig c;
+        c.nvrtc_library = nvrtc_library;
+        c.cuda_library = cuda_library;
+        c.include_dirs = include_dirs;
+        c.kernel_dir = kernel_dir;
+        c.cache_dir = cache_dir;
+        clipops::configure_driver_route(c);
       },
-      py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),
-      py::arg("clip_ptr"), py::arg("use_norm"), py::arg("use_ptr"), py::arg("norm_out"),
-      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
-      py::arg("check_overlap") = true,
-      "One cooperative launch on `stream` over device buffers; never waits for the GPU.");
+      py::arg("nvrtc_library"), py::arg("cuda_library"), py::arg("include_dirs"),
+      py::arg("kernel_dir"), py::arg("cache_dir"),
+      "Where the driver route (clip_driver) finds NVRTC, the driver, headers, sources and cache.");
+
+  m.def("clip_driver", &launch<clipops::clip_by_global_norm_driver, CUstream>,
+        LAUNCH_ARGS,
+        "clip_cuda through the driver route (NVRTC at first use, the driver API): the TF op's "
+        "GPU route. Raises ValueError on invalid input, RuntimeError otherwise.");
 }

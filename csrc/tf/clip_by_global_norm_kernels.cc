@@ -1,12 +1,13 @@
 // TensorFlow kernels: turn the op's tensors into core descriptors and call the
 // core (csrc/core/clipops.h). CPU and GPU share everything but the last call.
+// The GPU kernel takes the core's driver route (csrc/core/clip_driver.cc): the
+// kernel compiled at first use by the NVRTC of TensorFlow's CUDA 12, launched
+// through the driver API on TF's stream. It is registered on every build.
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 
-#if defined(CLIPOPS_WITH_CUDA)
 #include "xla/stream_executor/stream.h"
-#endif
 
 #include "clipops.h"
 
@@ -113,20 +114,20 @@ class ClipByGlobalNormOp : public OpKernel {
           };
       status = clipops::clip_by_global_norm_cpu(descs.data(), n, args, parallel_for);
     } else {
-#if defined(CLIPOPS_WITH_CUDA)
       const size_t bytes = clipops::cuda_workspace_bytes(descs.data(), n);
       Tensor workspace;
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8,
                                              {static_cast<int64_t>(bytes)}, &workspace));
-      auto* stream = static_cast<cudaStream_t>(
+      auto* stream = static_cast<CUstream>(
           ctx->op_device_context()->stream()->platform_specific_handle().stream);
-      status = clipops::clip_by_global_norm_cuda(descs.data(), n, args,
-                                                 workspace.data(),
-                                                 bytes, stream);
-#endif
+      status = clipops::clip_by_global_norm_driver(descs.data(), n, args, workspace.data(),
+                                                   bytes, stream);
     }
     OP_REQUIRES(ctx, status.code != clipops::Status::kInvalidArgument,
                 absl::InvalidArgumentError(status.message));
+    // the GPU route cannot run here: the message names the cause and the fix
+    OP_REQUIRES(ctx, status.code != clipops::Status::kUnavailable,
+                absl::FailedPreconditionError(status.message));
     OP_REQUIRES(ctx, status.ok(), absl::InternalError(status.message));
   }
 
@@ -147,7 +148,6 @@ CLIPOPS_REGISTER_CPU(Eigen::bfloat16)
 CLIPOPS_REGISTER_CPU(float)
 CLIPOPS_REGISTER_CPU(double)
 
-#if defined(CLIPOPS_WITH_CUDA)
 // clip_norm and use_norm stay in device memory (a variable, a schedule's output):
 // as host memory they would cost a copy that waits for the stream at every step.
 #define CLIPOPS_REGISTER_GPU(T)                                                         \
@@ -161,6 +161,26 @@ CLIPOPS_REGISTER_GPU(Eigen::half)
 CLIPOPS_REGISTER_GPU(Eigen::bfloat16)
 CLIPOPS_REGISTER_GPU(float)
 CLIPOPS_REGISTER_GPU(double)
-#endif
 
 }  // namespace
+
+// Called once by clipops/tensorflow.py (ctypes) when it loads the op: where the
+// GPU route finds NVRTC, the driver, the CUDA headers (include_dirs: one per
+// line), the kernel sources and its disk cache.
+extern "C" __attribute__((visibility("default"))) void clipops_tf_configure_driver(
+    const char* nvrtc_library, const char* cuda_library, const char* include_dirs,
+    const char* kernel_dir, const char* cache_dir) {
+  clipops::DriverConfig c;
+  c.nvrtc_library = nvrtc_library;
+  c.cuda_library = cuda_library;
+  std::string dirs = include_dirs;
+  for (size_t start = 0; start < dirs.size();) {
+    size_t end = dirs.find('\n', start);
+    if (end == std::string::npos) end = dirs.size();
+    if (end > start) c.include_dirs.push_back(dirs.substr(start, end - start));
+    start = end + 1;
+  }
+  c.kernel_dir = kernel_dir;
+  c.cache_dir = cache_dir;
+  clipops::configure_driver_route(c);
+}

@@ -1,0 +1,104 @@
+/* A fake libcuda.so.1 for tests/test_driver.py: the driver API calls of
+ * csrc/core/clip_driver.cc, with no GPU. "Device" memory is host memory, so a
+ * copy really copies and the test can read the tensor table back. What the GPU
+ * is like comes from environment variables read at each call; what the
+ * launcher did is recorded in the fake_* globals, read through ctypes. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int CUresult;
+
+static int env_int(const char* name, int fallback) {
+  const char* v = getenv(name);
+  return v && *v ? atoi(v) : fallback;
+}
+
+/* what the launcher did */
+int fake_init_calls, fake_module_loads, fake_copies, fake_launches, fake_ctx_depth, fake_max_depth;
+unsigned fake_grid[3], fake_block[3], fake_shared;
+uintptr_t fake_launch_stream, fake_launch_function;
+unsigned char fake_params[12][8]; /* the first 8 bytes behind each kernel parameter */
+unsigned char fake_loaded_head[64];  /* the first bytes of the last module image */
+
+CUresult cuInit(unsigned flags) {
+  (void)flags;
+  ++fake_init_calls;
+  return env_int("FAKE_CUDA_INIT_ERROR", 0);
+}
+CUresult cuDriverGetVersion(int* v) { *v = env_int("FAKE_CUDA_DRIVER_VERSION", 12020); return 0; }
+CUresult cuGetErrorString(CUresult err, const char** text) {
+  static char buf[64];
+  snprintf(buf, sizeof buf, "fake error %d", err);
+  *text = buf;
+  return 0;
+}
+/* each stream is its own context (its own GPU, as far as the launcher knows) */
+CUresult cuStreamGetCtx(void* stream, void** ctx) { *ctx = (void*)((uintptr_t)stream + 1); return 0; }
+CUresult cuCtxPushCurrent_v2(void* ctx) {
+  (void)ctx;
+  if (++fake_ctx_depth > fake_max_depth) fake_max_depth = fake_ctx_depth;
+  return 0;
+}
+CUresult cuCtxPopCurrent_v2(void** ctx) { *ctx = 0; --fake_ctx_depth; return 0; }
+CUresult cuCtxGetDevice(int* dev) { *dev = 0; return 0; }
+CUresult cuDeviceGetAttribute(int* value, int attr, int dev) {
+  (void)dev;
+  const int cc = env_int("FAKE_CUDA_CC", 80);
+  switch (attr) {
+    case 16: *value = env_int("FAKE_CUDA_SMS", 4); return 0;   /* multiprocessors */
+    case 75: *value = cc / 10; return 0;                       /* compute capability */
+    case 76: *value = cc % 10; return 0;
+    case 95: *value = env_int("FAKE_CUDA_COOP", 1); return 0;  /* cooperative launch */
+    default: return 1;
+  }
+}
+CUresult cuModuleLoadData(void** module, const void* image) {
+  ++fake_module_loads;
+  /* an ELF image has a 64-byte header; PTX is a C string */
+  const char* text = (const char*)image;
+  const size_t n = memcmp(image, "\x7f" "ELF", 4) == 0 ? sizeof fake_loaded_head
+                                                   : strnlen(text, sizeof fake_loaded_head - 1) + 1;
+  memset(fake_loaded_head, 0, sizeof fake_loaded_head);
+  memcpy(fake_loaded_head, image, n);
+  *module = (void*)0x5000;
+  return env_int("FAKE_CUDA_LOAD_ERROR", 0);
+}
+CUresult cuModuleGetFunction(void** fn, void* module, const char* name) {
+  (void)module;
+  if (strcmp(name, "clipops_clip_kernel") != 0) return 500; /* not found */
+  *fn = (void*)0x6000;
+  return 0;
+}
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void* fn, int threads, size_t smem) {
+  (void)fn; (void)smem;
+  *blocks = threads == 256 ? env_int("FAKE_CUDA_BLOCKS_PER_SM", 2) : 0;
+  return 0;
+}
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
+  (void)flags;
+  *p = malloc(bytes);
+  return *p ? 0 : 2;
+}
+CUresult cuMemcpyHtoDAsync_v2(unsigned long long dst, const void* src, size_t bytes, void* stream) {
+  (void)stream;
+  ++fake_copies;
+  memcpy((void*)(uintptr_t)dst, src, bytes);
+  return 0;
+}
+CUresult cuEventCreate(void** ev, unsigned flags) { (void)flags; *ev = malloc(1); return 0; }
+CUresult cuEventRecord(void* ev, void* stream) { (void)ev; (void)stream; return 0; }
+CUresult cuEventQuery(void* ev) { (void)ev; return 0; }
+CUresult cuLaunchCooperativeKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                                   unsigned by, unsigned bz, unsigned shared, void* stream,
+                                   void** params) {
+  ++fake_launches;
+  fake_launch_function = (uintptr_t)fn;
+  fake_grid[0] = gx; fake_grid[1] = gy; fake_grid[2] = gz;
+  fake_block[0] = bx; fake_block[1] = by; fake_block[2] = bz;
+  fake_shared = shared;
+  fake_launch_stream = (uintptr_t)stream;
+  for (int i = 0; i < 12; ++i) memcpy(fake_params[i], params[i], 8);
+  return env_int("FAKE_CUDA_LAUNCH_ERROR", 0);
+}
