@@ -47,6 +47,7 @@ import threading
 import keras
 import tensorflow as tf
 from keras.src.utils import tracking
+from tensorflow.core.framework import summary_pb2
 
 from . import tensorflow as _ctf
 
@@ -391,13 +392,18 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
                        upscale, increment)
 
 
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
 class GlobalNormLogger(keras.callbacks.Callback):
     """Writes the global gradient norm of each training step to TensorBoard.
 
     The norm is the one the fused clip compared with ``global_clipnorm`` (of the gradients
     summed across replicas, unscaled under a loss scale), read from the optimizer
     (``last_global_norm``) after each batch, and written with ``tf.summary.scalar`` under the
-    tag ``global_gradient_norm`` at step ``optimizer.iterations``, into ``log_dir/train``, where
+    tag ``global_gradient_norm`` (TensorBoard's scalar plugin; the tensorboard package is needed to
+    view it, not to write it) at step ``optimizer.iterations``, into ``log_dir/train``, where
     ``keras.callbacks.TensorBoard(log_dir)`` writes its own training scalars. Steps skipped by a
     loss-scale overflow and micro-steps of gradient accumulation repeat the last norm.
 
@@ -440,8 +446,11 @@ class GlobalNormLogger(keras.callbacks.Callback):
         if self._batches % self.update_freq or not self._optimizer.built:
             return
         with self._writer.as_default():
-            tf.summary.scalar("global_gradient_norm", self._optimizer.last_global_norm.value,
-                              step=int(self._optimizer.iterations))
+            # tf.summary.write with TensorBoard's scalar metadata: what tf.summary.scalar
+            # writes, without needing the tensorboard package to write it
+            tf.summary.write("global_gradient_norm",
+                             tf.cast(self._optimizer.last_global_norm.value, tf.float32),
+                             step=int(self._optimizer.iterations), metadata=_SCALAR_METADATA)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
