@@ -411,3 +411,37 @@ def test_mirrored_strategy_sums_then_clips(rng, tmp_path):
     # Keras 3 clips each replica's half before the sum: two clipped halves of norm <= 1 each
     # add up to an update of another size; the difference is O(1), not rounding
     assert r["keras_mirrored"] > 0.05, r
+
+
+def _op_counts(model, x, y) -> dict:
+    """Op types in one traced train_step, its branch and loop bodies included."""
+    fn = tf.function(lambda x, y: model.train_step((x, y)))
+    graph_def = fn.get_concrete_function(x, y).graph.as_graph_def()
+    counts: dict = {}
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    for n in nodes:
+        counts[n.op] = counts.get(n.op, 0) + 1
+    return counts
+
+
+def test_the_fused_ops_are_what_runs(rng, policy):
+    # what the teacher-forced tests cannot see: which ops do the clip
+    x, y = (tf.constant(a[:BATCH]) for a in data(rng, 1))
+    model = mlp()
+    model.compile(optimizer=ck.fused(keras.optimizers.SGD(0.1, global_clipnorm=CLIP)), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    counts = _op_counts(model, x, y)
+    assert counts.get("ClipopsClipByGlobalNorm") == 1, counts
+    assert "Sqrt" not in counts, counts  # Keras' own global norm is gone
+    policy("mixed_float16")
+    model = mlp()
+    model.compile(optimizer=ck.fused(keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1, global_clipnorm=CLIP))), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    counts = _op_counts(model, x, y)
+    # one norm pass (the non-finite check), one scale pass (unscale and clip); the second clip
+    # op is the fallback branch for a loss scale below 1. No per-tensor isfinite, no divide
+    # by the loss scale outside that branch.
+    assert counts.get("ClipopsGlobalNorm") == 1, counts
+    assert counts.get("ClipopsClipByGlobalNorm") == 2, counts
+    assert "IsFinite" in counts and counts["IsFinite"] == 1, counts  # of the norm alone
