@@ -142,17 +142,20 @@ def policy():
 
 
 def fit_teacher_forced(rng, make_optimizer, jit_compile, accumulation=None, precision=None,
-                       steps=8, overflow_step=None, set_policy=None, run_eagerly=False):
+                       steps=8, overflow_step=None, set_policy=None, run_eagerly=False,
+                       initial_scale=2.0 ** 15):
     if precision:
         set_policy(precision)
     x, y = data(rng, steps, overflow_step, accumulation)
     ref = mlp()
-    ref.compile(optimizer=make_optimizer(accumulation), loss="mse", jit_compile=jit_compile,
-                run_eagerly=run_eagerly)
+    ref_opt = make_optimizer(accumulation)
+    if precision == "mixed_float16":
+        ref_opt = keras.optimizers.LossScaleOptimizer(ref_opt, initial_scale=initial_scale)
+    ref.compile(optimizer=ref_opt, loss="mse", jit_compile=jit_compile, run_eagerly=run_eagerly)
     model = mlp()
     opt = make_optimizer(accumulation)
     if precision == "mixed_float16":
-        opt = keras.optimizers.LossScaleOptimizer(opt)
+        opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=initial_scale)
     model.compile(optimizer=ck.fused(opt), loss="mse", jit_compile=jit_compile,
                   run_eagerly=run_eagerly)
     for m in (ref, model):
@@ -205,6 +208,16 @@ def test_fit_mixed_float16_matches_keras(rng, policy, jit_compile, accumulation)
     assert isinstance(ref.optimizer, keras.optimizers.LossScaleOptimizer)
     _check(verdicts, accumulation, skipped={2, 3} if accumulation else {2})
     assert float(model.optimizer.dynamic_scale.numpy()) == 2.0 ** 14  # halved once
+
+
+def test_fit_mixed_float16_scale_below_one(rng, policy):
+    # a loss scale below 1 cannot be undone by the op's scale (at most 1): the fallback
+    # divides by it first; still Keras' bits on unclipped steps
+    model, _, verdicts = fit_teacher_forced(rng, sgd(global_clipnorm=CLIP), False,
+                                            precision="mixed_float16", steps=4,
+                                            set_policy=policy, initial_scale=0.25)
+    assert float(model.optimizer.dynamic_scale.numpy()) == 0.25
+    _check(verdicts)
 
 
 @pytest.mark.parametrize("clip", [{"clipnorm": 0.05}, {"clipvalue": 1e-3}])
