@@ -27,12 +27,13 @@ Where the clip happens, and how it differs from Keras 3 (TensorFlow backend):
     (``tf.clip_by_norm``, ``keras.ops.clip``), applied after the sum. A fused per-tensor clip
     needs the fused list ``clip_by_norm`` of issue 12, which does not exist yet.
 
-Mixed precision: ``fused(LossScaleOptimizer(...))``, or ``fused`` of a plain optimizer passed to
-``compile`` under the ``mixed_float16`` policy wrapped by hand, gives a
-``FusedLossScaleOptimizer``: the non-finite check is the global norm of the (scaled) gradients
+Mixed precision: ``fused(LossScaleOptimizer(...))`` gives a ``FusedLossScaleOptimizer`` (pass
+it to ``compile``; Keras does not wrap it again): the non-finite check is the global norm of the (scaled) gradients
 (one fused pass, no per-tensor ``isfinite``), and the unscale and the clip are one fused scale
 pass (see ``FusedLossScaleOptimizer``). Keras' skip-on-overflow is kept: a step with a
-non-finite gradient changes no weight and halves the loss scale.
+non-finite gradient changes no weight and halves the loss scale. A plain fused optimizer that ``compile``
+wraps in Keras' own ``LossScaleOptimizer`` under ``mixed_float16`` still clips after the sum, but
+the check and the unscale are then Keras' own passes.
 
 ``GlobalNormLogger`` is a callback that writes the global gradient norm of every step (the
 norm the clip compared with) to TensorBoard with ``tf.summary``.
