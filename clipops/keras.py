@@ -291,7 +291,8 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
          ``clip_by_global_norm(scaled_grads, c, use_norm=max(n, c*s))``, whose scale
          ``c * min(1/max(n, c*s), 1/c) = min(c/n, 1/s)`` unscales and clips at once. Keras'
          loss scale is a power of two (2^15, doubled or halved), so ``1/s`` and ``c*s`` are exact
-         and a step that is not clipped gives Keras' bits.
+         and a step that is not clipped gives Keras' bits (on the CPU, subnormal results
+         aside: the op keeps them, TF's CPU divide flushes them to zero).
          Without ``global_clipnorm``, or with ``gradient_accumulation_steps`` (the clip must
          wait for the accumulated gradient), the pass only unscales
          (``use_norm=s, clip 1``: the scale is ``1/s``) and the inner optimizer clips later.
