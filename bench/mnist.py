@@ -53,6 +53,7 @@ import keras  # noqa: E402
 
 import agreement  # noqa: E402
 import clipops  # noqa: E402
+import clipops.keras as clipops_keras  # noqa: E402
 import mnist_data  # noqa: E402
 from common import OUT, machine_info, summarize, time_calls, write_json  # noqa: E402
 
@@ -60,6 +61,7 @@ ClipFn = Callable[..., tuple]
 IMPLS: dict[str, ClipFn] = {"tf": tf.clip_by_global_norm, "clipops": clipops.clip_by_global_norm}
 BASELINE = "no-clip"  # the same step without a clip call: the clip's cost inside the step
 MODES = ("eager", "function")
+BATCH_FIT = 256
 WARMUP_STEPS = 2  # step 0 traces the probe step, step 1 the plain one (tf.function)
 EVAL_BATCH = 2000
 EARLY_PROBES = 5  # the first steps are probed too (excluded from timing, as warm-up)
@@ -497,6 +499,118 @@ def probe_schedule(steps: int, print_norms_every: int) -> set[int]:
     return set(range(0, steps, every)) | set(early) | {0}
 
 
+# ---- model.fit: Keras's global_clipnorm against clipops.keras.fused ----------------------
+
+FIT_MODES = {"fit": False, "fit-xla": True}  # mode name: jit_compile
+FIT_CLIP = 15.0
+
+
+class _StepClock(keras.callbacks.Callback):
+    """Times each model.fit step (batch begin to batch end; a CPU step has finished when its
+    function call returns) and, after the clock stops, reads clipops' recorded norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+        self.norms: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        self.times.append(time.perf_counter() - self._t)
+        if clipops_keras.is_fused(self.model.optimizer):
+            self.norms.append(float(self.model.optimizer.last_global_norm.numpy()))
+
+
+def _fit_model(impl: str, jit_compile: bool, init: list[np.ndarray] | None) -> keras.Model:
+    """The classic recipe as a Keras model: 784-512-256-10 ReLU, MSE on one-hot, SGD(0.1),
+    global_clipnorm 15, clipped by Keras or by clipops.keras.fused."""
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(512, activation="relu"),
+                              keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10)])
+    for v, w in zip(model.weights, init or []):
+        v.assign(w)
+    optimizer = keras.optimizers.SGD(0.1, global_clipnorm=FIT_CLIP)
+    if impl == "clipops":
+        optimizer = clipops_keras.fused(optimizer)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+    return model
+
+
+def fit_compare(mode: str, data: mnist_data.MnistData, args: argparse.Namespace) -> dict:
+    """Both model.fit runs from the same weights on the same batches, an epoch each in turn
+    (rotating who goes first). Validation: with no step clipped (clip 15 on this recipe), the
+    two runs must end with bit-identical weights; clipped steps are judged teacher-forced by
+    tests/test_keras.py, here their weight difference is reported only."""
+    keras.utils.set_random_seed(args.seed)
+    init = [w.numpy() for w in _fit_model("tf", False, None).weights]  # Keras' default init
+    models = {impl: _fit_model(impl, FIT_MODES[mode], init) for impl in IMPLS}
+    clocks = {impl: _StepClock() for impl in IMPLS}
+    y_all = np.eye(10, dtype=np.float32)[data.y_train]
+    per_epoch = len(data.y_train) // BATCH_FIT
+    epochs = max(1, -(-args.steps // per_epoch))
+    print(f"\nmodel.fit / {mode}: {epochs} epochs of {per_epoch} steps, batch {BATCH_FIT}, "
+          f"clip {FIT_CLIP:g} (Keras's global_clipnorm and clipops.keras.fused, in turn)",
+          flush=True)
+    rng = np.random.default_rng(args.seed)
+    names = list(models)
+    for e in range(epochs):
+        idx = rng.permutation(len(data.y_train))[:per_epoch * BATCH_FIT]
+        x, y = data.x_train[idx], y_all[idx]
+        for impl in names[e % 2:] + names[:e % 2]:
+            models[impl].fit(x, y, batch_size=BATCH_FIT, epochs=1, shuffle=False, verbose=0,
+                             callbacks=[clocks[impl]])
+    norms = clocks["clipops"].norms
+    clipped = int(sum(n > FIT_CLIP for n in norms))
+    weights = {impl: [w.numpy() for w in m.trainable_weights] for impl, m in models.items()}
+    identical = all(a.tobytes() == b.tobytes() for a, b in zip(*weights.values()))
+    max_rel = max(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+                  for a, b in zip(*weights.values()))
+    y_test = np.eye(10, dtype=np.float32)[data.y_test]
+    runs = {}
+    for impl, m in models.items():
+        timed = clocks[impl].times[WARMUP_STEPS:]  # the first steps trace and compile
+        runs[impl] = {"step_time": summarize(timed) if timed else None,
+                      "held_out_loss": float(m.evaluate(data.x_test, y_test, verbose=0))}
+    diffs = [a - b for a, b in zip(clocks["tf"].times[WARMUP_STEPS:],
+                                   clocks["clipops"].times[WARMUP_STEPS:])]
+    boot = np.median(np.random.default_rng(args.seed).choice(diffs, (2000, len(diffs))), axis=1) \
+        if diffs else np.zeros(1)
+    return {"mode": mode, "steps": len(norms), "runs": runs, "clipped_steps": clipped,
+            "max_norm": max(norms, default=0.0), "weights_identical": identical,
+            "max_weight_rel_diff": max_rel, "passed": identical or clipped > 0,
+            "paired_step_diff": {"median_s": float(np.median(diffs)) if diffs else None,
+                                 "ci95_s": [float(v) for v in np.percentile(boot, [2.5, 97.5])]}}
+
+
+def fit_markdown(rows: list[dict]) -> str:
+    """The model.fit rows, as markdown."""
+    lines = ["", "## model.fit: Keras's global_clipnorm vs clipops.keras.fused", "",
+             f"784-512-256-10 ReLU Keras model, MSE on one-hot, SGD(0.1), "
+             f"global_clipnorm={FIT_CLIP:g}, batch {BATCH_FIT}; fit modes: `fit` (tf.function), "
+             "`fit-xla` (jit_compile=True: clipops' XLA route). Step: batch begin to batch end, "
+             f"first {WARMUP_STEPS} steps excluded. Agreement: bit-identical final weights "
+             "when no step was clipped.", "",
+             "| mode | Keras step ms | p10-p90 | clipops step ms | p10-p90 | paired diff "
+             "Keras - clipops ms [95% CI] | clipped steps | max norm | final weights "
+             "| held-out loss Keras / clipops |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        k, c = r["runs"]["tf"]["step_time"] or {}, r["runs"]["clipops"]["step_time"] or {}
+        d = r["paired_step_diff"]
+        same = "bit-identical" if r["weights_identical"] else \
+            f"differ (max rel {r['max_weight_rel_diff']:.1e})"
+        lines.append(
+            f"| {r['mode']} | {_ms(k.get('median_s'))} | {_ms(k.get('p10_s'))}-"
+            f"{_ms(k.get('p90_s'))} | {_ms(c.get('median_s'))} | {_ms(c.get('p10_s'))}-"
+            f"{_ms(c.get('p90_s'))} | {_ms(d['median_s'], 3)} [{_ms(d['ci95_s'][0], 3)}, "
+            f"{_ms(d['ci95_s'][1], 3)}] | {r['clipped_steps']}/{r['steps']} | "
+            f"{r['max_norm']:.3g} | {same} | {r['runs']['tf']['held_out_loss']:.5g} / "
+            f"{r['runs']['clipops']['held_out_loss']:.5g} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---- report ------------------------------------------------------------------------
 
 def targets(pairs: list[dict]) -> list[dict]:
@@ -671,8 +785,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["all", *VARIANTS], default="all",
-                    help="which training recipe to run (default: all)")
+    ap.add_argument("--model", choices=["all", *VARIANTS, "keras-fit"], default="all",
+                    help="which training recipe to run (default: all); keras-fit: only the "
+                         "model.fit rows (Keras's global_clipnorm vs clipops.keras.fused)")
     ap.add_argument("--mode", choices=["all", *MODES], default="all",
                     help="eager, tf.function, or both (default: all)")
     ap.add_argument("--steps", type=int, default=400,
@@ -727,7 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {data.description}")
     device = device_description()
     print(f"device: {device}; TensorFlow {tf.__version__}, clipops {clipops.__version__}")
-    variants = list(VARIANTS.values()) if args.model == "all" else [VARIANTS[args.model]]
+    variants = list(VARIANTS.values()) if args.model == "all" else \
+        [VARIANTS[args.model]] if args.model in VARIANTS else []
     modes = MODES if args.mode == "all" else (args.mode,)
     probes = probe_schedule(args.steps, args.print_norms)
 
@@ -740,11 +856,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AssertionError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
+    fit_rows = [fit_compare(mode, data, args) for mode in FIT_MODES] \
+        if args.model in ("all", "keras-fit") and args.mode in ("all", "function") else []
 
     goals = targets(pairs)
     header = {"data": data.summary(), "device": device, "steps": args.steps, "seed": args.seed,
               "load": f"{load_start} / {_load_average()}"}
-    report = markdown(pairs, goals, header)
+    report = (markdown(pairs, goals, header) if pairs else
+              f"# MNIST training loop\n\n- data: {header['data']['description']}\n- device: "
+              f"{header['device']}; seed {header['seed']}\n") + \
+        (fit_markdown(fit_rows) if fit_rows else "")
     out_dir = args.out or OUT
     json_path = write_json("mnist", {
         **machine_info(), "device": device,
@@ -761,11 +882,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "agreement": "teacher forcing, bench/agreement.py",
                    "validate_rtol": VALIDATE_RTOL},
         "load_average": header["load"],
-        "data": data.summary(), "pairs": pairs, "targets": goals,
+        "data": data.summary(), "pairs": pairs, "targets": goals, "fit_rows": fit_rows,
         "wall_s": time.perf_counter() - start}, out_dir)
     (out_dir / "mnist.md").write_text(report)
     print("\n" + report)
-    if not args.no_plot:
+    if not args.no_plot and pairs:
         print(f"plot: {plot(pairs, out_dir / 'mnist_norms.png')}")
     print(f"results: {json_path}, {out_dir / 'mnist.md'}")
 
@@ -778,7 +899,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = p["agreement"]["failures"][0]
         print(f"error: {p['model']}/{p['mode']}: clipops and tf.clip_by_global_norm disagree on "
               f"the same gradients at step {first['step']}: {first['why']}", file=sys.stderr)
-    if failed:
+    for r in fit_rows:
+        if not r["passed"]:
+            print(f"error: model.fit/{r['mode']}: no step was clipped, yet Keras's and clipops' "
+                  "runs end with different weights", file=sys.stderr)
+    if failed or not all(r["passed"] for r in fit_rows):
         return 1
     print(f"total wall time {time.perf_counter() - start:.1f} s")
     return 0

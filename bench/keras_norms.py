@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""What clipops.keras.GlobalNormLogger draws: the global gradient norm of each model.fit step.
+
+Trains bench/mnist.py's Keras recipe (Dense 512-256-10 ReLU, softmax cross-entropy, Adam 1e-3,
+batch 256) with clipops.keras.fused(Adam(global_clipnorm=1.0)) and the logger, reads the
+TensorBoard event file back (no tensorboard package needed), and writes the series to
+keras_norms.json and the plot, drawn from that file, to keras_norms.png (bench/out/, or --out).
+
+    python bench/keras_norms.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+from tensorflow.core.util import event_pb2  # noqa: E402
+
+import clipops.keras as ck  # noqa: E402
+import mnist_data  # noqa: E402
+from common import OUT, machine_info, write_json  # noqa: E402
+
+CLIP = 1.0
+TAG = "global_gradient_norm"
+
+
+def read_scalars(log_dir: str, tag: str = TAG) -> list[tuple[int, float]]:
+    """(step, value) of every `tag` scalar in the event files under log_dir."""
+    out = []
+    for name in sorted(os.listdir(log_dir)):
+        for record in tf.data.TFRecordDataset(os.path.join(log_dir, name)):
+            event = event_pb2.Event.FromString(record.numpy())
+            out += [(event.step, float(tf.make_ndarray(v.tensor)))
+                    for v in event.summary.value if v.tag == tag]
+    return out
+
+
+def train(data: mnist_data.MnistData, epochs: int, seed: int, log_dir: str) -> None:
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(512, activation="relu"),
+                              keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10)])
+    model.compile(optimizer=ck.fused(keras.optimizers.Adam(1e-3, global_clipnorm=CLIP)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(data.x_train, data.y_train, batch_size=256, epochs=epochs, verbose=0,
+              callbacks=[ck.GlobalNormLogger(log_dir)])
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps, norms = zip(*result["series"])
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.semilogy(steps, norms, lw=1, label=f"{TAG} (GlobalNormLogger)")
+    ax.axhline(result["clip"], color="k", ls="--", lw=1, label=f"global_clipnorm = {result['clip']:g}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("global gradient norm")
+    ax.set_title("model.fit, clipops.keras.fused(Adam(1e-3, global_clipnorm=1.0))", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", choices=mnist_data.SOURCES, default="auto")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    try:
+        data = mnist_data.load(args.data, seed=args.seed)
+    except mnist_data.DataUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as log_dir:
+        train(data, args.epochs, args.seed, log_dir)
+        series = read_scalars(os.path.join(log_dir, "train"))
+    steps = [s for s, _ in series]
+    if steps != list(range(1, len(steps) + 1)):
+        print("error: the logger did not write one norm per step", file=sys.stderr)
+        return 1
+    out_dir = args.out or OUT
+    result = {**machine_info(), "data": data.summary(), "clip": CLIP, "epochs": args.epochs,
+              "clipped_steps": sum(v > CLIP for _, v in series), "series": series}
+    path = write_json("keras_norms", result, out_dir)
+    print(f"{len(series)} steps, {result['clipped_steps']} over the clip; {path}, "
+          f"{plot(json.loads(path.read_text()), out_dir / 'keras_norms.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""Keras 3 integration: any Keras optimizer clips with clipops' fused op inside ``model.fit``.
+
+    import keras, clipops.keras
+    model.compile(optimizer=clipops.keras.fused(keras.optimizers.Adam(1e-3, global_clipnorm=1.0)),
+                  loss="mse")
+    model.fit(x, y)
+
+``fused(optimizer)`` returns an optimizer of a subclass of the optimizer's own class
+("FusedAdam" for Adam, registered with Keras as ``clipops>FusedAdam``), built from its config.
+Everything but the clip is Keras' own code: the update rule, weight decay, EMA,
+``gradient_accumulation_steps``, ``loss_scale_factor``, saving.
+
+Where the clip happens, and how it differs from Keras 3 (TensorFlow backend):
+
+  - Keras 3 clips in ``BaseOptimizer._backend_apply_gradients`` (``_clip_gradients``), then
+    ``TFOptimizer._backend_update_step`` sums the gradients across replicas. Under
+    ``tf.distribute.MirroredStrategy`` each replica's gradients are therefore clipped by their
+    own norm before the sum. A fused optimizer moves the clip into ``_backend_update_step``,
+    after the cross-replica sum: one all-reduce, then one fused clip of the summed gradients, so
+    the norm is the norm of the global batch's gradient, as Keras 2 did. On one device the two
+    orders are the same computation.
+  - ``global_clipnorm``: ``clipops.tensorflow.clip_by_global_norm`` (one fused op; inside XLA,
+    ``jit_compile=True``, the same math in TF ops, clipops/_tf_xla.py). The scale is Keras' and
+    TF's formula ``c * min(1/norm, 1/c) + (norm - norm)``, so a step that is not clipped gives
+    bit-identical gradients; a clipped one differs by the rounding of the norm.
+  - ``clipnorm`` (per tensor) and ``clipvalue``: Keras' own per-tensor code
+    (``tf.clip_by_norm``, ``keras.ops.clip``), applied after the sum. A fused per-tensor clip
+    needs the fused list ``clip_by_norm`` of issue 12, which does not exist yet.
+
+Mixed precision: ``fused(LossScaleOptimizer(...))`` gives a ``FusedLossScaleOptimizer`` (pass
+it to ``compile``; Keras does not wrap it again): the non-finite check is the global norm of the (scaled) gradients
+(one fused pass, no per-tensor ``isfinite``), and the unscale and the clip are one fused scale
+pass (see ``FusedLossScaleOptimizer``). Keras' skip-on-overflow is kept: a step with a
+non-finite gradient changes no weight and halves the loss scale. A plain fused optimizer that ``compile``
+wraps in Keras' own ``LossScaleOptimizer`` under ``mixed_float16`` still clips after the sum, but
+the check and the unscale are then Keras' own passes.
+
+``GlobalNormLogger`` is a callback that writes the global gradient norm of every step (the
+norm the clip compared with) to TensorBoard with ``tf.summary``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import keras
+import tensorflow as tf
+from keras.src.utils import tracking
+from tensorflow.core.framework import summary_pb2
+
+from . import tensorflow as _ctf
+
+__all__ = ["fused", "fused_class", "FusedLossScaleOptimizer", "GlobalNormLogger", "is_fused"]
+
+if keras.backend.backend() != "tensorflow":  # the fused op is a TensorFlow op
+    raise ImportError(
+        f"clipops.keras needs Keras' TensorFlow backend, but KERAS_BACKEND is "
+        f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras")
+
+_LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
+
+# Set while a FusedLossScaleOptimizer calls its inner optimizer's apply() with gradients it
+# has already summed across replicas (and clipped). Thread-local: MirroredStrategy runs each
+# replica's step in a thread of its own, and each replica sets and reads its own flags.
+_PREPARED = threading.local()
+
+
+@contextlib.contextmanager
+def _prepared(optimizer, summed: bool, clipped: bool):
+    flags = getattr(_PREPARED, "flags", None)
+    if flags is None:
+        flags = _PREPARED.flags = {}
+    old = flags.get(id(optimizer))
+    flags[id(optimizer)] = (summed, clipped)
+    try:
+        yield
+    finally:
+        if old is None:
+            del flags[id(optimizer)]
+        else:
+            flags[id(optimizer)] = old
+
+
+def _prepared_flags(optimizer) -> tuple:
+    return getattr(_PREPARED, "flags", {}).get(id(optimizer), (False, False))
+
+
+def _clip_option(optimizer) -> str | None:
+    """The clip option an optimizer uses, as Keras' _clip_gradients picks it."""
+    for name in ("clipnorm", "global_clipnorm", "clipvalue"):  # Keras' order of precedence
+        value = getattr(optimizer, name, None)
+        if value is not None and value > 0:
+            return name
+    return None
+
+
+class _FusedClip:
+    """Mixin placed before a Keras optimizer class: moves the clip after the cross-replica
+    sum and does global_clipnorm with clipops' fused op. See the module's docstring."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if _clip_option(self) is None:
+            raise ValueError(
+                f"{type(self).__name__} clips gradients with clipops, but none of "
+                "global_clipnorm, clipnorm or clipvalue is set (> 0) on it: create the optimizer "
+                "with one, e.g. keras.optimizers.Adam(1e-3, global_clipnorm=1.0)")
+
+    @tracking.no_automatic_dependency_tracking
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        # the last step's global gradient norm (GlobalNormLogger reads it); the same value on
+        # every replica, since it is the norm of the summed gradients
+        self._clipops_norm = self.add_variable(
+            shape=(), dtype="float32", initializer="zeros", aggregation="only_first_replica",
+            name="clipops_global_norm")
+
+    @property
+    def last_global_norm(self):
+        """The global norm of the gradients of the last update step (before clipping, after the
+        cross-replica sum and the loss-scale unscale), as a scalar variable; 0 before the first
+        step. Recorded for ``global_clipnorm`` only."""
+        if not self.built:
+            raise ValueError("the optimizer has not run a step yet (it is not built)")
+        return self._clipops_norm
+
+    def _clip_gradients(self, grads):
+        # Keras calls this before _backend_update_step sums across replicas; the clip is done
+        # there instead, after the sum (see _backend_update_step).
+        return grads
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """TFOptimizer's update step with the clip between the all-reduce and the update."""
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        summed, clipped = _prepared_flags(self)
+        if not summed:
+            pairs = self._all_reduce_sum_gradients(list(zip(grads, variables)))
+            grads = [g for g, _ in pairs]
+        if not clipped:
+            grads = self._clip_summed(list(grads))
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_tf_update_step, self._distribution_strategy,
+            list(zip(grads, variables)), learning_rate)
+
+    def _clip_summed(self, grads: list) -> list:
+        option = _clip_option(self)
+        if option == "global_clipnorm":
+            clipped, norm = _ctf.clip_by_global_norm(grads, self.global_clipnorm)
+            self._clipops_norm.assign(tf.cast(norm, tf.float32))
+            return clipped
+        if option == "clipnorm":  # Keras' own per-tensor clip, until issue 12's fused one
+            return [None if g is None else self._clip_by_norm(g) for g in grads]
+        if option == "clipvalue":
+            v = self.clipvalue
+            return [None if g is None else keras.ops.clip(g, -v, v) for g in grads]
+        return grads
+
+
+_FUSED_CLASSES: dict = {}
+_REGISTERED: dict = {}
+
+
+def fused_class(cls: type) -> type:
+    """The fused subclass of a Keras optimizer class (created and registered once).
+
+    ``fused_class(keras.optimizers.Adam)`` is ``FusedAdam``, registered for Keras' saving as
+    ``clipops>FusedAdam``. The subclasses of every optimizer in ``keras.optimizers`` exist once
+    ``clipops.keras`` is imported, so a saved model loads after ``import clipops.keras``; for an
+    optimizer class of your own, call this (or ``fused``) before ``keras.saving.load_model``.
+
+    Args:
+      cls: a subclass of ``keras.optimizers.Optimizer`` (not ``LossScaleOptimizer``: use
+        ``FusedLossScaleOptimizer``).
+
+    Returns:
+      The fused class; ``cls`` itself if it is already fused.
+
+    Raises:
+      TypeError: ``cls`` is not a Keras optimizer class, or is a LossScaleOptimizer.
+      ValueError: another class of the same name was already made fused.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)):
+        raise TypeError(f"fused_class takes a keras.optimizers.Optimizer subclass, got {cls!r}")
+    if issubclass(cls, _FusedClip) or cls is FusedLossScaleOptimizer:
+        return cls
+    if issubclass(cls, _LossScaleOptimizer):
+        raise TypeError(f"{cls.__name__} is a LossScaleOptimizer: use "
+                        "clipops.keras.fused(optimizer) or FusedLossScaleOptimizer")
+    made = _FUSED_CLASSES.get(cls)
+    if made is not None:
+        return made
+    name = "Fused" + cls.__name__
+    other = _REGISTERED.get(name)
+    if other is not None:
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__} and {other.__module__}."
+                         f"{other.__qualname__} would both be saved as clipops>{name}; "
+                         "rename one of the classes")
+    made = type(name, (_FusedClip, cls), {
+        "__module__": __name__,
+        "__doc__": f"``{cls.__module__}.{cls.__qualname__}`` whose clip (global_clipnorm, "
+                   "clipnorm or clipvalue) runs after the cross-replica sum, global_clipnorm "
+                   "with clipops' fused op. Made by clipops.keras.fused_class.",
+    })
+    keras.saving.register_keras_serializable(package="clipops", name=name)(made)
+    _FUSED_CLASSES[cls] = made
+    _REGISTERED[name] = cls
+    return made
+
+
+def is_fused(optimizer) -> bool:
+    """True if ``optimizer`` clips with clipops (made by ``fused``)."""
+    return isinstance(optimizer, (_FusedClip, FusedLossScaleOptimizer))
+
+
+def fused(optimizer):
+    """The same optimizer, clipping with clipops' fused op after the cross-replica sum.
+
+    ``fused(keras.optimizers.Adam(1e-3, global_clipnorm=1.0))`` returns a ``FusedAdam`` with the
+    same config (a new object; ``optimizer`` is left as it was). A ``LossScaleOptimizer`` gives a
+    ``FusedLossScaleOptimizer`` around ``fused(inner_optimizer)``. Use the result in
+    ``model.compile(optimizer=...)`` or a custom loop (``apply_gradients``).
+
+    Args:
+      optimizer: a Keras 3 optimizer that has not been used yet (not built), with one of
+        ``global_clipnorm`` (fused), ``clipnorm`` or ``clipvalue`` (Keras' per-tensor clip, after
+        the cross-replica sum).
+
+    Returns:
+      The fused optimizer; ``optimizer`` itself if it is already fused.
+
+    Raises:
+      TypeError: ``optimizer`` is not a Keras 3 optimizer (e.g. a ``tf.keras``/Keras 2 one, or
+        a class).
+      ValueError: it sets no clip option, or it is already built (its state could not be
+        carried over: call ``fused`` before training).
+    """
+    if is_fused(optimizer):
+        return optimizer
+    if isinstance(optimizer, type):
+        raise TypeError(f"fused takes an optimizer object, got the class {optimizer.__name__}; "
+                        "use fused_class for classes")
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            f"fused takes a Keras 3 optimizer (keras.optimizers.Optimizer), got "
+            f"{type(optimizer).__module__}.{type(optimizer).__qualname__}")
+    if optimizer.built:
+        raise ValueError(f"optimizer {optimizer.name!r} is already built (it has state); call "
+                         "clipops.keras.fused on it before it is used")
+    if isinstance(optimizer, _LossScaleOptimizer):
+        return FusedLossScaleOptimizer(
+            optimizer.inner_optimizer, initial_scale=optimizer.initial_scale,
+            dynamic_growth_steps=optimizer.dynamic_growth_steps, name=optimizer.name)
+    if _clip_option(optimizer) is None:
+        raise ValueError(
+            f"optimizer {optimizer.name!r} ({type(optimizer).__name__}) sets none of "
+            "global_clipnorm, clipnorm or clipvalue, so there is nothing for clipops to clip; "
+            "create it with one, e.g. keras.optimizers.Adam(1e-3, global_clipnorm=1.0)")
+    return fused_class(type(optimizer)).from_config(optimizer.get_config())
+
+
+def _sum_across_replicas(optimizer, grads: list, variables) -> list:
+    """The gradients summed across replicas (TFOptimizer's all-reduce; unchanged outside
+    tf.distribute or with one replica)."""
+    variables = variables if variables is not None else optimizer._trainable_variables
+    pairs = optimizer._all_reduce_sum_gradients(list(zip(grads, variables)))
+    return [g for g, _ in pairs]
+
+
+def _norm_of(grads: list) -> tf.Tensor:
+    values = [g for g in grads if g is not None]
+    return tf.cast(_ctf.global_norm(values), tf.float32)
+
+
+@keras.saving.register_keras_serializable(package="clipops")
+class FusedLossScaleOptimizer(_LossScaleOptimizer):
+    """Keras' ``LossScaleOptimizer`` with the non-finite check, the unscale and the clip fused.
+
+    Keras 3 checks every gradient for inf/NaN (one pass, ~2N ops), divides each by the loss
+    scale (another pass), then clips (the norm and the scale, a third). Here, after the
+    cross-replica sum:
+
+      1. ``n = clipops.global_norm(scaled_grads)``: one fused read pass. The step is skipped
+         (weights unchanged, scale halved, as Keras does) when ``n`` is not finite: an inf or
+         NaN anywhere makes it so. (A finite gradient whose norm overflows float32 is skipped
+         too; Keras would apply NaN updates there.)
+      2. with ``global_clipnorm = c`` and loss scale ``s >= 1``: one fused scale pass,
+         ``clip_by_global_norm(scaled_grads, c, use_norm=max(n, c*s))``, whose scale
+         ``c * min(1/max(n, c*s), 1/c) = min(c/n, 1/s)`` unscales and clips at once. Keras'
+         loss scale is a power of two (2^15, doubled or halved), so ``1/s`` and ``c*s`` are exact
+         and a step that is not clipped gives Keras' bits (on the CPU, subnormal results
+         aside: the op keeps them, TF's CPU divide flushes them to zero).
+         Without ``global_clipnorm``, or with ``gradient_accumulation_steps`` (the clip must
+         wait for the accumulated gradient), the pass only unscales
+         (``use_norm=s, clip 1``: the scale is ``1/s``) and the inner optimizer clips later.
+         With ``s < 1`` (after many overflows) the op cannot scale up, and the gradients are
+         divided by ``s`` with TF first.
+
+    Two fused passes over the gradients, not one: a single unscale+check+clip kernel needs a
+    kernel feature that does not exist yet.
+
+    Args: those of ``keras.optimizers.LossScaleOptimizer``; ``inner_optimizer`` is made fused
+    (``clipops.keras.fused``) if it is not.
+    """
+
+    def __init__(self, inner_optimizer, initial_scale=2.0 ** 15, dynamic_growth_steps=2000,
+                 name=None, **kwargs):
+        if not is_fused(inner_optimizer):
+            inner_optimizer = fused(inner_optimizer)
+        super().__init__(inner_optimizer, initial_scale=initial_scale,
+                         dynamic_growth_steps=dynamic_growth_steps, name=name, **kwargs)
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        if tf.distribute.in_cross_replica_context():
+            raise ValueError("apply() must be called in a replica context.")
+        grads = _sum_across_replicas(self.inner_optimizer, list(grads), trainable_variables)
+        norm = _norm_of(grads)
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            keras.ops.cond(tf.math.is_finite(norm),
+                           lambda: self._apply_finite(grads, trainable_variables, norm),
+                           self._stateful_handle_non_finite_grads)
+            return
+
+        def cross_replica(distribution, grads, norm):
+            # the norm is of the summed gradients: the same on every replica
+            finite = tf.math.is_finite(distribution.experimental_local_results(norm)[0])
+
+            def apply_fn():
+                distribution.extended.call_for_each_replica(
+                    self._apply_finite, args=(grads, trainable_variables, norm))
+
+            # a cond whose branch calls merge_call must be in cross-replica context (as Keras)
+            keras.ops.cond(finite, apply_fn, self._stateful_handle_non_finite_grads)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, norm))
+
+    def _apply_finite(self, grads, trainable_variables, norm):
+        inner = self.inner_optimizer
+        variables = trainable_variables if trainable_variables is not None \
+            else self._trainable_variables
+        scale = tf.convert_to_tensor(self.dynamic_scale)
+        keep = [i for i, (g, v) in enumerate(zip(grads, variables))
+                if g is not None and not self._overwrite_variable_with_gradient(v)]
+        values = [grads[i] for i in keep]
+        # Keras' clip sees every non-None gradient; overwrite-with-gradient ones are not
+        # clipped by it, so clip here only when there are none
+        clip_here = (_clip_option(inner) == "global_clipnorm"
+                     and not inner.gradient_accumulation_steps
+                     and len(keep) == sum(g is not None for g in grads))
+        if clip_here:
+            c = float(inner.global_clipnorm)
+
+            def fused_pass():  # scale min(c/n, 1/s): unscaled and clipped in one pass
+                return _ctf.clip_by_global_norm(values, c, use_norm=tf.maximum(norm, c * scale))[0]
+
+            def divided():
+                return _ctf.clip_by_global_norm([v / tf.cast(scale, v.dtype) for v in values], c,
+                                                use_norm=norm / scale)[0]
+        else:
+            def fused_pass():  # scale min(1/s, 1) = 1/s: the unscale alone
+                return _ctf.clip_by_global_norm(values, 1.0, use_norm=scale)[0]
+
+            def divided():
+                return [v / tf.cast(scale, v.dtype) for v in values]
+
+        if values:
+            out = tf.cond(scale >= 1.0, fused_pass, divided)
+            out = [out] if not isinstance(out, (list, tuple)) else list(out)
+        else:
+            out = []
+        unscaled = list(grads)
+        for i, v in zip(keep, out):
+            unscaled[i] = v
+        with _prepared(inner, summed=True, clipped=clip_here):
+            inner.apply(unscaled, trainable_variables=trainable_variables)
+        if clip_here:
+            inner._clipops_norm.assign(norm / scale)
+
+        def upscale():
+            self.step_counter.assign(0)
+            self.dynamic_scale.assign(self.dynamic_scale * 2.0)
+
+        def increment():
+            self.step_counter.assign_add(1)
+
+        keras.ops.cond(keras.ops.equal(self.step_counter, self.dynamic_growth_steps - 1),
+                       upscale, increment)
+
+
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
+class GlobalNormLogger(keras.callbacks.Callback):
+    """Writes the global gradient norm of each training step to TensorBoard.
+
+    The norm is the one the fused clip compared with ``global_clipnorm`` (of the gradients
+    summed across replicas, unscaled under a loss scale), read from the optimizer
+    (``last_global_norm``) after each batch, and written with ``tf.summary.scalar`` under the
+    tag ``global_gradient_norm`` (TensorBoard's scalar plugin; the tensorboard package is needed to
+    view it, not to write it) at step ``optimizer.iterations``, into ``log_dir/train``, where
+    ``keras.callbacks.TensorBoard(log_dir)`` writes its own training scalars. Steps skipped by a
+    loss-scale overflow and micro-steps of gradient accumulation repeat the last norm.
+
+    Args:
+      log_dir: the TensorBoard log directory.
+      update_freq: write every ``update_freq`` batches (1: every batch). With
+        ``steps_per_execution = k`` Keras calls back every k steps: the norm is the k-th's.
+
+    Raises (at the start of training):
+      TypeError: the model's optimizer is not fused (``clipops.keras.fused``).
+      ValueError: it does not clip by ``global_clipnorm``.
+    """
+
+    def __init__(self, log_dir, update_freq: int = 1):
+        super().__init__()
+        if not isinstance(update_freq, int) or isinstance(update_freq, bool) or update_freq < 1:
+            raise ValueError(f"update_freq must be an int >= 1, got {update_freq!r}")
+        self.log_dir = os.fspath(log_dir)
+        self.update_freq = update_freq
+        self._writer = None
+        self._optimizer = None
+        self._batches = 0
+
+    def on_train_begin(self, logs=None):
+        optimizer = self.model.optimizer
+        inner = optimizer.inner_optimizer if isinstance(optimizer, _LossScaleOptimizer) \
+            else optimizer
+        if not isinstance(inner, _FusedClip):
+            raise TypeError("GlobalNormLogger reads the norm that clipops' fused clip records: "
+                            "compile the model with optimizer=clipops.keras.fused(...)")
+        if _clip_option(inner) != "global_clipnorm":
+            raise ValueError("GlobalNormLogger needs an optimizer that clips by "
+                             f"global_clipnorm; {inner.name!r} uses {_clip_option(inner)}")
+        self._optimizer = inner
+        self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self._batches % self.update_freq or not self._optimizer.built:
+            return
+        with self._writer.as_default():
+            # tf.summary.write with TensorBoard's scalar metadata: what tf.summary.scalar
+            # writes, without needing the tensorboard package to write it
+            tf.summary.write("global_gradient_norm",
+                             tf.cast(self._optimizer.last_global_norm.value, tf.float32),
+                             step=int(self._optimizer.iterations), metadata=_SCALAR_METADATA)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+
+# Every Keras optimizer's fused class exists at import, so saved models load after
+# `import clipops.keras` alone.
+for _name in dir(keras.optimizers):
+    _cls = getattr(keras.optimizers, _name)
+    if (isinstance(_cls, type) and issubclass(_cls, keras.optimizers.Optimizer)
+            and _cls is not keras.optimizers.Optimizer
+            and not issubclass(_cls, _LossScaleOptimizer)):
+        fused_class(_cls)
+del _name, _cls

@@ -1,0 +1,460 @@
+"""clipops.keras against Keras 3's own clip, inside model.fit.
+
+The main check is teacher-forced: the model under test trains with ``model.fit`` and a fused
+optimizer; before each step a callback copies its whole state (weights and optimizer variables)
+into a reference model compiled with Keras' own optimizer, and after the step the reference
+takes the same batch with ``train_on_batch``. Both steps start from the same state and compute
+the same gradients (the same graph up to the clip), so the two new states must agree:
+bit for bit when the step is not clipped, within the float32 rounding of the norm when it is
+(``judge``, with the derivation). The model is the MNIST MLP of bench/mnist.py (784-512-256-10
+ReLU, MSE on one-hot labels, SGD 0.1, batch 256) on fresh random data, every step checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras", reason="Keras is not installed")
+tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
+if keras.backend.backend() != "tensorflow":
+    pytest.skip("clipops.keras needs KERAS_BACKEND=tensorflow", allow_module_level=True)
+
+import clipops.keras as ck  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+import agreement  # noqa: E402
+
+U32 = 2.0 ** -24
+CLIP = 1.0
+BATCH = 256
+SIZES = (784, 512, 256, 10)
+# |norm_keras - norm_clipops| / norm: Keras 3's global norm is sqrt(sum(stack(sum(square(g)))))
+# in float32, the same Eigen reductions as TF's l2_loss sums, so bench/agreement.py's bound
+# for TF (its docstring derives it) holds for Keras too.
+NORM_RTOL = agreement.norm_rtol(SIZES[0] * SIZES[1], 2 * (len(SIZES) - 1))
+
+
+def mlp(seed: int = 1):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.layers.Dense(n, activation="relu") for n in SIZES[1:-1]]
+    return keras.Sequential([keras.Input((SIZES[0],)), *layers, keras.layers.Dense(SIZES[-1])])
+
+
+def data(rng, steps: int, overflow_step: int | None = None, accumulation: int | None = None):
+    """MNIST-shaped batches: pixels in [0, 1) and one-hot labels. Every other update's batches
+    are dimmed to a tenth, so that with CLIP = 1 their gradient norm (~0.2) is not clipped
+    while the others' (~4) are: both kinds of step occur in every run. ``overflow_step``'s
+    batch is scaled to 1e5, which overflows float16 (a skipped step under a loss scale)."""
+    x = rng.random((steps * BATCH, SIZES[0]), dtype=np.float32)
+    for i in range(steps):
+        if (i // (accumulation or 1)) % 2:
+            x[i * BATCH:(i + 1) * BATCH] *= np.float32(0.1)
+    if overflow_step is not None:
+        x[overflow_step * BATCH:(overflow_step + 1) * BATCH] *= np.float32(1e5)
+    y = np.eye(SIZES[-1], dtype=np.float32)[rng.integers(0, SIZES[-1], steps * BATCH)]
+    return x, y
+
+
+def _optimizer_state(optimizer) -> list:
+    """The optimizer's variables, without the norm clipops records (Keras has no such one)."""
+    return [v for v in optimizer.variables if v.name != "clipops_global_norm"]
+
+
+def copy_state(src, dst) -> None:
+    for a, b in zip(src.weights, dst.weights, strict=True):
+        b.assign(a)
+    for a, b in zip(_optimizer_state(src.optimizer), _optimizer_state(dst.optimizer), strict=True):
+        assert a.shape == b.shape, (a.path, b.path)
+        b.assign(a)
+
+
+def judge(before, fused_after, keras_after, clipped: bool) -> str:
+    """'' when one SGD step's new weights agree, else what is wrong.
+
+    Not clipped: both scales are c * (1/c), the same float32 operations on the same gradients,
+    so the new weights must have the same bits.
+    Clipped: each update is fl(lr * fl(g * s)) with s = fl(c * fl(1/n)) from each side's own norm
+    n. The norms differ by at most NORM_RTOL (relative); the two roundings of each scale and
+    the two of each update add 4u per side (8u); the final w - update rounds each side by half
+    an ulp of w, and the update measured as w0 - w1 carries another half: 2 ulp(w) in all.
+    A wrong scale (a factor other than c/n, a per-replica norm) is off by far more.
+    """
+    for i, (w0, wf, wk) in enumerate(zip(before, fused_after, keras_after)):
+        if not clipped:
+            if wf.tobytes() != wk.tobytes():
+                bad = int(np.sum(wf != wk))
+                return f"not clipped, but weight {i} differs in {bad} elements"
+            continue
+        w0d, wfd, wkd = (np.asarray(a, np.float64) for a in (w0, wf, wk))
+        tol = np.abs(w0d - wkd) * (NORM_RTOL + 8 * U32) \
+            + 2 * np.spacing(np.maximum(np.abs(w0), np.abs(wk)))
+        over = np.abs(wfd - wkd) / tol
+        if not over.max(initial=0.0) <= 1.0:
+            return f"clipped, weight {i} is off by {over.max():.3g} times the allowed rounding"
+    return ""
+
+
+class TeacherForced(keras.callbacks.Callback):
+    """Runs the reference model on each batch from the fitted model's state (see the module
+    docstring) and records each step's verdict."""
+
+    def __init__(self, ref, x, y):
+        super().__init__()
+        self.ref, self.x, self.y = ref, x, y
+        self.step = 0
+        self.verdicts = []  # (step, norm, clipped, problem)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        copy_state(self.model, self.ref)
+        self.before = [w.numpy() for w in self.model.trainable_weights]
+
+    def on_train_batch_end(self, batch, logs=None):
+        sl = slice(self.step * BATCH, (self.step + 1) * BATCH)
+        self.ref.train_on_batch(self.x[sl], self.y[sl])
+        inner = self.model.optimizer
+        inner = getattr(inner, "inner_optimizer", inner)
+        norm = float(inner.last_global_norm.numpy())
+        clipped = norm > CLIP
+        problem = judge(self.before, [w.numpy() for w in self.model.trainable_weights],
+                        [w.numpy() for w in self.ref.trainable_weights], clipped)
+        for a, b in zip(_optimizer_state(self.model.optimizer), _optimizer_state(self.ref.optimizer)):
+            a, b = np.asarray(a.numpy()), np.asarray(b.numpy())
+            if not problem and a.tobytes() != b.tobytes():  # SGD: no state the clip moves
+                problem = f"optimizer variable differs: {a.ravel()[:3]} vs {b.ravel()[:3]}"
+        self.verdicts.append((self.step, norm, clipped, problem))
+        self.step += 1
+
+
+@pytest.fixture
+def policy():
+    """Restores Keras' dtype policy after a test that changes it."""
+    old = keras.mixed_precision.global_policy()
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy(old)
+
+
+def fit_teacher_forced(rng, make_optimizer, jit_compile, accumulation=None, precision=None,
+                       steps=8, overflow_step=None, set_policy=None, run_eagerly=False,
+                       initial_scale=2.0 ** 15):
+    if precision:
+        set_policy(precision)
+    x, y = data(rng, steps, overflow_step, accumulation)
+    ref = mlp()
+    ref_opt = make_optimizer(accumulation)
+    if precision == "mixed_float16":
+        ref_opt = keras.optimizers.LossScaleOptimizer(ref_opt, initial_scale=initial_scale)
+    ref.compile(optimizer=ref_opt, loss="mse", jit_compile=jit_compile, run_eagerly=run_eagerly)
+    model = mlp()
+    opt = make_optimizer(accumulation)
+    if precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=initial_scale)
+    model.compile(optimizer=ck.fused(opt), loss="mse", jit_compile=jit_compile,
+                  run_eagerly=run_eagerly)
+    for m in (ref, model):
+        m.optimizer.build(m.trainable_variables)
+    tf_cb = TeacherForced(ref, x, y)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[tf_cb])
+    assert tf_cb.step == steps
+    return model, ref, tf_cb.verdicts
+
+
+def sgd(**clip):
+    return lambda accumulation: keras.optimizers.SGD(
+        0.1, gradient_accumulation_steps=accumulation, **clip)
+
+
+def _check(verdicts, accumulation=None, skipped=()):
+    k = accumulation or 1
+    update_steps = [i for i in range(k - 1, len(verdicts), k) if i not in skipped]
+    bad = [v for v in verdicts if v[3]]
+    assert not bad, f"{len(bad)} of {len(verdicts)} steps disagree with Keras, first: {bad[0]}"
+    norms = [v[1] for v in verdicts if v[0] in update_steps]
+    clipped = [v[2] for v in verdicts if v[0] in update_steps]
+    # a valid run has both kinds of step, and no norm so close to the clip that the two sides
+    # could decide differently whether to clip
+    assert any(clipped) and not all(clipped), f"norms {norms}: the data should clip some steps"
+    assert min(abs(n - CLIP) for n in norms) > 1e-3 * CLIP, norms
+
+
+@pytest.mark.parametrize("accumulation", [None, 2])
+@pytest.mark.parametrize("jit_compile", [False, True, "auto"])
+def test_fit_matches_keras_global_clipnorm(rng, jit_compile, accumulation):
+    _, _, verdicts = fit_teacher_forced(rng, sgd(global_clipnorm=CLIP), jit_compile, accumulation)
+    _check(verdicts, accumulation)
+
+
+def test_fit_matches_keras_eagerly(rng):
+    _, _, verdicts = fit_teacher_forced(rng, sgd(global_clipnorm=CLIP), False, steps=4,
+                                        run_eagerly=True)
+    _check(verdicts)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("accumulation", [None, 2])
+def test_fit_mixed_float16_matches_keras(rng, policy, jit_compile, accumulation):
+    # step 2 overflows float16: both must skip it (weights unchanged, scale halved)
+    model, ref, verdicts = fit_teacher_forced(rng, sgd(global_clipnorm=CLIP), jit_compile,
+                                              accumulation, precision="mixed_float16",
+                                              steps=8, overflow_step=2, set_policy=policy)
+    assert isinstance(model.optimizer, ck.FusedLossScaleOptimizer)
+    assert isinstance(ref.optimizer, keras.optimizers.LossScaleOptimizer)
+    _check(verdicts, accumulation, skipped={2, 3} if accumulation else {2})
+    assert float(model.optimizer.dynamic_scale.numpy()) == 2.0 ** 14  # halved once
+
+
+def test_fit_mixed_float16_scale_below_one(rng, policy):
+    # a loss scale below 1 cannot be undone by the op's scale (at most 1): the fallback
+    # divides by it first; still Keras' bits on unclipped steps
+    model, _, verdicts = fit_teacher_forced(rng, sgd(global_clipnorm=CLIP), False,
+                                            precision="mixed_float16", steps=4,
+                                            set_policy=policy, initial_scale=0.25)
+    assert float(model.optimizer.dynamic_scale.numpy()) == 0.25
+    _check(verdicts)
+
+
+@pytest.mark.parametrize("clip", [{"clipnorm": 0.05}, {"clipvalue": 1e-3}])
+def test_fit_per_tensor_clips_match_keras(rng, clip):
+    # Keras' own per-tensor code after the sum: on one device the same bits on every step
+    _, _, verdicts = fit_teacher_forced(rng, sgd(**clip), False, steps=4)
+    assert not [v for v in verdicts if v[3]], verdicts
+
+
+def test_judge_can_fail(rng):
+    w0 = rng.standard_normal(1000).astype(np.float32)
+    w1 = (w0 - np.float32(0.1) * rng.standard_normal(1000).astype(np.float32)).astype(np.float32)
+    assert judge([w0], [w1], [w1], clipped=True) == ""
+    assert judge([w0], [w1], [w1.copy()], clipped=False) == ""
+    one_ulp = np.nextafter(w1, np.float32(np.inf)).astype(np.float32)
+    assert "not clipped" in judge([w0], [one_ulp], [w1], clipped=False)
+    # an update 1e-3 too large (a scale off by 1e-3) is far outside the clipped tolerance
+    wrong = (w0 - (w0 - w1) * np.float32(1.001)).astype(np.float32)
+    assert "off by" in judge([w0], [wrong], [w1], clipped=True)
+
+
+def test_saving_and_loading(rng, tmp_path):
+    x, y = data(rng, 2)
+    model = mlp()
+    model.compile(optimizer=ck.fused(keras.optimizers.Adam(1e-3, global_clipnorm=CLIP)),
+                  loss="mse")
+    model.fit(x, y, batch_size=BATCH, verbose=0)
+    path = tmp_path / "fused.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.optimizer).__name__ == "FusedAdam" and ck.is_fused(loaded.optimizer)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    for a, b in zip(model.weights + model.optimizer.variables,
+                    loaded.weights + loaded.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    # the loaded one trains on exactly as the original
+    model.train_on_batch(x[:BATCH], y[:BATCH])
+    loaded.train_on_batch(x[:BATCH], y[:BATCH])
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # and it loads in a fresh process after `import clipops.keras` alone
+    script = textwrap.dedent(f"""
+        import keras, clipops.keras
+        m = keras.saving.load_model({str(path)!r})
+        print(type(m.optimizer).__name__, m.optimizer.global_clipnorm)
+    """)
+    out = _run_python(script, tmp_path)
+    assert out.split()[-2:] == ["FusedAdam", str(CLIP)], out
+
+
+def test_saving_loss_scale_optimizer(rng, tmp_path, policy):
+    policy("mixed_float16")
+    x, y = data(rng, 1)
+    model = mlp()
+    model.compile(optimizer=ck.fused(keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1, global_clipnorm=CLIP))), loss="mse")
+    model.fit(x, y, batch_size=BATCH, verbose=0)
+    model.save(tmp_path / "lso.keras")
+    loaded = keras.saving.load_model(tmp_path / "lso.keras")
+    assert isinstance(loaded.optimizer, ck.FusedLossScaleOptimizer)
+    assert type(loaded.optimizer.inner_optimizer).__name__ == "FusedSGD"
+    assert float(loaded.optimizer.dynamic_scale.numpy()) == \
+        float(model.optimizer.dynamic_scale.numpy())
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="Keras 3 optimizer"):
+        ck.fused("adam")
+    with pytest.raises(TypeError, match="Keras 3 optimizer"):
+        ck.fused(tf.Variable(1.0))
+    with pytest.raises(TypeError, match="class"):
+        ck.fused(keras.optimizers.Adam)
+    with pytest.raises(ValueError, match="global_clipnorm, clipnorm or clipvalue"):
+        ck.fused(keras.optimizers.Adam(1e-3))
+    with pytest.raises(ValueError, match="global_clipnorm, clipnorm or clipvalue"):
+        ck.fused(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)))
+    with pytest.raises(ValueError, match="global_clipnorm, clipnorm or clipvalue"):
+        ck.fused_class(keras.optimizers.SGD)(0.1)
+    built = keras.optimizers.SGD(0.1, global_clipnorm=1.0)
+    built.build([keras.Variable(np.zeros(3, np.float32))])
+    with pytest.raises(ValueError, match="already built"):
+        ck.fused(built)
+    with pytest.raises(TypeError, match="Optimizer subclass"):
+        ck.fused_class(int)
+    with pytest.raises(TypeError, match="LossScaleOptimizer"):
+        ck.fused_class(keras.optimizers.LossScaleOptimizer)
+    with pytest.raises(ValueError, match="update_freq"):
+        ck.GlobalNormLogger("/tmp", update_freq=0)
+    opt = keras.optimizers.Adam(1e-3, global_clipnorm=1.0)
+    assert ck.fused(ck.fused(opt)) is not opt  # a new object; fused of fused is itself
+    f = ck.fused(opt)
+    assert ck.fused(f) is f and opt.__class__ is keras.optimizers.Adam
+
+
+def test_logger_needs_a_fused_optimizer(rng, tmp_path):
+    x, y = data(rng, 1)
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.SGD(0.1, global_clipnorm=CLIP), loss="mse")
+    with pytest.raises(TypeError, match="clipops.keras.fused"):
+        model.fit(x, y, batch_size=BATCH, verbose=0,
+                  callbacks=[ck.GlobalNormLogger(tmp_path)])
+
+
+def _events(log_dir) -> list:
+    from tensorflow.core.util import event_pb2
+    values = []
+    for name in sorted(os.listdir(log_dir)):
+        for record in tf.data.TFRecordDataset(os.path.join(log_dir, name)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for v in event.summary.value:
+                if v.tag == "global_gradient_norm":
+                    values.append((event.step, float(tf.make_ndarray(v.tensor))))
+    return values
+
+
+def test_global_norm_logger_writes_the_norm(rng, tmp_path):
+    steps = 4
+    x, y = data(rng, steps)
+    model = mlp()
+    model.compile(optimizer=ck.fused(keras.optimizers.SGD(0.1, global_clipnorm=CLIP)),
+                  loss="mse")
+    # the first step's norm, independently: float64 norm of the gradients at the initial weights
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.mean_squared_error(y[:BATCH], model(x[:BATCH])))
+    grads = tape.gradient(loss, model.trainable_variables)
+    first = float(np.sqrt(sum(np.sum(np.square(g.numpy().astype(np.float64))) for g in grads)))
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0,
+              callbacks=[ck.GlobalNormLogger(tmp_path)])
+    logged = _events(tmp_path / "train")
+    assert [s for s, _ in logged] == list(range(1, steps + 1))
+    # eager and traced gradients may differ in their last bits: a float32-sum tolerance
+    assert abs(logged[0][1] - first) <= NORM_RTOL * first, (logged[0], first)
+    assert logged[-1][1] == float(model.optimizer.last_global_norm.numpy())
+    assert logged[0][1] > CLIP and logged[1][1] < CLIP  # a bright and a dim batch
+
+
+def _run_python(script: str, cwd) -> str:
+    """Runs `script` in a fresh Python (started outside the repository, so that the installed
+    clipops is found) and returns its output; fails the test with it on an error."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+MIRRORED = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import clipops.keras as ck
+
+rng = np.random.default_rng(SEED)
+x = rng.random((256, 784), dtype=np.float32)
+y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 256)]
+
+def update(make_optimizer, strategy, precision="float32"):
+    keras.mixed_precision.set_global_policy(precision)
+    with strategy.scope():
+        keras.utils.set_random_seed(3)
+        m = keras.Sequential([keras.Input((784,)), keras.layers.Dense(512, activation="relu"),
+                              keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10)])
+        m.compile(optimizer=make_optimizer(), loss="mse")
+    w0 = [w.numpy().astype(np.float64) for w in m.trainable_weights]
+    m.fit(x, y, batch_size=256, epochs=1, shuffle=False, verbose=0)
+    keras.mixed_precision.set_global_policy("float32")
+    return np.concatenate([(a - w.numpy()).ravel() for a, w in zip(w0, m.trainable_weights)])
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+one = tf.distribute.get_strategy()
+keras_opt = lambda: keras.optimizers.SGD(0.1, global_clipnorm=1.0)
+fused_opt = lambda: ck.fused(keras_opt())
+fused_lso = lambda: ck.fused(keras.optimizers.LossScaleOptimizer(keras_opt()))
+single = update(keras_opt, one)
+print(json.dumps({
+    "replicas": mirrored.num_replicas_in_sync,
+    "update_norm": float(np.linalg.norm(single)),
+    "fused_mirrored": rel(update(fused_opt, mirrored), single),
+    "keras_mirrored": rel(update(keras_opt, mirrored), single),
+    "fused_single": rel(update(fused_opt, one), single),
+    "fused_lso_mirrored": rel(update(fused_lso, mirrored, "mixed_float16"),
+                              update(keras_opt, one, "mixed_float16")),
+}))
+"""
+
+
+def test_mirrored_strategy_sums_then_clips(rng, tmp_path):
+    out = _run_python(MIRRORED.replace("SEED", str(int(rng.integers(2 ** 31)))), tmp_path)
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["replicas"] == 2
+    # Each replica's gradient is the sum over its 128 rows, added across the replicas: the
+    # same terms as the single device's 256-row sums in another order, so the summed gradient
+    # differs from the single device's by float32 summation error only (measured ~1e-7
+    # normwise; 1e-4 leaves room for cancellation), and the clip of it by the norm's rounding.
+    assert r["fused_single"] <= 1e-4, r
+    assert r["fused_mirrored"] <= 1e-4, r
+    assert r["fused_lso_mirrored"] <= 1e-3, r  # float16 forward pass on both sides
+    # Keras 3 clips each replica's half before the sum: two clipped halves of norm <= 1 each
+    # add up to an update of another size; the difference is O(1), not rounding
+    assert r["keras_mirrored"] > 0.05, r
+
+
+def _op_counts(model, x, y) -> dict:
+    """Op types in one traced train_step, its branch and loop bodies included."""
+    fn = tf.function(lambda x, y: model.train_step((x, y)))
+    graph_def = fn.get_concrete_function(x, y).graph.as_graph_def()
+    counts: dict = {}
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    for n in nodes:
+        counts[n.op] = counts.get(n.op, 0) + 1
+    return counts
+
+
+def test_the_fused_ops_are_what_runs(rng, policy):
+    # what the teacher-forced tests cannot see: which ops do the clip
+    x, y = (tf.constant(a[:BATCH]) for a in data(rng, 1))
+    model = mlp()
+    model.compile(optimizer=ck.fused(keras.optimizers.SGD(0.1, global_clipnorm=CLIP)), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    counts = _op_counts(model, x, y)
+    assert counts.get("ClipopsClipByGlobalNorm") == 1, counts
+    assert "Sqrt" not in counts, counts  # Keras' own global norm is gone
+    policy("mixed_float16")
+    model = mlp()
+    model.compile(optimizer=ck.fused(keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1, global_clipnorm=CLIP))), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    counts = _op_counts(model, x, y)
+    # one norm pass (the non-finite check), one scale pass (unscale and clip); the second clip
+    # op is the fallback branch for a loss scale below 1. No per-tensor isfinite, no divide
+    # by the loss scale outside that branch.
+    assert counts.get("ClipopsGlobalNorm") == 1, counts
+    assert counts.get("ClipopsClipByGlobalNorm") == 2, counts
+    assert "IsFinite" in counts and counts["IsFinite"] == 1, counts  # of the norm alone
