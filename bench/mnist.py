@@ -210,11 +210,20 @@ class Run:
             self.last_grads = grads
             if i == 0:
                 self.first_clipped = [c.numpy() for c in clipped]
-            # before and after measured by one function, so an unclipped step reads the same
-            self.probes[i] = {"global_norm": float(tf.linalg.global_norm(grads)),
-                              "clipped_global_norm": float(tf.linalg.global_norm(clipped)),
-                              "before": [float(tf.norm(g)) for g in grads],
-                              "after": [float(tf.norm(c)) for c in clipped]}
+            # before and after measured by one function, so an unclipped step reads the same:
+            # TF's per-tensor ops, or clipops' per-tensor norms (one fused op per list)
+            if self.impl == "clipops":
+                norm_before, before = clipops.global_norm(grads, return_norms=True)
+                norm_after, after = clipops.global_norm(clipped, return_norms=True)
+                before, after = before.numpy().tolist(), after.numpy().tolist()
+            else:
+                norm_before = tf.linalg.global_norm(grads)
+                norm_after = tf.linalg.global_norm(clipped)
+                before = [float(tf.norm(g)) for g in grads]
+                after = [float(tf.norm(c)) for c in clipped]
+            self.probes[i] = {"global_norm": float(norm_before),
+                              "clipped_global_norm": float(norm_after),
+                              "before": before, "after": after}
 
 
 def new_run(variant: Variant, impl: str, mode: str, init: list[np.ndarray]) -> Run:

@@ -35,10 +35,14 @@ if importlib.util.find_spec(f"{__name__}._build_info") is None:
         "sys.path (`python -m pytest` or `python` started in the repository root). Run `pytest` "
         "(not `python -m pytest`) or start Python in another directory; install the package "
         "first with `pip install --no-build-isolation .` (README, Install).")
-__all__ = ["clip_by_global_norm", "global_norm", "build_info", "__version__"]
+from ._common import ClipResult, NonFiniteError  # noqa: E402  (after the source-folder check)
+
+__all__ = ["clip_by_global_norm", "global_norm", "build_info", "ClipResult", "NonFiniteError",
+           "__version__"]
 
 
-def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
+def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinite="nan",
+                        return_norms=False):
     """Clips values of multiple tensors by the ratio of the sum of their norms.
 
     A drop-in for ``tf.clip_by_global_norm``, computed by one fused op (one
@@ -54,6 +58,15 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
       use_norm: optional scalar: the global norm to use instead of computing
         it; it is returned as the norm.
       name: optional name scope (graph mode).
+      nonfinite: what an inf or NaN global norm does (README, "Gradient
+        health"). ``"nan"``, the default: TensorFlow's behaviour, every
+        output is NaN. ``"raise"``: ``clipops.NonFiniteError`` naming the first
+        tensor whose own norm is not finite; it waits for the device (in a
+        ``tf.function``, a failed assertion, ``InvalidArgumentError``, at run
+        time; not available under XLA). ``"skip"``: never waits; the outputs
+        are the inputs, unscaled, and ``skipped`` says so (torch's found_inf).
+      return_norms: also return each tensor's own norm, computed from the
+        same partial sums in the same launch (no extra pass over the data).
 
     Returns:
       ``(list_clipped, global_norm)``: a list like ``t_list`` (``None`` entries
@@ -62,11 +75,17 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
       a list of mixed dtypes. A list with no tensors (``[]`` or only ``None``)
       gives ``([...None...], 0.0)``, or ``use_norm``, as TensorFlow does.
       If the norm is inf or NaN, every output is NaN, as in TensorFlow.
+      With ``return_norms=True`` or ``nonfinite="skip"``, a
+      ``clipops.ClipResult(clipped, global_norm, tensor_norms, skipped)``
+      instead: ``tensor_norms`` a 1-D tensor of the norm dtype with one entry
+      per entry of ``t_list`` (0 for ``None``), ``skipped`` a scalar bool
+      tensor; each is None when not asked for.
 
     Raises:
       TypeError: ``t_list`` is not a sequence, or holds a non-float tensor.
-      ValueError: ``clip_norm`` or ``use_norm`` is not a scalar, or (eagerly)
-        the tensors are on different devices.
+      ValueError: ``clip_norm`` or ``use_norm`` is not a scalar, ``nonfinite``
+        is unknown, or (eagerly) the tensors are on different devices.
+      clipops.NonFiniteError: ``nonfinite="raise"`` and the norm is inf or NaN.
       ImportError: clipops was built without its TensorFlow op, or against
         another TensorFlow release.
 
@@ -84,10 +103,11 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
     """
     from . import tensorflow as _tf
 
-    return _tf.clip_by_global_norm(t_list, clip_norm, use_norm=use_norm, name=name)
+    return _tf.clip_by_global_norm(t_list, clip_norm, use_norm=use_norm, name=name,
+                                   nonfinite=nonfinite, return_norms=return_norms)
 
 
-def global_norm(t_list, name=None):
+def global_norm(t_list, name=None, *, return_norms=False):
     """The global norm of a list of tensors: a drop-in for ``tf.linalg.global_norm``.
 
     ``sqrt(sum(t ** 2 for every element of every tensor))``, in one fused op.
@@ -96,10 +116,13 @@ def global_norm(t_list, name=None):
       t_list: a sequence of ``Tensor``, ``IndexedSlices`` or ``None`` (ignored),
         of float16, bfloat16, float32 or float64 (dtypes may be mixed).
       name: optional name scope (graph mode).
+      return_norms: also return each tensor's own norm, from the same pass.
 
     Returns:
       A scalar tensor of the list's dtype (float32 for a mixed list); 0.0
-      (float32) for a list with no tensors, as TensorFlow.
+      (float32) for a list with no tensors, as TensorFlow. With
+      ``return_norms=True``, ``(norm, tensor_norms)``, tensor_norms a 1-D
+      tensor of the norm dtype, one entry per entry of ``t_list`` (0 for None).
 
     Raises:
       TypeError: ``t_list`` is not a sequence, or holds a non-float tensor.
@@ -110,7 +133,7 @@ def global_norm(t_list, name=None):
     """
     from . import tensorflow as _tf
 
-    return _tf.global_norm(t_list, name=name)
+    return _tf.global_norm(t_list, name=name, return_norms=return_norms)
 
 
 def build_info() -> dict:

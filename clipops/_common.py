@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,3 +75,67 @@ def scalar_in(value, code: int, what: str) -> float:
     """A host scalar rounded to the norm dtype (as TF converts it), as a float."""
     check_scalar(value, what)
     return float(np.asarray(value).astype(np_dtype(code)))
+
+
+# ---- gradient health: the non-finite policy and the extra results ------------
+
+NONFINITE_POLICIES = ("nan", "raise", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """``nonfinite="raise"``: the global norm is inf or NaN. The message names
+    the first tensor whose own norm is not finite. Nothing was clipped: the
+    caller's arrays (in place too) hold their inputs."""
+
+
+class ClipResult(NamedTuple):
+    """What ``clip_by_global_norm`` returns when asked for more than TF's pair
+    (``return_norms=True`` or ``nonfinite="skip"``). It unpacks as a 4-tuple.
+
+    clipped: the list of clipped tensors (None entries stay None).
+    global_norm: the global norm (use_norm when given), as without extras.
+    tensor_norms: with return_norms, a 1-D array of the norm dtype, one entry
+      per entry of the list (0 for None), each tensor's own norm, from the same
+      partial sums as the global norm (no extra pass); else None.
+    skipped: with nonfinite="skip", a 0-d bool on the norm's device, True when
+      the norm was inf or NaN and the outputs are the inputs, unscaled (torch's
+      found_inf); computed from the norm, so the host never waits. Else None.
+    """
+
+    clipped: list
+    global_norm: Any
+    tensor_norms: Any = None
+    skipped: Any = None
+
+
+def check_nonfinite(policy) -> str:
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, "
+                         f"got {policy!r}")
+    return policy
+
+
+def nonfinite_message(norm: float, tensor_norms, positions: list[int], param: str) -> str:
+    """The NonFiniteError text: the norm, and the first tensor whose own norm
+    is not finite (an inf or NaN in it, or squares past float32's range)."""
+    bad = [p for p, n in zip(positions, np.asarray(tensor_norms, dtype=np.float64))
+           if not np.isfinite(n)]
+    if bad:
+        first = (f"{param}[{bad[0]}] is the first tensor whose own norm is not finite "
+                 f"({len(bad)} of {len(positions)} are): it holds inf or NaN, or squares beyond "
+                 "float32's range")
+    else:
+        first = ("every tensor's own norm is finite: their sum overflows the norm's dtype, or "
+                 "use_norm is not finite")
+    return (f"the global norm is {float(norm)} (nonfinite='raise'); {first}. Nothing was "
+            "clipped: the outputs are the inputs.")
+
+
+def expand_norms(norms, positions: list[int], length: int, xp):
+    """Per-tensor norms of the present tensors, as one entry per list entry
+    (0 for None). `xp`: numpy or cupy."""
+    if len(positions) == length:
+        return norms
+    full = xp.zeros(length, dtype=norms.dtype)
+    full[xp.asarray(positions, dtype=np.int64)] = norms
+    return full

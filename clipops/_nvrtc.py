@@ -382,7 +382,9 @@ def _copy_table_async(table: np.ndarray, dst: int, stream: int) -> None:
 
 def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bool,
               clip_norm: float, clip_ptr: int, use_norm: float | None, use_ptr: int,
-              norm_out: int, workspace: int, workspace_bytes: int, stream: int) -> None:
+              norm_out: int, workspace: int, workspace_bytes: int, stream: int,
+              check_overlap: bool = True, tensor_norms: int = 0,
+              skip_nonfinite: bool = False) -> None:
     """_core.clip_cuda through NVRTC: one cooperative launch on `stream`.
 
     The caller has validated the list (dtypes, norm dtype, aliasing); like the
@@ -406,7 +408,8 @@ def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bo
               ctypes.c_int(1 if scale else 0), ctypes.c_double(clip_norm), ctypes.c_uint64(clip_ptr),
               ctypes.c_int(1 if (use_norm is not None or use_ptr) else 0),
               ctypes.c_double(use_norm if use_norm is not None else 0.0), ctypes.c_uint64(use_ptr),
-              ctypes.c_uint64(norm_out))
+              ctypes.c_uint64(norm_out), ctypes.c_uint64(tensor_norms),
+              ctypes.c_int(1 if skip_nonfinite else 0))
     params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
     try:
         driver.launchCooperativeKernel(kernel.function.ptr, grid, 1, 1, threads, 1, 1, 0, stream,

@@ -49,17 +49,32 @@ def _sum_of_squares(v: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(groups, tf.float64))
 
 
-def global_norm(values: list, dtype: tf.DType) -> tf.Tensor:
-    """The global norm of `values` (tensors, no None) in `dtype`."""
-    norm = tf.sqrt(tf.add_n([_sum_of_squares(v) for v in values]))
+def _norm_from_sumsq(sumsq: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    norm = tf.sqrt(sumsq)
     if dtype == tf.float64:
         return norm
     # rounded to float32 first, as the op rounds it (clip_math.h norm_from_sumsq)
     return tf.cast(tf.cast(norm, tf.float32), dtype)
 
 
-def clip_by_global_norm(values: list, clip: tf.Tensor, use_norm: tf.Tensor | None):
-    """(clipped values, norm); clip and use_norm are scalars of the norm dtype."""
-    norm = global_norm(values, clip.dtype) if use_norm is None else use_norm
+def global_norm(values: list, dtype: tf.DType, with_norms: bool = False):
+    """The global norm of `values` (tensors, no None) in `dtype`; with
+    with_norms, (norm, each tensor's own norm as a 1-D tensor)."""
+    sums = [_sum_of_squares(v) for v in values]
+    norm = _norm_from_sumsq(tf.add_n(sums), dtype)
+    if not with_norms:
+        return norm
+    return norm, _norm_from_sumsq(tf.stack(sums), dtype)
+
+
+def clip_by_global_norm(values: list, clip: tf.Tensor, use_norm: tf.Tensor | None,
+                        skip_nonfinite: bool = False):
+    """(clipped values, norm, tensor norms); clip and use_norm are scalars of
+    the norm dtype. skip_nonfinite: an inf or NaN norm gives scale 1."""
+    norm, norms = global_norm(values, clip.dtype, with_norms=True)
+    if use_norm is not None:
+        norm = use_norm
     scale = clip * tf.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
-    return [v * tf.cast(scale, v.dtype) for v in values], norm
+    if skip_nonfinite:
+        scale = tf.where(tf.math.is_finite(norm), scale, tf.ones_like(scale))
+    return [v * tf.cast(scale, v.dtype) for v in values], norm, norms

@@ -275,10 +275,12 @@ def _norm_without_tensors(use: _Scalar | None) -> cupy.ndarray:
 
 
 def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
-            use: _Scalar | None) -> cupy.ndarray:
+            use: _Scalar | None, norms: cupy.ndarray | None = None,
+            skip_nonfinite: bool = False) -> cupy.ndarray:
     """One launch over prep's arrays on the current stream; returns the 0-d norm.
-    outs None: the norm only. Never waits for the GPU. A list with no tensors
-    launches nothing: the kernel would only write the norm."""
+    outs None: the norm only. norms: where each tensor's own norm goes, or
+    None. Never waits for the GPU. A list with no tensors launches nothing:
+    the kernel would only write the norm."""
     if not prep.values:
         return _norm_without_tensors(use)
     core = _common.load_core()
@@ -297,12 +299,14 @@ def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
     args = (descs, prep.norm_code, outs is not None, clip.value, clip.ptr, use_value,
             use.ptr if use is not None else 0, norm.data.ptr, workspace.data.ptr, nbytes,
             cupy.cuda.get_current_stream().ptr)
+    extras = {"tensor_norms": 0 if norms is None else norms.data.ptr,
+              "skip_nonfinite": skip_nonfinite}
     if nvrtc:
-        _nvrtc.clip_cuda(*args)
+        _nvrtc.clip_cuda(*args, **extras)
     else:
         try:
             # Overlaps were ruled out above (outputs are fresh; in place was checked).
-            core.clip_cuda(*args, check_overlap=False)
+            core.clip_cuda(*args, check_overlap=False, **extras)
         except (ValueError, RuntimeError) as exc:
             # Inputs are validated in Python first, so what is left are CUDA
             # failures, which the core reports as ValueError (RuntimeError
@@ -311,12 +315,19 @@ def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
     return norm
 
 
-def global_norm(arrays) -> cupy.ndarray:
+def _norms_out(prep: _Prepared, wanted: bool) -> cupy.ndarray | None:
+    if not wanted:
+        return None
+    return cupy.zeros(len(prep.values), dtype=_common.np_dtype(prep.norm_code))
+
+
+def global_norm(arrays, *, return_norms: bool = False):
     """sqrt(sum of squares of every element) as a 0-d CuPy array of the norm
     dtype (the arrays' dtype, float32 for a mixed list); None entries are
     ignored. Queued on the current stream; the host does not wait. A list with
     no arrays (empty, or only None) has the norm 0.0 in float32, as in
-    TensorFlow, and launches no kernel.
+    TensorFlow, and launches no kernel. With return_norms, ``(norm,
+    tensor_norms)``: each array's own norm (0 for None), from the same launch.
 
     Raises:
       TypeError: not a sequence, a non-float array, or a host / non-GPU array.
@@ -325,10 +336,15 @@ def global_norm(arrays) -> cupy.ndarray:
       LaunchError: the launch failed.
     """
     prep = _prepare(arrays, in_place=False)
-    return _launch(prep, None, _Scalar(), None)
+    norms = _norms_out(prep, return_norms)
+    norm = _launch(prep, None, _Scalar(), None, norms)
+    if not return_norms:
+        return norm
+    return norm, _common.expand_norms(norms, prep.positions, len(prep.arrays), cupy)
 
 
-def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False):
+def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False, *,
+                        nonfinite: str = "nan", return_norms: bool = False):
     """Scales every array by clip_norm / max(global_norm, clip_norm), with
     TensorFlow's formula in the norm's dtype, in one CUDA launch.
 
@@ -345,17 +361,26 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
         view, so do not use it on arrays their owner treats as immutable (JAX).
         Otherwise non-contiguous inputs are copied to contiguous ones first and
         new CuPy arrays are returned.
+      nonfinite: what an inf or NaN norm does: "nan" (TF's behaviour, every
+        output NaN), "raise" (NonFiniteError naming the first array whose own
+        norm is not finite, nothing written; it waits for the GPU), or "skip"
+        (the outputs are the inputs, unscaled; never waits, and the result's
+        ``skipped`` says so).
+      return_norms: also return each array's own norm, from the same launch.
 
     Returns:
       (clipped, norm): a list (None entries stay None) and the 0-d norm of the
       norm dtype, both on the current stream's timeline (not waited for).
       Out of place, the clipped arrays are views into one shared allocation.
       A list with no arrays gives ([None, ...], 0.0 float32) as in TensorFlow,
-      or use_norm as the norm, without a kernel.
+      or use_norm as the norm, without a kernel. With return_norms or
+      nonfinite="skip", a ``clipops.ClipResult(clipped, global_norm,
+      tensor_norms, skipped)`` instead (see clipops.clip_by_global_norm).
 
     Raises: as global_norm; ValueError also when in-place arrays share memory
     or a scalar argument is not a scalar (checked before any device call).
     """
+    policy = _common.check_nonfinite(nonfinite)
     _common.check_scalar(clip_norm, "clip_norm")
     if use_norm is not None:
         _common.check_scalar(use_norm, "use_norm")
@@ -363,8 +388,17 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
     clip = _scalar(clip_norm, prep, "clip_norm", copy=in_place)
     use = None if use_norm is None else _scalar(use_norm, prep, "use_norm", copy=in_place)
     outs = prep.values if in_place else _empty_like_all(prep.values)
-    norm = _launch(prep, outs, clip, use)
+    norms = _norms_out(prep, return_norms or policy == "raise")
+    norm = _launch(prep, outs, clip, use, norms, skip_nonfinite=policy != "nan")
+    if policy == "raise" and not bool(cupy.isfinite(norm)):  # waits for the GPU
+        raise _common.NonFiniteError(_common.nonfinite_message(
+            norm.get(), norms.get(), prep.positions, "arrays"))
     result = [None] * len(prep.arrays)
     for i, out in zip(prep.positions, outs):
         result[i] = prep.arrays[i] if in_place else out
-    return result, norm
+    if not (return_norms or policy == "skip"):
+        return result, norm
+    return _common.ClipResult(
+        result, norm,
+        _common.expand_norms(norms, prep.positions, len(prep.arrays), cupy) if return_norms else None,
+        cupy.logical_not(cupy.isfinite(norm)) if policy == "skip" else None)

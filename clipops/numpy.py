@@ -54,28 +54,38 @@ def _prepare(arrays, in_place: bool):
     return arrays, present, norm_code
 
 
-def global_norm(arrays) -> np.ndarray:
+def global_norm(arrays, *, return_norms: bool = False):
     """sqrt(sum of squares of every element), as ``tf.linalg.global_norm``.
 
     Args:
       arrays: a sequence of NumPy arrays (float16, bfloat16, float32, float64,
         mixed allowed) or None entries, which are ignored.
+      return_norms: also return each array's own norm (0 for None entries),
+        from the same pass.
 
     Returns:
       A 0-d array of the norm dtype: the arrays' dtype, or float32 for a mixed
-      list; 0.0 (float32) for a list with no arrays, as TensorFlow.
+      list; 0.0 (float32) for a list with no arrays, as TensorFlow. With
+      return_norms, ``(norm, tensor_norms)``, tensor_norms a 1-D array of the
+      norm dtype.
 
     Raises:
       TypeError: ``arrays`` is not a sequence, or holds a non-float array.
     """
-    _, present, norm_code = _prepare(arrays, in_place=False)
-    norm = np.empty((), dtype=_common.np_dtype(norm_code))
+    arrays, present, norm_code = _prepare(arrays, in_place=False)
+    dtype = _common.np_dtype(norm_code)
+    norm = np.empty((), dtype=dtype)
+    norms = np.empty(len(present), dtype=dtype)
     descs = [(a.ctypes.data, 0, a.size, c) for _, a, c in present]
-    _common.load_core().clip_cpu(descs, norm_code, False, 0.0, None, norm.ctypes.data)
-    return norm
+    _common.load_core().clip_cpu(descs, norm_code, False, 0.0, None, norm.ctypes.data,
+                                 tensor_norms=norms.ctypes.data if return_norms and present else 0)
+    if not return_norms:
+        return norm
+    return norm, _common.expand_norms(norms, [i for i, _, _ in present], len(arrays), np)
 
 
-def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False):
+def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False, *,
+                        nonfinite: str = "nan", return_norms: bool = False):
     """Scales every array by clip_norm / max(global_norm, clip_norm), with
     TensorFlow's formula and the same bits as the TF op on the same data.
 
@@ -89,26 +99,50 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
         returned as the norm.
       in_place: write the results into the caller's arrays (C-contiguous,
         writable, native byte order, sharing no memory) and return them.
+      nonfinite: what an inf or NaN global norm does. "nan" (TF's behaviour):
+        every output becomes NaN. "raise": NonFiniteError naming the first
+        array whose own norm is not finite, with nothing written (in place,
+        the arrays keep their values). "skip": the outputs are the inputs,
+        unscaled, and the result's ``skipped`` is True.
+      return_norms: also return each array's own norm, from the same pass.
 
     Returns:
       ``(clipped, norm)``: a list like ``arrays`` and a 0-d array of the norm
       dtype (the arrays' dtype, float32 for a mixed list). A list with no
-      arrays gives ``([...None...], 0.0)`` as TensorFlow does.
+      arrays gives ``([...None...], 0.0)`` as TensorFlow does. With
+      return_norms or nonfinite="skip", a ``clipops.ClipResult``
+      ``(clipped, global_norm, tensor_norms, skipped)`` instead.
 
     Raises:
       TypeError: ``arrays`` is not a sequence, holds a non-float array, or (in
         place) a non-NumPy object.
-      ValueError: a scalar argument is not a scalar; in place, an array is not
-        contiguous, read-only, byte-swapped, or shares memory with another.
+      ValueError: a scalar argument is not a scalar, or nonfinite is unknown;
+        in place, an array is not contiguous, read-only, byte-swapped, or
+        shares memory with another.
+      clipops.NonFiniteError: nonfinite="raise" and the norm is inf or NaN.
     """
+    policy = _common.check_nonfinite(nonfinite)
     arrays, present, norm_code = _prepare(arrays, in_place)
     clip = _common.scalar_in(clip_norm, norm_code, "clip_norm")
     use = None if use_norm is None else _common.scalar_in(use_norm, norm_code, "use_norm")
     outs = [a if in_place else np.empty_like(a) for _, a, _ in present]
-    norm = np.empty((), dtype=_common.np_dtype(norm_code))
+    dtype = _common.np_dtype(norm_code)
+    norm = np.empty((), dtype=dtype)
+    norms = np.empty(len(present), dtype=dtype)
+    want_norms = (return_norms or policy == "raise") and present
     descs = [(a.ctypes.data, o.ctypes.data, a.size, c) for (_, a, c), o in zip(present, outs)]
-    _common.load_core().clip_cpu(descs, norm_code, True, clip, use, norm.ctypes.data)
+    _common.load_core().clip_cpu(descs, norm_code, True, clip, use, norm.ctypes.data,
+                                 tensor_norms=norms.ctypes.data if want_norms else 0,
+                                 skip_nonfinite=policy != "nan")
+    positions = [i for i, _, _ in present]
+    if policy == "raise" and not np.isfinite(norm):
+        raise _common.NonFiniteError(_common.nonfinite_message(norm, norms, positions, "arrays"))
     result = [None] * len(arrays)
-    for (i, _, _), o in zip(present, outs):
+    for i, o in zip(positions, outs):
         result[i] = o  # in place: the caller's own array object
-    return result, norm
+    if not (return_norms or policy == "skip"):
+        return result, norm
+    return _common.ClipResult(
+        result, norm,
+        _common.expand_norms(norms, positions, len(arrays), np) if return_norms else None,
+        np.bool_(not np.isfinite(norm)) if policy == "skip" else None)

@@ -125,51 +125,102 @@ def _rebuild(t_list: list, positions: list, outputs: list) -> list:
     return result
 
 
-def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None):
+def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinite="nan",
+                        return_norms=False):
     t_list = _common.check_list(t_list)
+    policy = _common.check_nonfinite(nonfinite)
     if tf.executing_eagerly():  # name scopes do nothing eagerly, and cost time
-        return _clip(t_list, clip_norm, use_norm)
+        return _clip(t_list, clip_norm, use_norm, policy, return_norms)
     with tf.name_scope(name or "clip_by_global_norm"):
-        return _clip(t_list, clip_norm, use_norm)
+        return _clip(t_list, clip_norm, use_norm, policy, return_norms)
 
 
 clip_by_global_norm.__doc__ = _documented_clip.__doc__
 
 
-def _clip(t_list: list, clip_norm, use_norm):
+def _expand_norms(norms: tf.Tensor, positions: list, length: int) -> tf.Tensor:
+    """One entry per entry of t_list: 0 for None."""
+    if len(positions) == length:
+        return norms
+    return tf.scatter_nd([[p] for p in positions], norms, [length])
+
+
+def _clip(t_list: list, clip_norm, use_norm, policy: str, return_norms: bool):
     values, positions, code = _values(t_list)
     dtype = _TF_DTYPES[code]
     clip = _scalar(clip_norm, dtype, "clip_norm")
     given = use_norm is not None
     use = _scalar(use_norm if given else 0.0, dtype, "use_norm")
+    want_norms = return_norms or policy == "raise"
     if not values:  # TF's answer for a list with no tensors: the norm is 0 (or use_norm)
-        return [None] * len(t_list), use if given else tf.zeros((), dtype)
-    if _tf_xla.in_xla_context():  # XLA cannot compile the custom op: the same math in TF ops
-        clipped, norm = _tf_xla.clip_by_global_norm(values, clip, use if given else None)
+        clipped, norm, norms = [], use if given else tf.zeros((), dtype), tf.zeros((0,), dtype)
+    elif _tf_xla.in_xla_context():  # XLA cannot compile the custom op: the same math in TF ops
+        if policy == "raise":
+            raise ValueError(
+                "nonfinite='raise' needs the host to look at the norm, which a function that XLA "
+                "compiles cannot do; use nonfinite='skip' (and its `skipped` flag) under XLA")
+        clipped, norm, norms = _tf_xla.clip_by_global_norm(
+            values, clip, use if given else None, skip_nonfinite=policy == "skip")
     else:
-        clipped, norm = _ops.clipops_clip_by_global_norm(
-            t_list=values, clip_norm=clip, use_norm=use, use_given=given)
-    return _rebuild(t_list, positions, clipped), norm
+        clipped, norm, norms = _ops.clipops_clip_by_global_norm(
+            t_list=values, clip_norm=clip, use_norm=use, use_given=given, with_norms=want_norms,
+            skip_nonfinite=policy != "nan")
+    if policy == "raise":
+        clipped, norm = _raise_if_nonfinite(clipped, norm, norms, positions)
+    clipped = _rebuild(t_list, positions, clipped)
+    if not (return_norms or policy == "skip"):
+        return clipped, norm
+    return _common.ClipResult(
+        clipped, norm, _expand_norms(norms, positions, len(t_list)) if return_norms else None,
+        tf.logical_not(tf.math.is_finite(norm)) if policy == "skip" else None)
 
 
-def global_norm(t_list, name=None):
+def _raise_if_nonfinite(clipped: list, norm, norms, positions: list):
+    """nonfinite="raise": eagerly a NonFiniteError (waiting for the device);
+    in a graph an assertion that fails the step with InvalidArgumentError. The
+    op ran with skip_nonfinite, so nothing was scaled by NaN either way."""
+    if tf.executing_eagerly():
+        if not np.isfinite(norm.numpy()):
+            raise _common.NonFiniteError(
+                _common.nonfinite_message(norm.numpy(), norms.numpy(), positions, "t_list"))
+        return clipped, norm
+    bad = tf.logical_not(tf.math.is_finite(norms))
+    first = tf.where(tf.reduce_any(bad),
+                     tf.gather(tf.constant(positions + [-1], tf.int64),
+                               tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)),
+                     tf.constant(-1, tf.int64))
+    check = tf.debugging.Assert(
+        tf.math.is_finite(norm),
+        ["clipops: the global norm is not finite (nonfinite='raise'); the first tensor whose "
+         "own norm is not finite is t_list[i] with i =", first, "(-1: none is, their sum "
+         "overflows); global norm:", norm, ". Nothing was clipped."])
+    with tf.control_dependencies([check]):
+        return [tf.identity(c) for c in clipped], tf.identity(norm)
+
+
+def global_norm(t_list, name=None, *, return_norms=False):
     t_list = _common.check_list(t_list)
     if tf.executing_eagerly():
-        return _global_norm(t_list)
+        return _global_norm(t_list, return_norms)
     with tf.name_scope(name or "global_norm"):
-        return _global_norm(t_list)
+        return _global_norm(t_list, return_norms)
 
 
 global_norm.__doc__ = _documented_norm.__doc__
 
 
-def _global_norm(t_list: list):
-    values, _, code = _values(t_list)
+def _global_norm(t_list: list, return_norms: bool):
+    values, positions, code = _values(t_list)
+    dtype = _TF_DTYPES[code]
     if not values:  # as tf.linalg.global_norm([])
-        return tf.zeros((), tf.float32)
-    if _tf_xla.in_xla_context():
-        return _tf_xla.global_norm(values, _TF_DTYPES[code])
-    return _ops.clipops_global_norm(t_list=values, Tnorm=_TF_DTYPES[code])
+        norm, norms = tf.zeros((), tf.float32), tf.zeros((0,), tf.float32)
+    elif _tf_xla.in_xla_context():
+        norm, norms = _tf_xla.global_norm(values, dtype, with_norms=True)
+    else:
+        norm, norms = _ops.clipops_global_norm(t_list=values, Tnorm=dtype, with_norms=return_norms)
+    if not return_norms:
+        return norm
+    return norm, _expand_norms(norms, positions, len(t_list))
 
 
 # ---- gradients: the chain rule of TF's own formula ---------------------------
@@ -203,11 +254,30 @@ def _clip_grads(tensors, clip, norm, g_out, g_norm, given: bool):
     return g_t, dot * ds_dc, (g_n if given else None)
 
 
+def _add_norms_grads(g_t: list, tensors, norms, g_norms) -> list:
+    """Adds the gradient through tensor_norms (d n_i / d t_i = t_i / n_i)."""
+    if g_norms is None:
+        return g_t
+    factors = g_norms / norms
+    return [g + t * tf.cast(factors[i], t.dtype) for i, (g, t) in enumerate(zip(g_t, tensors))]
+
+
 @tf.RegisterGradient("ClipopsClipByGlobalNorm")
 def _clip_by_global_norm_grad(op, *grads):
     n = len(op.inputs) - 2
-    g_t, g_clip, g_use = _clip_grads(op.inputs[:n], op.inputs[n], op.outputs[n], grads[:n],
-                                     grads[n], op.get_attr("use_given"))
+    tensors, norm = op.inputs[:n], op.outputs[n]
+    g_t, g_clip, g_use = _clip_grads(tensors, op.inputs[n], norm, grads[:n], grads[n],
+                                     op.get_attr("use_given"))
+    if op.get_attr("skip_nonfinite"):
+        # a skipped step passed its inputs through: the identity's gradient
+        finite = tf.math.is_finite(norm)
+        g_t = [tf.where(finite, g, tf.zeros_like(g) if up is None else up)
+               for g, up in zip(g_t, grads[:n])]
+        g_clip = tf.where(finite, g_clip, tf.zeros_like(g_clip))
+        if g_use is not None:
+            g_use = tf.where(finite, g_use, tf.zeros_like(g_use))
+    if op.get_attr("with_norms"):
+        g_t = _add_norms_grads(g_t, tensors, op.outputs[n + 1], grads[n + 1])
     return g_t + [g_clip, g_use]
 
 
@@ -218,5 +288,12 @@ def _global_norm_grads(tensors, norm, g_norm) -> list:
 
 
 @tf.RegisterGradient("ClipopsGlobalNorm")
-def _global_norm_grad(op, g_norm):
-    return _global_norm_grads(op.inputs, op.outputs[0], g_norm)
+def _global_norm_grad(op, g_norm, g_norms):
+    tensors = list(op.inputs)
+    if g_norm is None:
+        g_t = [tf.zeros_like(t) for t in tensors]
+    else:
+        g_t = _global_norm_grads(tensors, op.outputs[0], g_norm)
+    if op.get_attr("with_norms"):
+        g_t = _add_norms_grads(g_t, tensors, op.outputs[1], g_norms)
+    return g_t

@@ -69,11 +69,13 @@ def use_device(resident: int, mod=emu):
 
 
 def run(arrays, clip, *, use_norm=None, scale=True, in_offset=0, out_offset=0, in_place=False,
-        pointers=False, norm_out=True, exact=False, mod=emu):
+        pointers=False, norm_out=True, exact=False, mod=emu, norms=None, skip=False):
     """The emulated launcher over copies of `arrays`; returns (outputs, norm,
     table bytes from the workspace). Outputs, norm and workspace start as NaN.
     exact: tensors in allocations of exactly their size instead of between
-    guards, so that AddressSanitizer sees any access past their ends."""
+    guards, so that AddressSanitizer sees any access past their ends. norms:
+    an array of one norm-dtype element per tensor for tensor_norms (guarded
+    by the caller with place()), or None. skip: skip_nonfinite."""
     ndt = norm_dtype(arrays)
     clip_v = float(np.asarray(clip).astype(ndt))
     use_v = None if use_norm is None else float(np.asarray(use_norm).astype(ndt))
@@ -93,7 +95,8 @@ def run(arrays, clip, *, use_norm=None, scale=True, in_offset=0, out_offset=0, i
                   np.nan if pointers else clip_v, clip_buf.ctypes.data if pointers else 0,
                   None if (pointers or use_v is None) else use_v,
                   use_buf.ctypes.data if (pointers and use_v is not None) else 0,
-                  norm.ctypes.data if norm_out else 0, ws.ctypes.data, ws.nbytes, 0)
+                  norm.ctypes.data if norm_out else 0, ws.ctypes.data, ws.nbytes, 0,
+                  tensor_norms=0 if norms is None else norms.ctypes.data, skip_nonfinite=skip)
     mod.synchronize()
     check_guards(([] if exact else outs) + [norm, ws])
     return outs, norm, ws[:40 * len(arrays)].tobytes()
@@ -476,3 +479,45 @@ def test_teeth_vector_overrun_is_an_address_sanitizer_report():
                           cwd=os.path.dirname(__file__), timeout=300)
     assert proc.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+# ---- gradient health: per-tensor norms and the non-finite policy -----------------
+
+@pytest.mark.parametrize("resident", [1, 3, 64])
+@pytest.mark.parametrize("dtype", DTYPES + ["mixed"])
+def test_tensor_norms_are_the_cpu_kernel_s_bits(rng, dtype, resident):
+    # fewer blocks than tensors (1, 3) makes blocks loop over the tensors
+    use_device(resident)
+    dts = [np.float16, np.float32, np.float64] if dtype == "mixed" else [dtype]
+    sizes = [3, CHUNK + 1, 0, 2 * CHUNK, 1024, 5 * CHUNK - 7, 1]
+    arrays = [random_array(rng, (n,), dts[k % len(dts)], scale=3.0) for k, n in enumerate(sizes)]
+    ndt = norm_dtype(arrays)
+    for use_norm in (None, 7.0):  # computed even when use_norm replaces the global norm
+        norms = place(np.zeros(len(arrays), ndt), 0, fill=True)
+        outs, norm, _ = run(arrays, 1.0, use_norm=use_norm, norms=norms)
+        check_guards([norms])
+        want = cn.clip_by_global_norm([np.array(a) for a in arrays], 1.0, use_norm=use_norm,
+                                      return_norms=True)
+        assert norms.tobytes() == want.tensor_norms.tobytes()
+        assert norm.tobytes() == np.asarray(want.global_norm).tobytes()
+        for o, w in zip(outs, want.clipped):
+            assert o.tobytes() == w.tobytes()
+        for a, n in zip(arrays, norms):  # and each is a norm: float64 reference
+            assert_close(np.asarray(n, np.float64), ref_norm([a]), ndt, "tensor norm")
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_skip_nonfinite_leaves_the_inputs_and_nan_policy_scales_by_nan(rng, bad):
+    use_device(3)
+    arrays = [random_array(rng, (n,), np.float32) for n in (5, CHUNK + 3, 40)]
+    arrays[1][7] = bad
+    outs, norm, _ = run(arrays, 1.0, skip=True)
+    assert not np.isfinite(norm)
+    for o, a in zip(outs, arrays):
+        assert o.tobytes() == a.tobytes()
+    outs, _, _ = run(arrays, 1.0, skip=False)  # TF's behaviour: NaN everywhere
+    assert all(np.isnan(o).all() for o in outs)
+    finite = [random_array(rng, (n,), np.float32, scale=10.0) for n in (5, CHUNK + 3)]
+    skipped, _, _ = run(finite, 1.0, skip=True)  # a finite norm clips as always
+    plain, _, _ = run(finite, 1.0)
+    assert [o.tobytes() for o in skipped] == [o.tobytes() for o in plain]

@@ -446,7 +446,7 @@ def test_raw_ops_refuse_a_tnorm_other_than_the_list_s(tnorm):
     mixed = [tf.constant([1.0], tf.float16), tf.constant([2.0], tf.float64)]
     with pytest.raises(tf.errors.InvalidArgumentError, match="float32 for a list of mixed"):
         _ops.clipops_global_norm(t_list=mixed, Tnorm=tf.float64)
-    assert _ops.clipops_global_norm(t_list=mixed, Tnorm=tf.float32).numpy() == np.float32(np.sqrt(5))
+    assert _ops.clipops_global_norm(t_list=mixed, Tnorm=tf.float32)[0].numpy() == np.float32(np.sqrt(5))
 
 
 # ---- documentation ------------------------------------------------------------------

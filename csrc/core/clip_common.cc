@@ -34,13 +34,14 @@ namespace {
 std::string where(int i) { return "tensor " + std::to_string(i) + ": "; }
 
 // Ranges of the scalar arguments are labelled by these negative indices.
-constexpr int kClipNorm = -1, kUseNorm = -2, kNormOut = -3;
+constexpr int kClipNorm = -1, kUseNorm = -2, kNormOut = -3, kTensorNorms = -4;
 
 std::string label(int index) {
   switch (index) {
     case kClipNorm: return "clip_norm";
     case kUseNorm: return "use_norm";
     case kNormOut: return "norm_out";
+    case kTensorNorms: return "tensor_norms";
     default: return "tensor " + std::to_string(index);
   }
 }
@@ -67,7 +68,7 @@ Status conflict(const Range& a, const Range& b) {
 // The scalars the kernel reads through pointers and the norm it writes. Every
 // block reads clip_norm/use_norm after block 0 has stored the norm, so norm_out
 // must not alias them (checked even when the caller vouches for its tensors).
-std::vector<Range> scalar_ranges(const ClipArgs& args) {
+std::vector<Range> scalar_ranges(const ClipArgs& args, int num_tensors) {
   const size_t bytes = static_cast<size_t>(detail::dtype_size(args.norm_dtype));
   std::vector<Range> r;
   if (args.clip_norm.device_ptr != nullptr && args.scale)
@@ -75,6 +76,8 @@ std::vector<Range> scalar_ranges(const ClipArgs& args) {
   if (args.use_norm.device_ptr != nullptr && args.has_use_norm)
     r.push_back(range_of(args.use_norm.device_ptr, bytes, kUseNorm, false));
   if (args.norm_out != nullptr) r.push_back(range_of(args.norm_out, bytes, kNormOut, true));
+  if (args.tensor_norms != nullptr)
+    r.push_back(range_of(args.tensor_norms, bytes * num_tensors, kTensorNorms, true));
   return r;
 }
 
@@ -116,7 +119,7 @@ Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args
     if (args.scale && t.numel > 0 && t.out == nullptr)
       return Status::Error(where(i) + "null output pointer");
   }
-  std::vector<Range> ranges = scalar_ranges(args);
+  std::vector<Range> ranges = scalar_ranges(args, num_tensors);
   for (size_t a = 0; a < ranges.size(); ++a)
     for (size_t b = a + 1; b < ranges.size(); ++b)
       if ((ranges[a].written || ranges[b].written) && overlap(ranges[a], ranges[b]))

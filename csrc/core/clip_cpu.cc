@@ -225,12 +225,10 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
       };
   const ParallelFor& run = elements < kParallelMinElements ? inline_for : parallel_for;
 
-  double norm;
-  if (args.has_use_norm) {
-    norm = args.use_norm.value;
-  } else {
-    // partials are summed in a fixed order, so the norm is bitwise reproducible
-    std::vector<double> partials(items);
+  // partials are summed in a fixed order, so the norms are bitwise reproducible
+  std::vector<double> partials;
+  if (!args.has_use_norm || args.tensor_norms != nullptr) {
+    partials.resize(items);
     run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
       const ScopedIeeeSubnormals ieee;
       for_items(tensors, first_item, begin, end,
@@ -242,14 +240,22 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
                   });
                 });
     });
-    double u[kThreads] = {};
-    for (int64_t w = 0; w < items; ++w) u[w % kThreads] = add_d(u[w % kThreads], partials[w]);
-    norm = norm_from_sumsq(halving_tree(u), args.norm_dtype);
   }
+  // the GPU's order: "thread" k sums partials k, k + kThreads, ..., then the tree
+  auto norm_of = [&](int64_t first, int64_t count) {
+    double u[kThreads] = {};
+    for (int64_t k = 0; k < count; ++k) u[k % kThreads] = add_d(u[k % kThreads], partials[first + k]);
+    return norm_from_sumsq(halving_tree(u), args.norm_dtype);
+  };
+  if (args.tensor_norms != nullptr)
+    for (int t = 0; t < num_tensors; ++t)
+      store_norm_at(args.tensor_norms, t, norm_of(first_item[t], first_item[t + 1] - first_item[t]),
+                    args.norm_dtype);
+  const double norm = args.has_use_norm ? args.use_norm.value : norm_of(0, items);
   if (args.norm_out != nullptr) store_norm(args.norm_out, norm, args.norm_dtype);
   if (!args.scale) return Status::Ok();
 
-  const double scale = clip_scale(norm, args.clip_norm.value, args.norm_dtype);
+  const double scale = step_scale(norm, args.clip_norm.value, args.norm_dtype, args.skip_nonfinite);
   const bool stream = bytes > kStreamBytes;  // outputs are as large as inputs
   for (int t = 0; t < num_tensors; ++t)
     if (tensors[t].out != tensors[t].in)

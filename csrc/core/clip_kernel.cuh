@@ -192,19 +192,18 @@ __device__ __forceinline__ double read_scalar(const void* ptr, double value, int
 
 // Must be launched cooperatively (all blocks resident) with kThreads threads.
 // Plain scalar parameters, so CuPy's RawKernel can pass them too.
+// tensor_norms: null, or num_tensors values of norm_dtype (ClipArgs).
 extern "C" __global__ void __launch_bounds__(clipops::detail::kThreads)
 clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors,
                     long long num_items, double* partials, int norm_dtype, int do_scale,
                     double clip_value, const void* clip_ptr, int has_use_norm,
-                    double use_value, const void* use_ptr, void* norm_out) {
+                    double use_value, const void* use_ptr, void* norm_out,
+                    void* tensor_norms, int skip_nonfinite) {
   using namespace clipops;
   using namespace clipops::detail;
   __shared__ double red[kThreads];
 
-  double norm;
-  if (has_use_norm) {
-    norm = read_scalar(use_ptr, use_value, norm_dtype);
-  } else {
+  if (!has_use_norm || tensor_norms != nullptr) {
     for (long long w = blockIdx.x; w < num_items; w += gridDim.x) {
       const TensorEntry te = tensors[find_tensor(tensors, num_tensors, w)];
       const long long begin = (w - te.first_item) * kChunk;
@@ -221,6 +220,25 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
 #ifndef CLIPOPS_TEETH_NO_GRID_SYNC
     cooperative_groups::this_grid().sync();
 #endif
+  }
+  // Each tensor's norm: its own partials in the global order (thread t sums
+  // partials t, t + kThreads, ... of the tensor, then the tree), one block per
+  // tensor. Blocks loop uniformly, so every thread reaches block_tree's barriers.
+  if (tensor_norms != nullptr) {
+    for (int t = blockIdx.x; t < num_tensors; t += gridDim.x) {
+      const TensorEntry te = tensors[t];
+      const long long count = (te.numel + kChunk - 1) / kChunk;
+      double u = 0.0;
+      for (long long k = threadIdx.x; k < count; k += kThreads)
+        u = add_d(u, __ldcg(partials + te.first_item + k));
+      const double n = norm_from_sumsq(block_tree(u, red), norm_dtype);
+      if (threadIdx.x == 0) store_norm_at(tensor_norms, t, n, norm_dtype);
+    }
+  }
+  double norm;
+  if (has_use_norm) {
+    norm = read_scalar(use_ptr, use_value, norm_dtype);
+  } else {
     // every block sums all partials in the one fixed order: no second sync needed
     double u = 0.0;
     for (long long w = threadIdx.x; w < num_items; w += kThreads) u = add_d(u, __ldcg(partials + w));
@@ -229,7 +247,8 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
   if (blockIdx.x == 0 && threadIdx.x == 0 && norm_out != nullptr) store_norm(norm_out, norm, norm_dtype);
   if (!do_scale) return;
 
-  const double scale = clip_scale(norm, read_scalar(clip_ptr, clip_value, norm_dtype), norm_dtype);
+  const double scale = step_scale(norm, read_scalar(clip_ptr, clip_value, norm_dtype), norm_dtype,
+                                  skip_nonfinite != 0);
   for (long long w = blockIdx.x; w < num_items; w += gridDim.x) {
     const TensorEntry te = tensors[find_tensor(tensors, num_tensors, w)];
     const long long begin = (w - te.first_item) * kChunk;

@@ -60,7 +60,9 @@ struct KernelArgs {
   double use_value;
   const void* use_ptr;
   void* norm_out;
-  void* params[12];
+  void* tensor_norms;
+  int skip_nonfinite;
+  void* params[14];
 
   KernelArgs(void* workspace, int n, long long num_items, const ClipArgs& a)
       : table(static_cast<const TensorEntry*>(workspace)),
@@ -75,8 +77,11 @@ struct KernelArgs {
         use_value(a.use_norm.value),
         use_ptr(a.use_norm.device_ptr),
         norm_out(a.norm_out),
+        tensor_norms(a.tensor_norms),
+        skip_nonfinite(a.skip_nonfinite ? 1 : 0),
         params{&table, &num_tensors, &items, &partials, &norm_dtype, &do_scale,
-               &clip_value, &clip_ptr, &has_use, &use_value, &use_ptr, &norm_out} {}
+               &clip_value, &clip_ptr, &has_use, &use_value, &use_ptr, &norm_out,
+               &tensor_norms, &skip_nonfinite} {}
   KernelArgs(const KernelArgs&) = delete;
   KernelArgs& operator=(const KernelArgs&) = delete;
 };

@@ -235,6 +235,21 @@ CLIPOPS_HD void store_norm(void* out, double norm, int norm_dtype) {
   }
 }
 
+// Element i of an array of norm_dtype values.
+CLIPOPS_HD void store_norm_at(void* array, long long i, double norm, int norm_dtype) {
+  store_norm(static_cast<char*>(array) + i * dtype_size(norm_dtype), norm, norm_dtype);
+}
+
+// x - x is 0 for every finite x, NaN for inf and NaN: no <cmath> (NVRTC).
+CLIPOPS_HD bool is_finite_d(double x) { return x - x == 0.0; }
+
+// The scale of a step: clip_scale, or 1 (the outputs equal the inputs) when
+// skip_nonfinite and the norm is inf or NaN.
+CLIPOPS_HD double step_scale(double norm, double clip, int norm_dtype, bool skip_nonfinite) {
+  if (skip_nonfinite && !is_finite_d(norm)) return 1.0;
+  return clip_scale(norm, clip, norm_dtype);
+}
+
 // ---- one element ---------------------------------------------------------------
 // Every kernel moves elements as raw bits of their storage type.
 template <int DT> struct Storage;

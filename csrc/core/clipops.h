@@ -48,6 +48,15 @@ struct ClipArgs {
   // must not alias clip_norm.device_ptr or use_norm.device_ptr: block 0 stores
   // the norm while other blocks may still read them (validate() rejects it).
   void* norm_out = nullptr;
+  // num_tensors elements of norm_dtype (host for CPU, device for CUDA), or null:
+  // each tensor's own norm, from the same partial sums as the global norm (no
+  // extra pass over the data), so tensor_norms[i] equals the global norm of
+  // the list {tensor i} when the list has one dtype. Computed even with use_norm.
+  void* tensor_norms = nullptr;
+  // true: a non-finite norm (inf or NaN, computed or use_norm) skips the step:
+  // the outputs equal the inputs, unscaled. false: TensorFlow's behaviour (the
+  // scale, and so every output, becomes NaN).
+  bool skip_nonfinite = false;
   // false when the caller allocated every output itself; true also checks
   // that norm_out and the scalar pointers overlap no tensor that is written.
   bool check_overlap = true;

@@ -31,7 +31,8 @@ inline std::vector<clipops::TensorDesc> to_descs(const std::vector<Desc>& descs)
 
 inline clipops::ClipArgs to_args(int norm_dtype, bool scale, double clip, uintptr_t clip_ptr,
                                  std::optional<double> use_norm, uintptr_t use_ptr,
-                                 uintptr_t norm_out, bool check_overlap) {
+                                 uintptr_t norm_out, bool check_overlap,
+                                 uintptr_t tensor_norms = 0, bool skip_nonfinite = false) {
   clipops::ClipArgs a;
   a.norm_dtype = norm_dtype;
   a.scale = scale;
@@ -40,6 +41,8 @@ inline clipops::ClipArgs to_args(int norm_dtype, bool scale, double clip, uintpt
   a.use_norm = {use_norm.value_or(0.0), reinterpret_cast<const void*>(use_ptr)};
   a.norm_out = reinterpret_cast<void*>(norm_out);
   a.check_overlap = check_overlap;
+  a.tensor_norms = reinterpret_cast<void*>(tensor_norms);
+  a.skip_nonfinite = skip_nonfinite;
   return a;
 }
 

@@ -24,10 +24,10 @@ template <auto kLauncher, typename Stream>
 void launch(const std::vector<Desc>& descs, int norm_dtype, bool scale, double clip_norm,
             uintptr_t clip_ptr, std::optional<double> use_norm, uintptr_t use_ptr,
             uintptr_t norm_out, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
-            bool check_overlap) {
+            bool check_overlap, uintptr_t tensor_norms, bool skip_nonfinite) {
   const auto t = to_descs(descs);
-  const auto args =
-      to_args(norm_dtype, scale, clip_norm, clip_ptr, use_norm, use_ptr, norm_out, check_overlap);
+  const auto args = to_args(norm_dtype, scale, clip_norm, clip_ptr, use_norm, use_ptr, norm_out,
+                            check_overlap, tensor_norms, skip_nonfinite);
   clipops::Status s;
   {
     py::gil_scoped_release release;
@@ -41,7 +41,8 @@ void launch(const std::vector<Desc>& descs, int norm_dtype, bool scale, double c
   py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),             \
       py::arg("clip_ptr"), py::arg("use_norm"), py::arg("use_ptr"), py::arg("norm_out"),       \
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),                     \
-      py::arg("check_overlap") = true
+      py::arg("check_overlap") = true, py::arg("tensor_norms") = 0,                            \
+      py::arg("skip_nonfinite") = false
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "clipops core: fused global-norm clipping (CPU and CUDA), framework-free";
@@ -68,9 +69,11 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "clip_cpu",
       [](const std::vector<Desc>& descs, int norm_dtype, bool scale, double clip_norm,
-         std::optional<double> use_norm, uintptr_t norm_out, bool check_overlap) {
+         std::optional<double> use_norm, uintptr_t norm_out, bool check_overlap,
+         uintptr_t tensor_norms, bool skip_nonfinite) {
         const auto t = to_descs(descs);
-        const auto args = to_args(norm_dtype, scale, clip_norm, 0, use_norm, 0, norm_out, check_overlap);
+        const auto args = to_args(norm_dtype, scale, clip_norm, 0, use_norm, 0, norm_out,
+                                  check_overlap, tensor_norms, skip_nonfinite);
         clipops::Status s;
         {
           py::gil_scoped_release release;
@@ -81,7 +84,9 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),
       py::arg("use_norm"), py::arg("norm_out"), py::arg("check_overlap") = true,
-      "Run the CPU kernel over host buffers; raises ValueError on invalid input.");
+      py::arg("tensor_norms") = 0, py::arg("skip_nonfinite") = false,
+      "Run the CPU kernel over host buffers; raises ValueError on invalid input. tensor_norms: "
+      "the address of one norm-dtype element per tensor, or 0.");
 
   m.def(
       "cuda_workspace_bytes",

@@ -47,6 +47,8 @@ class ClipByGlobalNormOp : public OpKernel {
  public:
   explicit ClipByGlobalNormOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     if (kClip) OP_REQUIRES_OK(ctx, ctx->GetAttr("use_given", &use_given_));
+    if (kClip) OP_REQUIRES_OK(ctx, ctx->GetAttr("skip_nonfinite", &skip_nonfinite_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("with_norms", &with_norms_));
     DataType tnorm;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("Tnorm", &tnorm));
     tnorm_ = DTypeCode(tnorm);
@@ -104,6 +106,10 @@ class ClipByGlobalNormOp : public OpKernel {
     Tensor* norm = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(kClip ? n : 0, {}, &norm));
     args.norm_out = norm->data();
+    Tensor* norms = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(kClip ? n + 1 : 1, {with_norms_ ? n : 0}, &norms));
+    args.tensor_norms = with_norms_ ? norms->data() : nullptr;
+    args.skip_nonfinite = skip_nonfinite_;
 
     clipops::Status status;
     if constexpr (kDevice == Device::kCpu) {
@@ -133,6 +139,8 @@ class ClipByGlobalNormOp : public OpKernel {
 
  private:
   bool use_given_ = false;
+  bool with_norms_ = false;
+  bool skip_nonfinite_ = false;
   int tnorm_ = clipops::kFloat32;
 };
 

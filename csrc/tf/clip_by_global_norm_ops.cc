@@ -9,6 +9,14 @@ namespace {
 using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
+// tensor_norms: one per tensor with with_norms, else empty
+absl::Status SetNormsShape(InferenceContext* c, int n, int output) {
+  bool with_norms = false;
+  TF_RETURN_IF_ERROR(c->GetAttr("with_norms", &with_norms));
+  c->set_output(output, c->Vector(with_norms ? n : 0));
+  return absl::OkStatus();
+}
+
 absl::Status ClipShape(InferenceContext* c) {
   const int n = c->num_inputs() - 2;  // t_list..., clip_norm, use_norm
   ShapeHandle scalar;
@@ -16,7 +24,12 @@ absl::Status ClipShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(c->WithRank(c->input(n + 1), 0, &scalar));
   for (int i = 0; i < n; ++i) c->set_output(i, c->input(i));
   c->set_output(n, c->Scalar());
-  return absl::OkStatus();
+  return SetNormsShape(c, n, n + 1);
+}
+
+absl::Status NormShape(InferenceContext* c) {
+  c->set_output(0, c->Scalar());
+  return SetNormsShape(c, c->num_inputs(), 1);
 }
 
 }  // namespace
@@ -28,20 +41,28 @@ REGISTER_OP("ClipopsClipByGlobalNorm")
     .Input("use_norm: Tnorm")
     .Output("clipped: T")
     .Output("global_norm: Tnorm")
+    .Output("tensor_norms: Tnorm")
     .Attr("T: list({half, bfloat16, float, double}) >= 1")
     .Attr("Tnorm: {half, bfloat16, float, double}")
     .Attr("use_given: bool = false")
+    .Attr("with_norms: bool = false")
+    .Attr("skip_nonfinite: bool = false")
     .SetShapeFn(ClipShape)
     .Doc(R"doc(
 Scales every tensor of t_list by clip_norm / max(global_norm, clip_norm) in one
 fused pass, with TensorFlow's clip_by_global_norm formula. When use_given is
-true, use_norm replaces the computed global norm and is returned.
+true, use_norm replaces the computed global norm and is returned. with_norms:
+tensor_norms holds each tensor's own norm (else it is empty). skip_nonfinite:
+an inf or NaN norm leaves the outputs equal to the inputs (else they are NaN).
 )doc");
 
 REGISTER_OP("ClipopsGlobalNorm")
     .Input("t_list: T")
     .Output("global_norm: Tnorm")
+    .Output("tensor_norms: Tnorm")
     .Attr("T: list({half, bfloat16, float, double}) >= 1")
     .Attr("Tnorm: {half, bfloat16, float, double}")
-    .SetShapeFn(tensorflow::shape_inference::ScalarShape)
-    .Doc("sqrt of the sum of squares of every element of t_list, accumulated in float32 or better.");
+    .Attr("with_norms: bool = false")
+    .SetShapeFn(NormShape)
+    .Doc("sqrt of the sum of squares of every element of t_list, accumulated in float32 or better; "
+         "with with_norms, tensor_norms holds each tensor's own norm (else it is empty).");

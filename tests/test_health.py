@@ -1,0 +1,208 @@
+"""Gradient health in the same pass (README, "Gradient health"): per-tensor norms
+from the partial sums of the global norm, and the non-finite policy
+("nan" / "raise" / "skip"), in the NumPy and TensorFlow front ends (the CPU
+kernel, and the TF op eagerly, in tf.function and under XLA). The CUDA kernel's
+side runs in tests/test_emulation.py (CPU) and tests/test_cupy.py (GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import clipops
+import clipops.numpy as cn
+from conftest import BF16, CHUNK, assert_close, random_array, ref_norm
+
+DTYPES = [np.float16, np.float32, np.float64] + ([BF16] if BF16 is not None else [])
+SIZES = [3, CHUNK - 1, 0, CHUNK + 1, 2 * CHUNK, 700, 1]
+
+
+def make_list(rng, dtype, scale=3.0):
+    dts = [np.float16, np.float32, np.float64] if dtype == "mixed" else [dtype]
+    return [random_array(rng, (n,), dts[k % len(dts)], scale=scale) for k, n in enumerate(SIZES)]
+
+
+# ---- per-tensor norms: NumPy (the CPU kernel) -------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES + ["mixed"])
+def test_tensor_norms_are_each_tensor_s_global_norm(rng, dtype):
+    arrays = make_list(rng, dtype)
+    res = cn.clip_by_global_norm(arrays, 1.0, return_norms=True)
+    plain, plain_norm = cn.clip_by_global_norm(arrays, 1.0)
+    # asking for the norms changes nothing else
+    assert np.asarray(res.global_norm).tobytes() == np.asarray(plain_norm).tobytes()
+    assert [c.tobytes() for c in res.clipped] == [c.tobytes() for c in plain]
+    assert res.skipped is None and res.tensor_norms.shape == (len(arrays),)
+    ndt = np.asarray(plain_norm).dtype
+    assert res.tensor_norms.dtype == ndt
+    for a, n in zip(arrays, res.tensor_norms):
+        if dtype != "mixed":  # the same partials in the same order: the same bits
+            assert np.asarray(n).tobytes() == np.asarray(cn.global_norm([a])).tobytes()
+        assert_close(np.asarray(n, np.float64), ref_norm([a]), ndt, "tensor norm")
+    norm, norms = cn.global_norm(arrays, return_norms=True)
+    assert norms.tobytes() == res.tensor_norms.tobytes()
+    assert np.asarray(norm).tobytes() == np.asarray(plain_norm).tobytes()
+
+
+def test_tensor_norms_for_none_entries_are_zero_and_use_norm_keeps_them(rng):
+    a, b = rng.standard_normal(100).astype(np.float32), rng.standard_normal(CHUNK + 5).astype(np.float32)
+    res = cn.clip_by_global_norm([None, a, None, b], 1.0, use_norm=123.0, return_norms=True)
+    assert res.clipped[0] is None and res.clipped[2] is None
+    assert float(res.global_norm) == 123.0
+    assert res.tensor_norms[0] == 0 and res.tensor_norms[2] == 0
+    assert res.tensor_norms[1] == cn.global_norm([a]) and res.tensor_norms[3] == cn.global_norm([b])
+    empty = cn.clip_by_global_norm([None], 1.0, return_norms=True)
+    assert empty.tensor_norms.tolist() == [0.0] and float(empty.global_norm) == 0.0
+
+
+# ---- the non-finite policy: NumPy ---------------------------------------------------
+
+def poisoned(rng, where: int, value: float):
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (10, CHUNK + 2, 33, 500)]
+    arrays[where][min(5, arrays[where].size - 1)] = value
+    return arrays
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_skip_returns_the_inputs_and_says_so(rng, value):
+    arrays = poisoned(rng, 2, value)
+    res = cn.clip_by_global_norm(arrays, 1.0, nonfinite="skip")
+    assert bool(res.skipped) and not np.isfinite(res.global_norm) and res.tensor_norms is None
+    for c, a in zip(res.clipped, arrays):
+        assert c.tobytes() == a.tobytes()
+    nan_out, _ = cn.clip_by_global_norm(arrays, 1.0)  # "nan": TF's behaviour
+    assert all(np.isnan(c).all() for c in nan_out)
+    # a finite step under "skip" is clipped exactly as without it
+    fine = [rng.standard_normal(n).astype(np.float32) * 10 for n in (10, CHUNK + 2)]
+    res = cn.clip_by_global_norm(fine, 1.0, nonfinite="skip")
+    plain, norm = cn.clip_by_global_norm(fine, 1.0)
+    assert not res.skipped and [c.tobytes() for c in res.clipped] == [c.tobytes() for c in plain]
+
+
+def test_skip_in_place_leaves_the_arrays_untouched(rng):
+    arrays = poisoned(rng, 1, np.nan)
+    before = [a.copy() for a in arrays]
+    res = cn.clip_by_global_norm(arrays, 1.0, in_place=True, nonfinite="skip")
+    assert bool(res.skipped) and all(c is a for c, a in zip(res.clipped, arrays))
+    assert [a.tobytes() for a in arrays] == [b.tobytes() for b in before]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_raise_names_the_first_bad_tensor_and_writes_nothing(rng, in_place):
+    arrays = poisoned(rng, 1, np.inf)
+    arrays[3][0] = np.nan
+    before = [a.copy() for a in arrays]
+    with pytest.raises(clipops.NonFiniteError, match=r"arrays\[1\] is the first tensor whose own "
+                       r"norm is not finite \(2 of 4 are\).*Nothing was clipped"):
+        cn.clip_by_global_norm(arrays, 1.0, in_place=in_place, nonfinite="raise")
+    assert [a.tobytes() for a in arrays] == [b.tobytes() for b in before]
+    # positions count None entries, as the caller's list does
+    with pytest.raises(clipops.NonFiniteError, match=r"arrays\[3\] is the first"):
+        cn.clip_by_global_norm([None, arrays[0], None, arrays[1]], 1.0, nonfinite="raise")
+    # finite: "raise" returns TF's pair, with the same bits
+    fine = [a for a in before if np.isfinite(a).all()]
+    got = cn.clip_by_global_norm(fine, 1.0, nonfinite="raise")
+    want = cn.clip_by_global_norm(fine, 1.0)
+    assert len(got) == 2 and np.asarray(got[1]).tobytes() == np.asarray(want[1]).tobytes()
+
+
+def test_raise_explains_an_overflow_without_inf_elements():
+    big = np.full(4, 1e30, np.float32)  # finite values whose squares overflow float32
+    with pytest.raises(clipops.NonFiniteError, match=r"arrays\[0\].*squares beyond float32"):
+        cn.clip_by_global_norm([big], 1.0, nonfinite="raise")
+    with pytest.raises(clipops.NonFiniteError, match="every tensor's own norm is finite"):
+        cn.clip_by_global_norm([np.ones(3, np.float32)], 1.0, use_norm=np.inf, nonfinite="raise")
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="nonfinite must be one of 'nan', 'raise', 'skip'"):
+        cn.clip_by_global_norm([np.ones(2, np.float32)], 1.0, nonfinite="ignore")
+
+
+def test_clip_result_unpacks_and_has_names(rng):
+    a = rng.standard_normal(8).astype(np.float32)
+    clipped, norm, norms, skipped = cn.clip_by_global_norm([a], 1.0, return_norms=True,
+                                                           nonfinite="skip")
+    assert isinstance(skipped, np.bool_) and not skipped and norms.shape == (1,)
+
+
+# ---- TensorFlow: the op (eager, tf.function) and the XLA route -------------------
+
+tf = pytest.importorskip("tensorflow")
+
+
+def tf_modes():
+    return pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+
+
+def call(mode, fn):
+    if mode == "eager":
+        return fn()
+    return tf.function(fn, jit_compile=mode == "xla")()
+
+
+@tf_modes()
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, "mixed"])
+def test_tf_tensor_norms_match_the_cpu_kernel(rng, mode, dtype):
+    arrays = make_list(rng, dtype)
+    tensors = [tf.constant(a) for a in arrays]
+    res = call(mode, lambda: clipops.clip_by_global_norm(tensors, 1.0, return_norms=True))
+    want = cn.clip_by_global_norm(arrays, 1.0, return_norms=True)
+    got = res.tensor_norms.numpy()
+    if mode == "xla":  # XLA's own summation order: within the tolerance of the norm dtype
+        for g, a in zip(got, arrays):
+            assert_close(np.asarray(g, np.float64), ref_norm([a]), got.dtype, "XLA tensor norm")
+    else:
+        assert got.tobytes() == want.tensor_norms.tobytes()
+        assert res.global_norm.numpy().tobytes() == np.asarray(want.global_norm).tobytes()
+    norm, norms = call(mode, lambda: clipops.global_norm([None] + tensors, return_norms=True))
+    assert norms.shape == (len(arrays) + 1,) and norms.numpy()[0] == 0
+    if mode != "xla":
+        assert norms.numpy()[1:].tobytes() == want.tensor_norms.tobytes()
+
+
+@tf_modes()
+def test_tf_skip_passes_the_inputs_through(rng, mode):
+    arrays = poisoned(rng, 2, np.nan)
+    tensors = [tf.constant(a) for a in arrays]
+    res = call(mode, lambda: clipops.clip_by_global_norm(tensors, 1.0, nonfinite="skip"))
+    assert bool(res.skipped.numpy())
+    for c, a in zip(res.clipped, arrays):
+        assert c.numpy().tobytes() == a.tobytes()
+    fine = [tf.constant(rng.standard_normal(n).astype(np.float32) * 10) for n in (10, 300)]
+    res = call(mode, lambda: clipops.clip_by_global_norm(fine, 1.0, nonfinite="skip"))
+    plain, _ = call(mode, lambda: clipops.clip_by_global_norm(fine, 1.0))
+    assert not bool(res.skipped.numpy())
+    assert [c.numpy().tobytes() for c in res.clipped] == [p.numpy().tobytes() for p in plain]
+
+
+def test_tf_raise_eagerly_and_in_a_function(rng):
+    arrays = poisoned(rng, 1, np.inf)
+    tensors = [tf.constant(a) for a in arrays]
+    with pytest.raises(clipops.NonFiniteError, match=r"t_list\[1\] is the first"):
+        clipops.clip_by_global_norm(tensors, 1.0, nonfinite="raise")
+    f = tf.function(lambda ts: clipops.clip_by_global_norm(ts, 1.0, nonfinite="raise"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"global norm is not finite.*i =\] \[1\]"):
+        f(tensors)
+    ok = [tf.constant(a) for a in arrays if np.isfinite(a).all()]
+    clipped, norm = f(ok)  # a finite step passes the assertion
+    assert np.isfinite(norm.numpy())
+    with pytest.raises(ValueError, match="XLA"):
+        tf.function(lambda: clipops.clip_by_global_norm(ok, 1.0, nonfinite="raise"),
+                    jit_compile=True)()
+
+
+def test_tf_gradients_through_tensor_norms_and_a_skipped_step(rng):
+    x = [tf.Variable(rng.standard_normal(n)) for n in (5, 40)]  # float64
+    with tf.GradientTape(persistent=True) as tape:
+        res = clipops.clip_by_global_norm(x, 1.0, return_norms=True)
+        y = tf.reduce_sum(res.tensor_norms * tf.constant([2.0, 3.0], tf.float64))
+        y_tf = 2.0 * tf.norm(x[0]) + 3.0 * tf.norm(x[1])
+    for g, g_tf in zip(tape.gradient(y, x), tape.gradient(y_tf, x)):
+        np.testing.assert_allclose(g.numpy(), g_tf.numpy(), rtol=1e-12)
+    bad = [tf.Variable([1.0, np.inf]), tf.Variable([2.0, 3.0])]
+    with tf.GradientTape() as tape:
+        res = clipops.clip_by_global_norm(bad, 1.0, nonfinite="skip")
+        y = tf.reduce_sum(res.clipped[1] * tf.constant([5.0, 7.0]))
+    g = tape.gradient(y, bad)  # a skipped step is the identity: its gradient too
+    assert g[1].numpy().tolist() == [5.0, 7.0] and g[0].numpy().tolist() == [0.0, 0.0]
