@@ -37,8 +37,8 @@ if importlib.util.find_spec(f"{__name__}._build_info") is None:
         "first with `pip install --no-build-isolation .` (README, Install).")
 from ._common import ClipResult, NonFiniteError  # noqa: E402  (after the source-folder check)
 
-__all__ = ["clip_by_global_norm", "global_norm", "build_info", "ClipResult", "NonFiniteError",
-           "__version__"]
+__all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value", "build_info",
+           "ClipResult", "NonFiniteError", "__version__"]
 
 
 def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinite="nan",
@@ -134,6 +134,70 @@ def global_norm(t_list, name=None, *, return_norms=False):
     from . import tensorflow as _tf
 
     return _tf.global_norm(t_list, name=name, return_norms=return_norms)
+
+
+def clip_by_norm(t_list, clip_norm, name=None, *, return_norms=False):
+    """``tf.clip_by_norm`` on every tensor of a list, in one fused op (one CUDA
+    launch on a GPU, one pass pair on a CPU).
+
+    Each tensor becomes ``t * clip_norm / max(norm(t), clip_norm)``, computed
+    with TensorFlow's own formula ``(t * clip_norm) / maximum(l2norm,
+    clip_norm)`` in the tensor's dtype. Its norm is accumulated in float32 or
+    better in the fixed order of the global norm (README, "Reduction order"),
+    so it may differ from TF's in the last bit (and a float16 tensor's norm
+    does not overflow where TF's does); everything else is TF's arithmetic.
+
+    Args:
+      t_list: a sequence of ``Tensor``, ``IndexedSlices`` (their values are
+        clipped by their own norm, as TF does) or ``None``; float16, bfloat16,
+        float32 or float64, dtypes may be mixed.
+      clip_norm: a positive Python number or scalar tensor; cast to the list's
+        norm dtype (float32 for a mixed list), then to each tensor's dtype.
+      name: optional name scope (graph mode).
+      return_norms: also return each tensor's own norm (before clipping), a
+        1-D tensor of the norm dtype, 0 for None entries.
+
+    Returns:
+      The list of clipped tensors (None entries stay None); with
+      ``return_norms=True``, ``(clipped, tensor_norms)``.
+
+    Raises:
+      TypeError, ValueError: as ``clip_by_global_norm``.
+
+    Gradients are those of TF's formula (TF's maximum sends the gradient to
+    the norm on ties). Under XLA the same math runs as TF ops.
+    """
+    from . import tensorflow as _tf
+
+    return _tf.clip_by_norm(t_list, clip_norm, name=name, return_norms=return_norms)
+
+
+def clip_by_value(t_list, clip_value_min, clip_value_max, name=None):
+    """``tf.clip_by_value`` on every tensor of a list, in one fused op (one pass,
+    one CUDA launch): ``maximum(minimum(t, clip_value_max), clip_value_min)``.
+
+    Bit-identical to ``tf.clip_by_value`` on the CPU: an element inside the
+    bounds keeps its bits, a NaN element stays NaN.
+
+    Args:
+      t_list: a sequence of ``Tensor``, ``IndexedSlices`` (their values are
+        clipped) or ``None``; float16, bfloat16, float32, float64, mixed.
+      clip_value_min, clip_value_max: Python numbers or scalar tensors; cast to
+        the list's norm dtype (float32 for a mixed list), then to each tensor's
+        dtype.
+      name: optional name scope (graph mode).
+
+    Returns:
+      The list of clipped tensors (None entries stay None).
+
+    Raises:
+      TypeError, ValueError: as ``clip_by_global_norm``.
+
+    Gradients are those of TF's minimum and maximum.
+    """
+    from . import tensorflow as _tf
+
+    return _tf.clip_by_value(t_list, clip_value_min, clip_value_max, name=name)
 
 
 def build_info() -> dict:

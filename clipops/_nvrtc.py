@@ -98,9 +98,10 @@ def build_table(descs: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, int
 
 def _layout(num_tensors: int, num_items: int) -> tuple[int, int]:
     """(offset of the partials in the workspace, total workspace bytes): the
-    table 16-byte aligned, then one double per work item, at least 16 bytes."""
+    table 16-byte aligned, then one double per work item and one per tensor,
+    at least 16 bytes."""
     partials_at = _align16(TENSOR_ENTRY.itemsize * num_tensors)
-    return partials_at, max(16, partials_at + 8 * num_items)
+    return partials_at, max(16, partials_at + 8 * (num_items + num_tensors))
 
 
 def cuda_workspace_bytes(descs: list[tuple[int, int, int, int]]) -> int:
@@ -384,7 +385,8 @@ def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bo
               clip_norm: float, clip_ptr: int, use_norm: float | None, use_ptr: int,
               norm_out: int, workspace: int, workspace_bytes: int, stream: int,
               check_overlap: bool = True, tensor_norms: int = 0,
-              skip_nonfinite: bool = False) -> None:
+              skip_nonfinite: bool = False, mode: int = 0, clip_min: float = 0.0,
+              clip_min_ptr: int = 0, clip_max: float = 0.0, clip_max_ptr: int = 0) -> None:
     """_core.clip_cuda through NVRTC: one cooperative launch on `stream`.
 
     The caller has validated the list (dtypes, norm dtype, aliasing); like the
@@ -409,7 +411,8 @@ def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bo
               ctypes.c_int(1 if (use_norm is not None or use_ptr) else 0),
               ctypes.c_double(use_norm if use_norm is not None else 0.0), ctypes.c_uint64(use_ptr),
               ctypes.c_uint64(norm_out), ctypes.c_uint64(tensor_norms),
-              ctypes.c_int(1 if skip_nonfinite else 0))
+              ctypes.c_int(1 if skip_nonfinite else 0), ctypes.c_int(mode), ctypes.c_double(clip_min),
+              ctypes.c_uint64(clip_min_ptr), ctypes.c_double(clip_max), ctypes.c_uint64(clip_max_ptr))
     params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
     try:
         driver.launchCooperativeKernel(kernel.function.ptr, grid, 1, 1, threads, 1, 1, 0, stream,

@@ -78,3 +78,14 @@ def clip_by_global_norm(values: list, clip: tf.Tensor, use_norm: tf.Tensor | Non
     if skip_nonfinite:
         scale = tf.where(tf.math.is_finite(norm), scale, tf.ones_like(scale))
     return [v * tf.cast(scale, v.dtype) for v in values], norm, norms
+
+
+def clip_by_norm(values: list, clip: tf.Tensor):
+    """tf.clip_by_norm's formula on each tensor with its norm from
+    _sum_of_squares, in the tensor's dtype; (clipped, norms in clip's dtype)."""
+    sums = [_sum_of_squares(v) for v in values]
+    clipped = []
+    for v, s in zip(values, sums):
+        c = tf.cast(clip, v.dtype)
+        clipped.append((v * c) / tf.maximum(_norm_from_sumsq(s, v.dtype), c))
+    return clipped, _norm_from_sumsq(tf.stack(sums), clip.dtype)

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _common
 
-__all__ = ["clip_by_global_norm", "global_norm"]
+__all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value"]
 
 
 # Keyed by dtype object: a dict lookup, where `dtype.name` costs microseconds
@@ -146,3 +146,73 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
         result, norm,
         _common.expand_norms(norms, positions, len(arrays), np) if return_norms else None,
         np.bool_(not np.isfinite(norm)) if policy == "skip" else None)
+
+
+def _clip_each(arrays, in_place: bool, mode: int, clip=0.0, lo=0.0, hi=0.0,
+               return_norms: bool = False):
+    """clip_by_norm / clip_by_value: one pass of the CPU kernel in `mode`.
+    clip (clip_by_norm) is rounded to the norm dtype, as clip_by_global_norm's."""
+    arrays, present, norm_code = _prepare(arrays, in_place)
+    clip = _common.scalar_in(clip, norm_code, "clip_norm")
+    lo = _common.scalar_in(lo, norm_code, "clip_value_min")
+    hi = _common.scalar_in(hi, norm_code, "clip_value_max")
+    outs = [a if in_place else np.empty_like(a) for _, a, _ in present]
+    norms = np.empty(len(present), dtype=_common.np_dtype(norm_code))
+    descs = [(a.ctypes.data, o.ctypes.data, a.size, c) for (_, a, c), o in zip(present, outs)]
+    core = _common.load_core()
+    core.clip_cpu(descs, norm_code, True, clip, None, 0, mode=mode, clip_min=lo, clip_max=hi,
+                  tensor_norms=norms.ctypes.data if return_norms and present else 0)
+    result = [None] * len(arrays)
+    positions = [i for i, _, _ in present]
+    for i, o in zip(positions, outs):
+        result[i] = o
+    if return_norms:
+        return result, _common.expand_norms(norms, positions, len(arrays), np)
+    return result
+
+
+def clip_by_norm(arrays, clip_norm, in_place: bool = False, *, return_norms: bool = False):
+    """``tf.clip_by_norm`` on every array of a list, in one pass pair over the
+    whole list: each array becomes ``x * clip_norm / max(norm(x), clip_norm)``,
+    computed as TensorFlow does, ``(x * clip_norm) / maximum(l2norm, clip_norm)``
+    in the array's dtype, with its own norm accumulated as the global norm's
+    partials are (float32 or better).
+
+    Args:
+      arrays: a sequence of NumPy float arrays (mixed dtypes allowed) or None.
+      clip_norm: a positive number (or 0-d array), rounded to the list's norm
+        dtype and then to each array's dtype (exact for a list of one dtype).
+      in_place: write into the caller's arrays (as clip_by_global_norm).
+      return_norms: also return each array's own norm (0 for None entries),
+        in the list's norm dtype (float32 for a mixed list).
+
+    Returns:
+      The clipped list (None entries stay None); with return_norms,
+      ``(clipped, tensor_norms)``.
+
+    Raises: as clip_by_global_norm.
+    """
+    return _clip_each(arrays, in_place, _common.load_core().MODES["norm"], clip=clip_norm,
+                      return_norms=return_norms)
+
+
+def clip_by_value(arrays, clip_value_min, clip_value_max, in_place: bool = False):
+    """``tf.clip_by_value`` on every array of a list, in one pass:
+    ``maximum(minimum(x, clip_value_max), clip_value_min)`` element by element,
+    with TensorFlow's CPU semantics (a NaN element stays NaN; an element inside
+    the bounds keeps its bits).
+
+    Args:
+      arrays: a sequence of NumPy float arrays (mixed dtypes allowed) or None.
+      clip_value_min, clip_value_max: numbers (or 0-d arrays), rounded to the
+        list's norm dtype and then to each array's dtype (exact for a list of
+        one dtype).
+      in_place: write into the caller's arrays (as clip_by_global_norm).
+
+    Returns:
+      The clipped list (None entries stay None).
+
+    Raises: as clip_by_global_norm; ValueError when a bound is not a scalar.
+    """
+    return _clip_each(arrays, in_place, _common.load_core().MODES["value"], lo=clip_value_min,
+                      hi=clip_value_max)

@@ -22,8 +22,9 @@ import tensorflow as tf
 
 from . import _build_info, _common, _driver, _tf_xla
 from . import clip_by_global_norm as _documented_clip, global_norm as _documented_norm
+from . import clip_by_norm as _documented_clip_by_norm, clip_by_value as _documented_clip_by_value
 
-__all__ = ["clip_by_global_norm", "global_norm"]
+__all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value"]
 
 _TF_DTYPES = {0: tf.float16, 1: tf.bfloat16, 2: tf.float32, 3: tf.float64}
 
@@ -223,6 +224,55 @@ def _global_norm(t_list: list, return_norms: bool):
     return norm, _expand_norms(norms, positions, len(t_list))
 
 
+def clip_by_norm(t_list, clip_norm, name=None, *, return_norms=False):
+    t_list = _common.check_list(t_list)
+    if tf.executing_eagerly():
+        return _clip_by_norm(t_list, clip_norm, return_norms)
+    with tf.name_scope(name or "clip_by_norm"):
+        return _clip_by_norm(t_list, clip_norm, return_norms)
+
+
+def _clip_by_norm(t_list: list, clip_norm, return_norms: bool):
+    values, positions, code = _values(t_list)
+    dtype = _TF_DTYPES[code]
+    clip = _scalar(clip_norm, dtype, "clip_norm")
+    if not values:
+        clipped, norms = [], tf.zeros((0,), dtype)
+    elif _tf_xla.in_xla_context():
+        clipped, norms = _tf_xla.clip_by_norm(values, clip)
+    else:
+        clipped, norms = _ops.clipops_clip_by_norm(t_list=values, clip_norm=clip,
+                                                   with_norms=return_norms)
+    clipped = _rebuild(t_list, positions, clipped)
+    return (clipped, _expand_norms(norms, positions, len(t_list))) if return_norms else clipped
+
+
+def clip_by_value(t_list, clip_value_min, clip_value_max, name=None):
+    t_list = _common.check_list(t_list)
+    if tf.executing_eagerly():
+        return _clip_by_value(t_list, clip_value_min, clip_value_max)
+    with tf.name_scope(name or "clip_by_value"):
+        return _clip_by_value(t_list, clip_value_min, clip_value_max)
+
+
+def _clip_by_value(t_list: list, lo, hi):
+    values, positions, code = _values(t_list)
+    dtype = _TF_DTYPES[code]
+    lo = _scalar(lo, dtype, "clip_value_min")
+    hi = _scalar(hi, dtype, "clip_value_max")
+    if not values:
+        return [None] * len(t_list)
+    if _tf_xla.in_xla_context():
+        clipped = [tf.clip_by_value(v, tf.cast(lo, v.dtype), tf.cast(hi, v.dtype)) for v in values]
+    else:
+        clipped = _ops.clipops_clip_by_value(t_list=values, clip_value_min=lo, clip_value_max=hi)
+    return _rebuild(t_list, positions, clipped)
+
+
+clip_by_norm.__doc__ = _documented_clip_by_norm.__doc__
+clip_by_value.__doc__ = _documented_clip_by_value.__doc__
+
+
 # ---- gradients: the chain rule of TF's own formula ---------------------------
 # y_i = s * t_i with s = c * min(1/n, 1/c) and n = ||t||. TF's minimum sends the
 # gradient to 1/n on ties (less_equal), so the clipped branch is 1/n <= 1/c.
@@ -297,3 +347,46 @@ def _global_norm_grad(op, g_norm, g_norms):
     if op.get_attr("with_norms"):
         g_t = _add_norms_grads(g_t, tensors, op.outputs[1], g_norms)
     return g_t
+
+
+@tf.RegisterGradient("ClipopsClipByNorm")
+def _clip_by_norm_grad(op, *grads):
+    """y = t * c / m with m = max(n, c), n = ||t||, as tf.clip_by_norm; TF's
+    maximum sends the gradient to n on ties (greater_equal)."""
+    k = len(op.inputs) - 1
+    tensors, clip = op.inputs[:k], op.inputs[k]
+    g_t, g_clip = [], []
+    for i, (t, g) in enumerate(zip(tensors, grads[:k])):
+        c = tf.cast(clip, t.dtype)
+        n = tf.norm(t)
+        on_norm = n >= c
+        m = tf.maximum(n, c)
+        g = tf.zeros_like(t) if g is None else g
+        dot = tf.reduce_sum(g * t)
+        g_m = -dot * c / (m * m)  # d y / d m, summed with g
+        gt = g * c / m + tf.where(on_norm, g_m / n, tf.zeros_like(n)) * t
+        g_clip.append(tf.cast(dot / m + tf.where(on_norm, tf.zeros_like(g_m), g_m), clip.dtype))
+        g_t.append(gt)
+    if op.get_attr("with_norms"):
+        g_t = _add_norms_grads(g_t, tensors, op.outputs[k], grads[k])
+    return g_t + [tf.add_n(g_clip)]
+
+
+@tf.RegisterGradient("ClipopsClipByValue")
+def _clip_by_value_grad(op, *grads):
+    """y = maximum(minimum(t, hi), lo), with the gradients of TF's minimum
+    (to t where t <= hi) and maximum (to the first argument where it is >= lo)."""
+    k = len(op.inputs) - 2
+    lo_in, hi_in = op.inputs[k], op.inputs[k + 1]
+    g_t, g_lo, g_hi = [], [], []
+    for t, g in zip(op.inputs[:k], grads):
+        lo, hi = tf.cast(lo_in, t.dtype), tf.cast(hi_in, t.dtype)
+        g = tf.zeros_like(t) if g is None else g
+        t_min = tf.minimum(t, hi)
+        to_min = t_min >= lo
+        g_tmin = tf.where(to_min, g, tf.zeros_like(g))
+        to_t = t <= hi
+        g_t.append(tf.where(to_t, g_tmin, tf.zeros_like(g)))
+        g_lo.append(tf.cast(tf.reduce_sum(tf.where(to_min, tf.zeros_like(g), g)), lo_in.dtype))
+        g_hi.append(tf.cast(tf.reduce_sum(tf.where(to_t, tf.zeros_like(g), g_tmin)), hi_in.dtype))
+    return g_t + [tf.add_n(g_lo), tf.add_n(g_hi)]

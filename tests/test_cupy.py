@@ -323,7 +323,8 @@ def test_launch_arguments(recorded, monkeypatch, force_nvrtc):
     out, norm = ccp.clip_by_global_norm([a, None, b], 0.1)
     (who, args, kwargs), = recorded
     descs, norm_code, scale, clip, clip_ptr, use, use_ptr, norm_ptr, ws, ws_bytes, stream = args
-    assert who == route and kwargs == ({"check_overlap": False} if who == "core" else {})
+    extras = {"tensor_norms": 0, "skip_nonfinite": False}  # gradient health: not asked for
+    assert who == route and kwargs == ({"check_overlap": False, **extras} if who == "core" else extras)
     assert descs == [(a.data.ptr, out[0].data.ptr, 5, 2), (b.data.ptr, out[2].data.ptr, 16385, 0)]
     assert norm_code == 2 and scale is True  # mixed list: float32 norm
     assert clip == float(np.float32(0.1)) and clip_ptr == 0

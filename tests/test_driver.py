@@ -75,7 +75,7 @@ RUNNER = textwrap.dedent("""
             out[name] = list((ctypes.c_uint * 3).in_dll(f, name))
         out["fake_shared"] = ctypes.c_uint.in_dll(f, "fake_shared").value
         out["fake_launch_stream"] = ctypes.c_size_t.in_dll(f, "fake_launch_stream").value
-        out["fake_params"] = bytes((ctypes.c_ubyte * 112).in_dll(f, "fake_params")).hex()
+        out["fake_params"] = bytes((ctypes.c_ubyte * 152).in_dll(f, "fake_params")).hex()
         out["fake_loaded_head"] = bytes((ctypes.c_ubyte * 64).in_dll(f, "fake_loaded_head")).hex()
     if a["fake_nvrtc"]:
         n = ctypes.CDLL(a["nvrtc"])
@@ -132,7 +132,7 @@ def run_route(fakes, tmp_path, *, env=None, sizes=(5, CHUNK + 1, 0, 3 * CHUNK), 
 
 def params(out: dict) -> list[bytes]:
     raw = bytes.fromhex(out["fake_params"])
-    return [raw[8 * i:8 * i + 8] for i in range(14)]
+    return [raw[8 * i:8 * i + 8] for i in range(19)]
 
 
 # ---- a launch, as the fakes see it -------------------------------------------------
@@ -168,6 +168,7 @@ def test_one_cooperative_launch_with_the_table_the_kernel_expects(fakes, tmp_pat
     assert struct.unpack("<Q", p[11])[0] == out["norm"]               # norm_out
     assert struct.unpack("<Q", p[12])[0] == 0                         # no tensor_norms
     assert struct.unpack("<i", p[13][:4])[0] == 0                     # nonfinite: TF's NaN
+    assert struct.unpack("<i", p[14][:4])[0] == 0                     # clip by the global norm
 
 
 def test_compile_options_are_the_nvcc_build_s_code_generation(fakes, tmp_path):

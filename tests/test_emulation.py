@@ -521,3 +521,35 @@ def test_skip_nonfinite_leaves_the_inputs_and_nan_policy_scales_by_nan(rng, bad)
     skipped, _, _ = run(finite, 1.0, skip=True)  # a finite norm clips as always
     plain, _, _ = run(finite, 1.0)
     assert [o.tobytes() for o in skipped] == [o.tobytes() for o in plain]
+
+
+def run_mode(arrays, mode, clip=0.0, lo=0.0, hi=0.0):
+    """The emulated launcher in clip_by_norm (1) or clip_by_value (2) mode."""
+    ndt = norm_dtype(arrays)
+    ins = [place(a, 0) for a in arrays]
+    outs = [place(a, 4, fill=True) for a in arrays]
+    descs = [(i.ctypes.data, o.ctypes.data, i.size, code_of(i.dtype)) for i, o in zip(ins, outs)]
+    ws = place(np.zeros(emu.cuda_workspace_bytes(descs), np.uint8), 0, fill=True)
+    emu.clip_cuda(descs, CODES[np.dtype(ndt)], True, float(np.asarray(clip).astype(ndt)), 0, None, 0,
+                  0, ws.ctypes.data, ws.nbytes, 0, mode=mode, clip_min=float(np.asarray(lo).astype(ndt)),
+                  clip_max=float(np.asarray(hi).astype(ndt)))
+    emu.synchronize()
+    check_guards(outs + [ws])
+    return outs
+
+
+@pytest.mark.parametrize("resident", [1, 3, 64])
+@pytest.mark.parametrize("dtype", DTYPES + ["mixed"])
+def test_clip_by_norm_and_by_value_are_the_cpu_kernel_s_bits(rng, dtype, resident):
+    use_device(resident)  # 1 and 3 blocks: blocks loop over tensors between the two grid syncs
+    dts = [np.float16, np.float32, np.float64] if dtype == "mixed" else [dtype]
+    sizes = [3, CHUNK + 1, 0, 2 * CHUNK, 1024, 5 * CHUNK - 7, 1]
+    arrays = [random_array(rng, (n,), dts[k % len(dts)], scale=0.05) for k, n in enumerate(sizes)]
+    arrays[0][1] = np.nan
+    for clip in (0.5, 100.0):
+        got = run_mode(arrays, _core.MODES["norm"], clip=clip)
+        want = cn.clip_by_norm([np.array(a) for a in arrays], clip)
+        assert [g.tobytes() for g in got] == [w.tobytes() for w in want]
+    got = run_mode(arrays, _core.MODES["value"], lo=-0.01, hi=0.02)
+    want = cn.clip_by_value([np.array(a) for a in arrays], -0.01, 0.02)
+    assert [g.tobytes() for g in got] == [w.tobytes() for w in want]

@@ -206,3 +206,132 @@ def test_tf_gradients_through_tensor_norms_and_a_skipped_step(rng):
         y = tf.reduce_sum(res.clipped[1] * tf.constant([5.0, 7.0]))
     g = tape.gradient(y, bad)  # a skipped step is the identity: its gradient too
     assert g[1].numpy().tolist() == [5.0, 7.0] and g[0].numpy().tolist() == [0.0, 0.0]
+
+
+# ---- fused list clip_by_norm and clip_by_value ------------------------------------
+
+def tf_formula_with(norms, arrays, clip):
+    """tf.clip_by_norm's own ops, (t * c) / maximum(l2norm, c), in each array's
+    dtype, with l2norm given: the formula clipops must follow bit for bit."""
+    out = []
+    for a, n in zip(arrays, norms):
+        c = tf.constant(clip, a.dtype)
+        out.append(((tf.constant(a) * c) / tf.maximum(tf.constant(n, a.dtype), c)).numpy())
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64] + ([BF16] if BF16 else []))
+def test_clip_by_norm_is_tf_s_formula_and_close_to_float64(rng, dtype):
+    arrays = make_list(rng, dtype, scale=0.02 if dtype == np.float16 else 3.0)
+    arrays[1] *= 0  # a zero tensor: TF's where(l2sum > 0, ...) branch
+    for clip in (2.0, 0.05, 1e4):  # clips some tensors, all, none
+        got, norms = cn.clip_by_norm(arrays, clip, return_norms=True)
+        own = [cn.global_norm([a]) for a in arrays]  # each tensor's norm in its dtype
+        assert norms.tobytes() == np.array(own, norms.dtype).tobytes()
+        for g, w in zip(got, tf_formula_with(own, arrays, clip)):
+            assert g.tobytes() == w.tobytes()
+        for a, g in zip(arrays, got):  # and it is a clip: float64 reference
+            n = ref_norm([a])
+            c = float(np.asarray(clip, dtype))
+            assert_close(g, np.asarray(a, np.float64) * c / max(n, c), dtype, "clip_by_norm")
+        if dtype != BF16:  # TF's own op: its norm sums in the dtype, so last-bit differences
+            for a, g in zip(arrays, got):
+                want = tf.clip_by_norm(tf.constant(a), tf.constant(clip, a.dtype)).numpy()
+                assert_close(g, want, dtype, "vs tf.clip_by_norm")
+
+
+def test_clip_by_norm_in_place_and_mixed(rng):
+    arrays = make_list(rng, "mixed")
+    want = cn.clip_by_norm(arrays, 1.5)
+    copies = [a.copy() for a in arrays]
+    out = cn.clip_by_norm(copies, 1.5, in_place=True)
+    assert all(o is c for o, c in zip(out, copies))
+    assert [c.tobytes() for c in copies] == [w.tobytes() for w in want]
+    assert cn.clip_by_norm([None, arrays[0]], 1.5)[0] is None
+
+
+EDGES = [np.nan, -np.inf, np.inf, -0.0, 0.0, 0.1, -0.1, 1.0, -1.0, 1e-8, 3e4, -7.5]
+
+
+def same_bits_but_zero_ties(got, want) -> bool:
+    """Bitwise equal, except that where both are zeros the sign may differ: on a
+    tie of zeros TF's vectorized loop returns +0.0 and its scalar loop the
+    element (clip_math.h, ValueClipper), so TF itself gives either there."""
+    g, w = np.asarray(got), np.asarray(want)
+    same = (np.frombuffer(g.tobytes(), np.uint8).reshape(g.size, -1) ==
+            np.frombuffer(w.tobytes(), np.uint8).reshape(w.size, -1)).all(axis=1)
+    both_zero = (g.astype(np.float64) == 0) & (w.astype(np.float64) == 0)
+    return bool(np.all(same | both_zero))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64] + ([BF16] if BF16 else []))
+def test_clip_by_value_is_tf_s_bits(rng, dtype):
+    arrays = [a for a in make_list(rng, dtype) if a.size] + [np.array(EDGES, dtype)]
+    for lo, hi in ((-0.5, 1.25), (-0.1, -0.1), (0.0, 0.0), (-np.inf, 0.3), (2.0, 1.0),
+                   (np.nan, 1.0), (-1.0, np.nan)):
+        got = cn.clip_by_value(arrays, lo, hi)
+        for a, g in zip(arrays, got):
+            want = tf.clip_by_value(tf.constant(a), tf.constant(lo, a.dtype),
+                                    tf.constant(hi, a.dtype)).numpy()
+            assert same_bits_but_zero_ties(g, want), (lo, hi, a[:12], g[:12], want[:12])
+        # element by element through TF's scalar loop (one-element tensors): every bit, zeros too
+        for x in np.array(EDGES, dtype):
+            want = tf.clip_by_value(tf.constant(np.array([x])), tf.constant(lo, dtype),
+                                    tf.constant(hi, dtype)).numpy()
+            got = cn.clip_by_value([np.array([x])], lo, hi)[0]
+            assert got.tobytes() == want.tobytes(), (x, lo, hi, got, want)
+
+
+def test_clip_by_value_rejects_non_scalar_bounds():
+    with pytest.raises(ValueError, match="clip_value_min must be a scalar"):
+        cn.clip_by_value([np.ones(2, np.float32)], np.zeros(2), 1.0)
+
+
+@tf_modes()
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, "mixed"])
+def test_tf_clip_by_norm_and_by_value_match_the_cpu_kernel(rng, mode, dtype):
+    arrays = make_list(rng, dtype, scale=0.02 if dtype == np.float16 else 3.0)
+    tensors = [None] + [tf.constant(a) for a in arrays]
+    got, norms = call(mode, lambda: clipops.clip_by_norm(tensors, 1.5, return_norms=True))
+    want, want_norms = cn.clip_by_norm(arrays, 1.5, return_norms=True)
+    assert got[0] is None and norms.numpy()[0] == 0
+    values = call(mode, lambda: clipops.clip_by_value(tensors, -0.5, 0.75))
+    want_values = cn.clip_by_value(arrays, -0.5, 0.75)
+    for g, w in zip(values[1:], want_values):  # XLA's clip_by_value is TF's too: exact
+        assert g.numpy().tobytes() == w.tobytes()
+    if mode == "xla":  # XLA sums the norm in its own order: within tolerance
+        for g, w in zip(got[1:], want):
+            assert_close(g.numpy(), w, w.dtype, "XLA clip_by_norm")
+        return
+    assert norms.numpy()[1:].tobytes() == want_norms.tobytes()
+    for g, w in zip(got[1:], want):
+        assert g.numpy().tobytes() == w.tobytes()
+
+
+def test_tf_clip_by_norm_and_value_gradients_match_tf(rng):
+    x = [tf.Variable(rng.standard_normal(n) * 2) for n in (5, 300)]  # float64
+    c = tf.Variable(1.5, dtype=tf.float64)
+    up = [tf.constant(rng.standard_normal(v.shape)) for v in x]
+    with tf.GradientTape(persistent=True) as tape:
+        ours = clipops.clip_by_norm(x, c)
+        theirs = [tf.clip_by_norm(v, c) for v in x]
+        y = tf.add_n([tf.reduce_sum(o * u) for o, u in zip(ours, up)])
+        y_tf = tf.add_n([tf.reduce_sum(o * u) for o, u in zip(theirs, up)])
+    for g, g_tf in zip(tape.gradient(y, x + [c]), tape.gradient(y_tf, x + [c])):
+        np.testing.assert_allclose(g.numpy(), g_tf.numpy(), rtol=1e-10, atol=1e-14)
+    lo, hi = tf.Variable(-0.5, dtype=tf.float64), tf.Variable(0.7, dtype=tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        ours = clipops.clip_by_value(x, lo, hi)
+        theirs = [tf.clip_by_value(v, lo, hi) for v in x]
+        y = tf.add_n([tf.reduce_sum(o * u) for o, u in zip(ours, up)])
+        y_tf = tf.add_n([tf.reduce_sum(o * u) for o, u in zip(theirs, up)])
+    for g, g_tf in zip(tape.gradient(y, x + [lo, hi]), tape.gradient(y_tf, x + [lo, hi])):
+        np.testing.assert_allclose(g.numpy(), g_tf.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_tf_one_fused_op_per_list():
+    spec = [tf.TensorSpec((3,)), tf.TensorSpec((4, 2))]
+    for fn, op in ((lambda t: clipops.clip_by_norm(t, 1.0), "ClipopsClipByNorm"),
+                   (lambda t: clipops.clip_by_value(t, -1.0, 1.0), "ClipopsClipByValue")):
+        types = [o.type for o in tf.function(fn).get_concrete_function(spec).graph.get_operations()]
+        assert types.count(op) == 1 and not {"Maximum", "Minimum", "Sqrt"} & set(types), types

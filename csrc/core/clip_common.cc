@@ -34,7 +34,8 @@ namespace {
 std::string where(int i) { return "tensor " + std::to_string(i) + ": "; }
 
 // Ranges of the scalar arguments are labelled by these negative indices.
-constexpr int kClipNorm = -1, kUseNorm = -2, kNormOut = -3, kTensorNorms = -4;
+constexpr int kClipNorm = -1, kUseNorm = -2, kNormOut = -3, kTensorNorms = -4, kClipMin = -5,
+              kClipMax = -6;
 
 std::string label(int index) {
   switch (index) {
@@ -42,6 +43,8 @@ std::string label(int index) {
     case kUseNorm: return "use_norm";
     case kNormOut: return "norm_out";
     case kTensorNorms: return "tensor_norms";
+    case kClipMin: return "clip_value_min";
+    case kClipMax: return "clip_value_max";
     default: return "tensor " + std::to_string(index);
   }
 }
@@ -78,6 +81,12 @@ std::vector<Range> scalar_ranges(const ClipArgs& args, int num_tensors) {
   if (args.norm_out != nullptr) r.push_back(range_of(args.norm_out, bytes, kNormOut, true));
   if (args.tensor_norms != nullptr)
     r.push_back(range_of(args.tensor_norms, bytes * num_tensors, kTensorNorms, true));
+  if (args.mode == kClipByValue) {
+    if (args.clip_min.device_ptr != nullptr)
+      r.push_back(range_of(args.clip_min.device_ptr, bytes, kClipMin, false));
+    if (args.clip_max.device_ptr != nullptr)
+      r.push_back(range_of(args.clip_max.device_ptr, bytes, kClipMax, false));
+  }
   return r;
 }
 
@@ -109,6 +118,13 @@ Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args
     return Status::Error("unsupported norm dtype code " + std::to_string(args.norm_dtype));
   if (args.norm_dtype != norm_dtype_of(tensors, num_tensors))
     return Status::Error("the norm dtype must be the list's dtype, or float32 for a mixed list");
+  if (args.mode < kClipByGlobalNorm || args.mode > kClipByValue)
+    return Status::Error("unknown clip mode " + std::to_string(args.mode));
+  if (args.mode != kClipByGlobalNorm && (!args.scale || args.has_use_norm || args.norm_out))
+    return Status::Error("clip_by_norm and clip_by_value always write outputs, and take neither "
+                         "use_norm nor norm_out");
+  if (args.mode == kClipByValue && args.tensor_norms != nullptr)
+    return Status::Error("clip_by_value computes no norms: tensor_norms must be null");
   for (int i = 0; i < num_tensors; ++i) {
     const TensorDesc& t = tensors[i];
     if (t.dtype < kFloat16 || t.dtype > kFloat64)
@@ -231,9 +247,10 @@ ParallelFor default_parallel_for() {
 }
 
 size_t cuda_workspace_bytes(const TensorDesc* tensors, int num_tensors) {
+  // the table, then one double per work item and one per tensor (clip_launch.h)
   const size_t table = detail::partials_offset(num_tensors);
-  const size_t partials = sizeof(double) * static_cast<size_t>(num_work_items(tensors, num_tensors));
-  return std::max<size_t>(16, table + partials);
+  const size_t doubles = static_cast<size_t>(num_work_items(tensors, num_tensors)) + num_tensors;
+  return std::max<size_t>(16, table + sizeof(double) * doubles);
 }
 
 #if !defined(CLIPOPS_WITH_CUDA)

@@ -207,8 +207,9 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
   Status status = validate(tensors, num_tensors, args);
   if (!status.ok()) return status;
   const ScopedIeeeSubnormals ieee;  // for the norm and the scale, computed on this thread
-  if (args.clip_norm.device_ptr != nullptr || args.use_norm.device_ptr != nullptr)
-    return Status::Error("the CPU kernel takes clip_norm and use_norm as host values");
+  if (args.clip_norm.device_ptr != nullptr || args.use_norm.device_ptr != nullptr ||
+      args.clip_min.device_ptr != nullptr || args.clip_max.device_ptr != nullptr)
+    return Status::Error("the CPU kernel takes its scalar arguments as host values");
 
   // first_item[t] = index of tensor t's first work item; first_item[n] = total
   std::vector<int64_t> first_item(num_tensors + 1, 0);
@@ -225,9 +226,33 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
       };
   const ParallelFor& run = elements < kParallelMinElements ? inline_for : parallel_for;
 
+  // out = op(in) for every element, work item by work item
+  auto map_all = [&](auto make_op) {
+    run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
+      const ScopedIeeeSubnormals ieee;
+      for_items(tensors, first_item, begin, end,
+                [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t) {
+                  dispatch(t.dtype, [&](auto dt) {
+                    constexpr int DT = decltype(dt)::value;
+                    using T = typename Storage<DT>::type;
+                    const auto op = make_op(dt, static_cast<int>(&t - tensors));
+                    const T* in = static_cast<const T*>(t.in) + offset;
+                    T* out = static_cast<T*>(t.out) + offset;
+                    for (int64_t i = 0; i < count; ++i) out[i] = op(in[i]);
+                  });
+                });
+    });
+  };
+  if (args.mode == kClipByValue) {  // no norm: one pass
+    const double lo = args.clip_min.value, hi = args.clip_max.value;
+    map_all([&](auto dt, int) { return ValueClipper<decltype(dt)::value>(lo, hi); });
+    return Status::Ok();
+  }
+  const bool by_norm = args.mode == kClipByNorm;
+
   // partials are summed in a fixed order, so the norms are bitwise reproducible
   std::vector<double> partials;
-  if (!args.has_use_norm || args.tensor_norms != nullptr) {
+  if (by_norm || !args.has_use_norm || args.tensor_norms != nullptr) {
     partials.resize(items);
     run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
       const ScopedIeeeSubnormals ieee;
@@ -242,16 +267,26 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
     });
   }
   // the GPU's order: "thread" k sums partials k, k + kThreads, ..., then the tree
-  auto norm_of = [&](int64_t first, int64_t count) {
+  auto sumsq_of = [&](int64_t first, int64_t count) {
     double u[kThreads] = {};
     for (int64_t k = 0; k < count; ++k) u[k % kThreads] = add_d(u[k % kThreads], partials[first + k]);
-    return norm_from_sumsq(halving_tree(u), args.norm_dtype);
+    return halving_tree(u);
   };
-  if (args.tensor_norms != nullptr)
-    for (int t = 0; t < num_tensors; ++t)
-      store_norm_at(args.tensor_norms, t, norm_of(first_item[t], first_item[t + 1] - first_item[t]),
-                    args.norm_dtype);
-  const double norm = args.has_use_norm ? args.use_norm.value : norm_of(0, items);
+  std::vector<double> own_norms(by_norm ? num_tensors : 0);  // in each tensor's dtype, as TF
+  if (args.tensor_norms != nullptr || by_norm)
+    for (int t = 0; t < num_tensors; ++t) {
+      const double u = sumsq_of(first_item[t], first_item[t + 1] - first_item[t]);
+      if (args.tensor_norms != nullptr)
+        store_norm_at(args.tensor_norms, t, norm_from_sumsq(u, args.norm_dtype), args.norm_dtype);
+      if (by_norm) own_norms[t] = norm_from_sumsq(u, tensors[t].dtype);
+    }
+  if (by_norm) {
+    const double clip = args.clip_norm.value;
+    map_all([&](auto dt, int t) { return NormClipper<decltype(dt)::value>(clip, own_norms[t]); });
+    return Status::Ok();
+  }
+  const double norm =
+      args.has_use_norm ? args.use_norm.value : norm_from_sumsq(sumsq_of(0, items), args.norm_dtype);
   if (args.norm_out != nullptr) store_norm(args.norm_out, norm, args.norm_dtype);
   if (!args.scale) return Status::Ok();
 

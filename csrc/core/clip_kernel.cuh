@@ -152,12 +152,10 @@ __device__ __forceinline__ double thread_sumsq(const TensorEntry& te, long long 
                add_d(static_cast<double>(l[2]), static_cast<double>(l[3])));
 }
 
-template <int DT>
-__device__ __forceinline__ void thread_scale(const TensorEntry& te, long long begin, double scale) {
+// This thread's share of one chunk, element by element: out = op(in).
+template <int DT, typename Op>
+__device__ __forceinline__ void thread_map(const TensorEntry& te, long long begin, const Op& op) {
   typedef typename Storage<DT>::type T;
-  const Scaler<DT> scaler(scale);
-  // a forwarded buffer that needs no clipping is left untouched
-  if (te.out == te.in && scaler.is_one()) return;
   const T* in = static_cast<const T*>(te.in);
   T* out = static_cast<T*>(te.out);
   const bool vec = aligned16(te.in) && aligned16(te.out);
@@ -171,10 +169,18 @@ __device__ __forceinline__ void thread_scale(const TensorEntry& te, long long be
 #pragma unroll
     for (int r = 0; r < B; ++r) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) q[r].v[k] = scaler(q[r].v[k]);
+      for (int k = 0; k < 4; ++k) q[r].v[k] = op(q[r].v[k]);
       store_quad<DT>(out, e0 + (long long)(r0 + r) * kLanes, te.numel, vec, q[r]);
     }
   }
+}
+
+template <int DT>
+__device__ __forceinline__ void thread_scale(const TensorEntry& te, long long begin, double scale) {
+  const Scaler<DT> scaler(scale);
+  // a forwarded buffer that needs no clipping is left untouched
+  if (te.out == te.in && scaler.is_one()) return;
+  thread_map<DT>(te, begin, scaler);
 }
 
 __device__ __forceinline__ double read_scalar(const void* ptr, double value, int dtype) {
@@ -191,19 +197,38 @@ __device__ __forceinline__ double read_scalar(const void* ptr, double value, int
 }  // namespace clipops
 
 // Must be launched cooperatively (all blocks resident) with kThreads threads.
-// Plain scalar parameters, so CuPy's RawKernel can pass them too.
-// tensor_norms: null, or num_tensors values of norm_dtype (ClipArgs).
+// Plain scalar parameters, so CuPy's RawKernel can pass them too. mode: a
+// ClipMode (clipops.h). tensor_norms: null, or num_tensors values of
+// norm_dtype. The workspace's partials are followed by num_tensors doubles,
+// each tensor's own norm for kClipByNorm.
 extern "C" __global__ void __launch_bounds__(clipops::detail::kThreads)
 clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors,
                     long long num_items, double* partials, int norm_dtype, int do_scale,
                     double clip_value, const void* clip_ptr, int has_use_norm,
                     double use_value, const void* use_ptr, void* norm_out,
-                    void* tensor_norms, int skip_nonfinite) {
+                    void* tensor_norms, int skip_nonfinite, int mode, double min_value,
+                    const void* min_ptr, double max_value, const void* max_ptr) {
   using namespace clipops;
   using namespace clipops::detail;
   __shared__ double red[kThreads];
 
-  if (!has_use_norm || tensor_norms != nullptr) {
+  if (mode == kClipByValue) {  // no norm: one pass, no grid sync
+    const double lo = read_scalar(min_ptr, min_value, norm_dtype);
+    const double hi = read_scalar(max_ptr, max_value, norm_dtype);
+    for (long long w = blockIdx.x; w < num_items; w += gridDim.x) {
+      const TensorEntry te = tensors[find_tensor(tensors, num_tensors, w)];
+      const long long begin = (w - te.first_item) * kChunk;
+      switch (te.dtype) {
+        case kFloat16: thread_map<kFloat16>(te, begin, ValueClipper<kFloat16>(lo, hi)); break;
+        case kBFloat16: thread_map<kBFloat16>(te, begin, ValueClipper<kBFloat16>(lo, hi)); break;
+        case kFloat32: thread_map<kFloat32>(te, begin, ValueClipper<kFloat32>(lo, hi)); break;
+        default: thread_map<kFloat64>(te, begin, ValueClipper<kFloat64>(lo, hi));
+      }
+    }
+    return;
+  }
+  const bool by_norm = mode == kClipByNorm;
+  if (by_norm || !has_use_norm || tensor_norms != nullptr) {
     for (long long w = blockIdx.x; w < num_items; w += gridDim.x) {
       const TensorEntry te = tensors[find_tensor(tensors, num_tensors, w)];
       const long long begin = (w - te.first_item) * kChunk;
@@ -224,16 +249,40 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
   // Each tensor's norm: its own partials in the global order (thread t sums
   // partials t, t + kThreads, ... of the tensor, then the tree), one block per
   // tensor. Blocks loop uniformly, so every thread reaches block_tree's barriers.
-  if (tensor_norms != nullptr) {
+  double* own_norms = partials + num_items;
+  if (tensor_norms != nullptr || by_norm) {
     for (int t = blockIdx.x; t < num_tensors; t += gridDim.x) {
       const TensorEntry te = tensors[t];
       const long long count = (te.numel + kChunk - 1) / kChunk;
       double u = 0.0;
       for (long long k = threadIdx.x; k < count; k += kThreads)
         u = add_d(u, __ldcg(partials + te.first_item + k));
-      const double n = norm_from_sumsq(block_tree(u, red), norm_dtype);
-      if (threadIdx.x == 0) store_norm_at(tensor_norms, t, n, norm_dtype);
+      u = block_tree(u, red);
+      if (threadIdx.x == 0) {
+        if (tensor_norms != nullptr)
+          store_norm_at(tensor_norms, t, norm_from_sumsq(u, norm_dtype), norm_dtype);
+        if (by_norm) own_norms[t] = norm_from_sumsq(u, te.dtype);  // in the tensor's dtype, as TF
+      }
     }
+  }
+  if (by_norm) {
+#ifndef CLIPOPS_TEETH_NO_GRID_SYNC
+    cooperative_groups::this_grid().sync();  // every tensor's norm is written
+#endif
+    const double clip = read_scalar(clip_ptr, clip_value, norm_dtype);
+    for (long long w = blockIdx.x; w < num_items; w += gridDim.x) {
+      const int t = find_tensor(tensors, num_tensors, w);
+      const TensorEntry te = tensors[t];
+      const long long begin = (w - te.first_item) * kChunk;
+      const double n = __ldcg(own_norms + t);
+      switch (te.dtype) {
+        case kFloat16: thread_map<kFloat16>(te, begin, NormClipper<kFloat16>(clip, n)); break;
+        case kBFloat16: thread_map<kBFloat16>(te, begin, NormClipper<kBFloat16>(clip, n)); break;
+        case kFloat32: thread_map<kFloat32>(te, begin, NormClipper<kFloat32>(clip, n)); break;
+        default: thread_map<kFloat64>(te, begin, NormClipper<kFloat64>(clip, n));
+      }
+    }
+    return;
   }
   double norm;
   if (has_use_norm) {

@@ -4,7 +4,7 @@
 // clipops/_nvrtc.py mirrors it for CuPy.
 //
 // The workspace holds the tensor table (16-byte aligned), then one double of
-// partials per work item. The grid has one block per work item, but no more
+// partials per work item, then one double per tensor (kClipByNorm's norms). The grid has one block per work item, but no more
 // than can be resident at once (a cooperative launch fails otherwise), and at
 // least one block, which writes the norm of an empty list.
 #pragma once
@@ -62,7 +62,12 @@ struct KernelArgs {
   void* norm_out;
   void* tensor_norms;
   int skip_nonfinite;
-  void* params[14];
+  int mode;
+  double min_value;
+  const void* min_ptr;
+  double max_value;
+  const void* max_ptr;
+  void* params[19];
 
   KernelArgs(void* workspace, int n, long long num_items, const ClipArgs& a)
       : table(static_cast<const TensorEntry*>(workspace)),
@@ -79,9 +84,15 @@ struct KernelArgs {
         norm_out(a.norm_out),
         tensor_norms(a.tensor_norms),
         skip_nonfinite(a.skip_nonfinite ? 1 : 0),
+        mode(a.mode),
+        min_value(a.clip_min.value),
+        min_ptr(a.clip_min.device_ptr),
+        max_value(a.clip_max.value),
+        max_ptr(a.clip_max.device_ptr),
         params{&table, &num_tensors, &items, &partials, &norm_dtype, &do_scale,
                &clip_value, &clip_ptr, &has_use, &use_value, &use_ptr, &norm_out,
-               &tensor_norms, &skip_nonfinite} {}
+               &tensor_norms, &skip_nonfinite, &mode, &min_value, &min_ptr, &max_value,
+               &max_ptr} {}
   KernelArgs(const KernelArgs&) = delete;
   KernelArgs& operator=(const KernelArgs&) = delete;
 };

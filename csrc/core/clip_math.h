@@ -33,6 +33,11 @@ namespace clipops {
 // dtype codes shared by the C++ API, the kernels and the Python adapters.
 enum DTypeCode : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 
+// Which clip: the global norm's (tf.clip_by_global_norm), each tensor's own
+// norm's (tf.clip_by_norm on every tensor), or element values
+// (tf.clip_by_value on every tensor). One pass, or one CUDA launch, each.
+enum ClipMode : int { kClipByGlobalNorm = 0, kClipByNorm = 1, kClipByValue = 2 };
+
 namespace detail {
 
 constexpr long long kChunk = 16384;   // elements per work item
@@ -297,6 +302,69 @@ template <> struct Scaler<kFloat64> {
   CLIPOPS_HD explicit Scaler(double scale) : s(scale) {}
   CLIPOPS_HD double operator()(double v) const { return mul_d(v, s); }
   CLIPOPS_HD bool is_one() const { return s == 1.0; }
+};
+
+// ---- the per-tensor clips: tf.clip_by_norm and tf.clip_by_value, element-wise ----
+template <int DT> CLIPOPS_HD typename Storage<DT>::type from_acc(typename Storage<DT>::acc v);
+template <> CLIPOPS_HD unsigned short from_acc<kFloat16>(float v) { return float_to_half(v); }
+template <> CLIPOPS_HD unsigned short from_acc<kBFloat16>(float v) { return float_to_bf16(v); }
+template <> CLIPOPS_HD float from_acc<kFloat32>(float v) { return v; }
+template <> CLIPOPS_HD double from_acc<kFloat64>(double v) { return v; }
+
+// A scalar (a double) as a value of DT: through float for the 32- and 16-bit
+// types, as every scalar argument is converted.
+template <int DT> CLIPOPS_HD typename Storage<DT>::type to_storage(double v) {
+  if constexpr (DT == kFloat64) return v;
+  else return from_acc<DT>(double_to_float(v));
+}
+
+CLIPOPS_HD float mul_a(float a, float b) { return mul_f(a, b); }
+CLIPOPS_HD double mul_a(double a, double b) { return mul_d(a, b); }
+CLIPOPS_HD float div_a(float a, float b) { return div_f(a, b); }
+CLIPOPS_HD double div_a(double a, double b) { return div_d(a, b); }
+
+// tf.clip_by_norm's formula in the tensor's dtype: (x * clip) / max(norm, clip),
+// each operation rounded to the dtype (16-bit types: computed in float and
+// rounded after each operation, as Eigen's half and bfloat16 do). norm is the
+// tensor's own norm, a value of DT; max is Eigen's maxi(norm, clip), which
+// keeps a NaN norm.
+template <int DT> struct NormClipper {
+  typedef typename Storage<DT>::type T;
+  typedef typename Storage<DT>::acc A;
+  A c, m;
+  CLIPOPS_HD NormClipper(double clip, double norm)
+      : c(to_acc<DT>(to_storage<DT>(clip))), m(to_acc<DT>(to_storage<DT>(norm))) {
+    if (m < c) m = c;
+  }
+  CLIPOPS_HD T operator()(T x) const {
+    return from_acc<DT>(div_a(to_acc<DT>(from_acc<DT>(mul_a(to_acc<DT>(x), c))), m));
+  }
+};
+
+// tf.clip_by_value's formula: maximum(minimum(x, hi), lo) with Eigen's
+// NaN-propagating min and max as TensorFlow's CPU kernels use them: a NaN
+// element or a NaN bound gives NaN, and otherwise mini(a, b) = b < a ? b : a,
+// maxi(a, b) = a < b ? b : a, so an element that is not clipped keeps its
+// bits, ties included. (TF's vectorized float32/float64 loop returns +0.0 on a
+// tie of zeros, -0.0 against a bound of 0.0, where its scalar loop returns the
+// element: TF's own result there depends on the element's position.)
+template <int DT> struct ValueClipper {
+  typedef typename Storage<DT>::type T;
+  typedef typename Storage<DT>::acc A;
+  T lo_bits, hi_bits;
+  A lo, hi;
+  CLIPOPS_HD ValueClipper(double lo_v, double hi_v)
+      : lo_bits(to_storage<DT>(lo_v)), hi_bits(to_storage<DT>(hi_v)),
+        lo(to_acc<DT>(lo_bits)), hi(to_acc<DT>(hi_bits)) {}
+  CLIPOPS_HD T operator()(T x) const {
+    const A v = to_acc<DT>(x);
+    if (v != v) return x;
+    if (hi != hi) return hi_bits;
+    const bool above = hi < v;
+    const A t = above ? hi : v;
+    if (lo != lo || t < lo) return lo_bits;
+    return above ? hi_bits : x;
+  }
 };
 
 // Fold kThreads values in place with the halving tree of step 3/4 (host side;

@@ -36,12 +36,15 @@ struct Scalar {
   const void* device_ptr = nullptr;
 };
 
+// The clip modes (ClipMode) are in clip_math.h, shared with the kernels.
 // What to compute. The norm dtype is the list's dtype, or float32 for a list
-// of mixed dtypes (see norm_dtype_of).
+// of mixed dtypes (see norm_dtype_of); it also types device scalars.
 struct ClipArgs {
+  int mode = kClipByGlobalNorm;
   int norm_dtype = kFloat32;
-  bool scale = true;       // false: compute the global norm only
+  bool scale = true;       // false: compute the global norm only (kClipByGlobalNorm)
   Scalar clip_norm;        // the clip threshold, exactly representable in norm_dtype
+  Scalar clip_min, clip_max;  // kClipByValue: the bounds, rounded to each tensor's dtype
   bool has_use_norm = false;
   Scalar use_norm;         // replaces the computed norm when has_use_norm
   // One element of norm_dtype (host for CPU, device for CUDA); may be null. It

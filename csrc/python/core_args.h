@@ -32,7 +32,9 @@ inline std::vector<clipops::TensorDesc> to_descs(const std::vector<Desc>& descs)
 inline clipops::ClipArgs to_args(int norm_dtype, bool scale, double clip, uintptr_t clip_ptr,
                                  std::optional<double> use_norm, uintptr_t use_ptr,
                                  uintptr_t norm_out, bool check_overlap,
-                                 uintptr_t tensor_norms = 0, bool skip_nonfinite = false) {
+                                 uintptr_t tensor_norms = 0, bool skip_nonfinite = false,
+                                 int mode = 0, double clip_min = 0.0, uintptr_t clip_min_ptr = 0,
+                                 double clip_max = 0.0, uintptr_t clip_max_ptr = 0) {
   clipops::ClipArgs a;
   a.norm_dtype = norm_dtype;
   a.scale = scale;
@@ -43,6 +45,9 @@ inline clipops::ClipArgs to_args(int norm_dtype, bool scale, double clip, uintpt
   a.check_overlap = check_overlap;
   a.tensor_norms = reinterpret_cast<void*>(tensor_norms);
   a.skip_nonfinite = skip_nonfinite;
+  a.mode = mode;
+  a.clip_min = {clip_min, reinterpret_cast<const void*>(clip_min_ptr)};
+  a.clip_max = {clip_max, reinterpret_cast<const void*>(clip_max_ptr)};
   return a;
 }
 

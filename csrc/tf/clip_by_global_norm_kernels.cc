@@ -41,14 +41,22 @@ double ScalarValue(const Tensor& t) {
 
 enum class Device { kCpu, kGpu };
 
-// kClip: ClipopsClipByGlobalNorm; otherwise ClipopsGlobalNorm.
-template <Device kDevice, bool kClip>
-class ClipByGlobalNormOp : public OpKernel {
+// The four ops: ClipopsClipByGlobalNorm, ClipopsGlobalNorm, ClipopsClipByNorm
+// and ClipopsClipByValue. One kernel class, one core call each.
+enum class Kind { kClipByGlobalNorm, kGlobalNorm, kClipByNorm, kClipByValue };
+
+template <Device kDevice, Kind kKind>
+class ClipOp : public OpKernel {
+  static constexpr bool kWrites = kKind != Kind::kGlobalNorm;  // outputs 0..n-1 are tensors
+  static constexpr bool kHasNorms = kKind != Kind::kClipByValue;
+
  public:
-  explicit ClipByGlobalNormOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    if (kClip) OP_REQUIRES_OK(ctx, ctx->GetAttr("use_given", &use_given_));
-    if (kClip) OP_REQUIRES_OK(ctx, ctx->GetAttr("skip_nonfinite", &skip_nonfinite_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("with_norms", &with_norms_));
+  explicit ClipOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    if (kKind == Kind::kClipByGlobalNorm) {
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("use_given", &use_given_));
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("skip_nonfinite", &skip_nonfinite_));
+    }
+    if (kHasNorms) OP_REQUIRES_OK(ctx, ctx->GetAttr("with_norms", &with_norms_));
     DataType tnorm;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("Tnorm", &tnorm));
     tnorm_ = DTypeCode(tnorm);
@@ -67,35 +75,43 @@ class ClipByGlobalNormOp : public OpKernel {
     }
 
     clipops::ClipArgs args;
+    args.mode = kKind == Kind::kClipByNorm    ? clipops::kClipByNorm
+                : kKind == Kind::kClipByValue ? clipops::kClipByValue
+                                              : clipops::kClipByGlobalNorm;
     args.norm_dtype = clipops::norm_dtype_of(descs.data(), n);
-    // The attr sizes the norm output (and types clip_norm/use_norm): a raw op
-    // call with another Tnorm would write past a 2-byte output or misread it.
+    // The attr sizes the norm output (and types the scalars): a raw op call
+    // with another Tnorm would write past a 2-byte output or misread it.
     OP_REQUIRES(ctx, tnorm_ == args.norm_dtype,
                 absl::InvalidArgumentError(
                     "Tnorm must be the dtype of t_list (float32 for a list of mixed dtypes): "
                     "got Tnorm " + std::string(kDTypeNames[tnorm_]) + " for a list whose norm is " +
                     kDTypeNames[args.norm_dtype]));
-    args.scale = kClip;
+    args.scale = kWrites;
     args.check_overlap = false;  // TF allocated (or forwarded) every output itself
-    if (kClip) {
-      const Tensor& clip = ctx->input(n);
-      const Tensor& use = ctx->input(n + 1);
-      OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(clip.shape()),
-                  absl::InvalidArgumentError("clip_norm must be a scalar, got shape " +
-                                             clip.shape().DebugString()));
-      OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(use.shape()),
-                  absl::InvalidArgumentError("use_norm must be a scalar, got shape " +
-                                             use.shape().DebugString()));
-      args.has_use_norm = use_given_;
+    // the scalar inputs after t_list, and where the core takes each
+    std::vector<std::pair<const char*, clipops::Scalar*>> scalars;
+    if (kKind == Kind::kClipByGlobalNorm)
+      scalars = {{"clip_norm", &args.clip_norm}, {"use_norm", &args.use_norm}};
+    else if (kKind == Kind::kClipByNorm)
+      scalars = {{"clip_norm", &args.clip_norm}};
+    else if (kKind == Kind::kClipByValue)
+      scalars = {{"clip_value_min", &args.clip_min}, {"clip_value_max", &args.clip_max}};
+    for (size_t k = 0; k < scalars.size(); ++k) {
+      const Tensor& v = ctx->input(n + static_cast<int>(k));
+      OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(v.shape()),
+                  absl::InvalidArgumentError(std::string(scalars[k].first) +
+                                             " must be a scalar, got shape " +
+                                             v.shape().DebugString()));
       if constexpr (kDevice == Device::kCpu) {
         const clipops::ScopedIeeeSubnormals ieee;  // TF's DAZ would read a subnormal as 0
-        args.clip_norm.value = ScalarValue(clip);
-        args.use_norm.value = ScalarValue(use);
+        scalars[k].second->value = ScalarValue(v);
       } else {
         // in device memory, read by the kernel: the host never waits for the stream
-        args.clip_norm.device_ptr = clip.data();
-        args.use_norm.device_ptr = use.data();
+        scalars[k].second->device_ptr = v.data();
       }
+    }
+    args.has_use_norm = use_given_;
+    if (kWrites) {
       for (int i = 0; i < n; ++i) {
         Tensor* out = nullptr;
         // reuse the gradient's buffer when nothing else holds it
@@ -103,12 +119,17 @@ class ClipByGlobalNormOp : public OpKernel {
         descs[i].out = out->data();
       }
     }
-    Tensor* norm = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(kClip ? n : 0, {}, &norm));
-    args.norm_out = norm->data();
-    Tensor* norms = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(kClip ? n + 1 : 1, {with_norms_ ? n : 0}, &norms));
-    args.tensor_norms = with_norms_ ? norms->data() : nullptr;
+    int next = kWrites ? n : 0;  // the outputs after the tensors
+    if (kKind == Kind::kClipByGlobalNorm || kKind == Kind::kGlobalNorm) {
+      Tensor* norm = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(next++, {}, &norm));
+      args.norm_out = norm->data();
+    }
+    if (kHasNorms) {
+      Tensor* norms = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(next++, {with_norms_ ? n : 0}, &norms));
+      args.tensor_norms = with_norms_ ? norms->data() : nullptr;
+    }
     args.skip_nonfinite = skip_nonfinite_;
 
     clipops::Status status;
@@ -144,31 +165,25 @@ class ClipByGlobalNormOp : public OpKernel {
   int tnorm_ = clipops::kFloat32;
 };
 
-#define CLIPOPS_REGISTER_CPU(T)                                                         \
-  REGISTER_KERNEL_BUILDER(                                                              \
-      Name("ClipopsClipByGlobalNorm").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("Tnorm"), \
-      (ClipByGlobalNormOp<Device::kCpu, true>));                                        \
-  REGISTER_KERNEL_BUILDER(                                                              \
-      Name("ClipopsGlobalNorm").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("Tnorm"), \
-      (ClipByGlobalNormOp<Device::kCpu, false>));
-CLIPOPS_REGISTER_CPU(Eigen::half)
-CLIPOPS_REGISTER_CPU(Eigen::bfloat16)
-CLIPOPS_REGISTER_CPU(float)
-CLIPOPS_REGISTER_CPU(double)
-
-// clip_norm and use_norm stay in device memory (a variable, a schedule's output):
-// as host memory they would cost a copy that waits for the stream at every step.
-#define CLIPOPS_REGISTER_GPU(T)                                                         \
-  REGISTER_KERNEL_BUILDER(                                                              \
-      Name("ClipopsClipByGlobalNorm").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("Tnorm"), \
-      (ClipByGlobalNormOp<Device::kGpu, true>));                                        \
-  REGISTER_KERNEL_BUILDER(                                                              \
-      Name("ClipopsGlobalNorm").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("Tnorm"), \
-      (ClipByGlobalNormOp<Device::kGpu, false>));
-CLIPOPS_REGISTER_GPU(Eigen::half)
-CLIPOPS_REGISTER_GPU(Eigen::bfloat16)
-CLIPOPS_REGISTER_GPU(float)
-CLIPOPS_REGISTER_GPU(double)
+// clip_norm, use_norm and the bounds stay in device memory on the GPU (a
+// variable, a schedule's output): as host memory they would cost a copy that
+// waits for the stream at every step.
+#define CLIPOPS_REGISTER(DEVICE, DEV, T)                                                    \
+  REGISTER_KERNEL_BUILDER(Name("ClipopsClipByGlobalNorm").Device(DEVICE).TypeConstraint<T>("Tnorm"), \
+                          (ClipOp<DEV, Kind::kClipByGlobalNorm>));                          \
+  REGISTER_KERNEL_BUILDER(Name("ClipopsGlobalNorm").Device(DEVICE).TypeConstraint<T>("Tnorm"),       \
+                          (ClipOp<DEV, Kind::kGlobalNorm>));                                \
+  REGISTER_KERNEL_BUILDER(Name("ClipopsClipByNorm").Device(DEVICE).TypeConstraint<T>("Tnorm"),       \
+                          (ClipOp<DEV, Kind::kClipByNorm>));                                \
+  REGISTER_KERNEL_BUILDER(Name("ClipopsClipByValue").Device(DEVICE).TypeConstraint<T>("Tnorm"),      \
+                          (ClipOp<DEV, Kind::kClipByValue>));
+#define CLIPOPS_REGISTER_BOTH(T)                                 \
+  CLIPOPS_REGISTER(tensorflow::DEVICE_CPU, Device::kCpu, T)      \
+  CLIPOPS_REGISTER(tensorflow::DEVICE_GPU, Device::kGpu, T)
+CLIPOPS_REGISTER_BOTH(Eigen::half)
+CLIPOPS_REGISTER_BOTH(Eigen::bfloat16)
+CLIPOPS_REGISTER_BOTH(float)
+CLIPOPS_REGISTER_BOTH(double)
 
 }  // namespace
 

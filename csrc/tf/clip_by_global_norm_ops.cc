@@ -32,6 +32,15 @@ absl::Status NormShape(InferenceContext* c) {
   return SetNormsShape(c, c->num_inputs(), 1);
 }
 
+// t_list..., then `scalars` scalar inputs; the tensors keep their shapes
+absl::Status EachShape(InferenceContext* c, int scalars) {
+  const int n = c->num_inputs() - scalars;
+  ShapeHandle scalar;
+  for (int k = 0; k < scalars; ++k) TF_RETURN_IF_ERROR(c->WithRank(c->input(n + k), 0, &scalar));
+  for (int i = 0; i < n; ++i) c->set_output(i, c->input(i));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 // Tnorm is the list's dtype, or float32 when the list mixes dtypes.
@@ -66,3 +75,36 @@ REGISTER_OP("ClipopsGlobalNorm")
     .SetShapeFn(NormShape)
     .Doc("sqrt of the sum of squares of every element of t_list, accumulated in float32 or better; "
          "with with_norms, tensor_norms holds each tensor's own norm (else it is empty).");
+
+REGISTER_OP("ClipopsClipByNorm")
+    .Input("t_list: T")
+    .Input("clip_norm: Tnorm")
+    .Output("clipped: T")
+    .Output("tensor_norms: Tnorm")
+    .Attr("T: list({half, bfloat16, float, double}) >= 1")
+    .Attr("Tnorm: {half, bfloat16, float, double}")
+    .Attr("with_norms: bool = false")
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(EachShape(c, 1));
+      return SetNormsShape(c, c->num_inputs() - 1, c->num_inputs() - 1);
+    })
+    .Doc(R"doc(
+tf.clip_by_norm on every tensor of t_list in one fused pass pair (one CUDA
+launch): (t * clip_norm) / maximum(norm(t), clip_norm) in each tensor's dtype,
+the norm accumulated in float32 or better. with_norms: tensor_norms holds each
+tensor's own norm in Tnorm (else it is empty).
+)doc");
+
+REGISTER_OP("ClipopsClipByValue")
+    .Input("t_list: T")
+    .Input("clip_value_min: Tnorm")
+    .Input("clip_value_max: Tnorm")
+    .Output("clipped: T")
+    .Attr("T: list({half, bfloat16, float, double}) >= 1")
+    .Attr("Tnorm: {half, bfloat16, float, double}")
+    .SetShapeFn([](InferenceContext* c) { return EachShape(c, 2); })
+    .Doc(R"doc(
+tf.clip_by_value on every tensor of t_list in one fused pass (one CUDA launch):
+maximum(minimum(t, clip_value_max), clip_value_min), the bounds cast to each
+tensor's dtype; a NaN element stays NaN.
+)doc");
