@@ -58,8 +58,8 @@ import numpy as np
 from . import _common, _nvrtc
 from ._nvrtc import CudaUnavailableError, LaunchError
 
-__all__ = ["clip_by_global_norm", "global_norm", "CudaUnavailableError", "LaunchError",
-           "UnsupportedArrayError"]
+__all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value",
+           "CudaUnavailableError", "LaunchError", "UnsupportedArrayError"]
 
 
 class UnsupportedArrayError(ValueError, RuntimeError):
@@ -276,7 +276,7 @@ def _norm_without_tensors(use: _Scalar | None) -> cupy.ndarray:
 
 def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
             use: _Scalar | None, norms: cupy.ndarray | None = None,
-            skip_nonfinite: bool = False) -> cupy.ndarray:
+            skip_nonfinite: bool = False, mode: int = 0, bounds=None) -> cupy.ndarray:
     """One launch over prep's arrays on the current stream; returns the 0-d norm.
     outs None: the norm only. norms: where each tensor's own norm goes, or
     None. Never waits for the GPU. A list with no tensors launches nothing:
@@ -289,7 +289,7 @@ def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
     else:
         descs = [(a.data.ptr, o.data.ptr, a.size, c)
                  for a, o, c in zip(prep.values, outs, prep.codes)]
-    norm = cupy.empty((), dtype=_common.np_dtype(prep.norm_code))
+    norm = cupy.empty((), dtype=_common.np_dtype(prep.norm_code)) if mode == 0 else None
     nvrtc = _use_nvrtc(core)
     nbytes = (_nvrtc if nvrtc else core).cuda_workspace_bytes(descs)
     # Lives until this function returns; the pool's stream ordering covers
@@ -297,10 +297,16 @@ def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
     workspace = cupy.empty(nbytes, dtype=cupy.uint8)
     use_value = None if use is None or use.ptr else use.value
     args = (descs, prep.norm_code, outs is not None, clip.value, clip.ptr, use_value,
-            use.ptr if use is not None else 0, norm.data.ptr, workspace.data.ptr, nbytes,
+            use.ptr if use is not None else 0, 0 if norm is None else norm.data.ptr,
+            workspace.data.ptr, nbytes,
             cupy.cuda.get_current_stream().ptr)
     extras = {"tensor_norms": 0 if norms is None else norms.data.ptr,
               "skip_nonfinite": skip_nonfinite}
+    if mode:  # clip_by_norm / clip_by_value (bounds: two _Scalar)
+        extras["mode"] = mode
+    if bounds is not None:
+        lo, hi = bounds
+        extras.update(clip_min=lo.value, clip_min_ptr=lo.ptr, clip_max=hi.value, clip_max_ptr=hi.ptr)
     if nvrtc:
         _nvrtc.clip_cuda(*args, **extras)
     else:
@@ -402,3 +408,44 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
         result, norm,
         _common.expand_norms(norms, prep.positions, len(prep.arrays), cupy) if return_norms else None,
         cupy.logical_not(cupy.isfinite(norm)) if policy == "skip" else None)
+
+
+def _clip_each(arrays, in_place: bool, mode: str, *, clip=None, bounds=None,
+               return_norms: bool = False):
+    """clip_by_norm / clip_by_value: one launch in the kernel's `mode`."""
+    for name, value in ([("clip_norm", clip)] if clip is not None else []) + \
+            list(zip(("clip_value_min", "clip_value_max"), bounds or ())):
+        _common.check_scalar(value, name)
+    prep = _prepare(arrays, in_place)
+    copy = in_place  # in place, a scalar must not live in an array that is written
+    clip_s = _Scalar() if clip is None else _scalar(clip, prep, "clip_norm", copy=copy)
+    bound_s = None if bounds is None else tuple(
+        _scalar(v, prep, name, copy=copy) for v, name in zip(bounds, ("clip_value_min",
+                                                                      "clip_value_max")))
+    outs = prep.values if in_place else _empty_like_all(prep.values)
+    norms = _norms_out(prep, return_norms)
+    if prep.values:
+        _launch(prep, outs, clip_s, None, norms, mode=_common.load_core().MODES[mode],
+                bounds=bound_s)
+    result = [None] * len(prep.arrays)
+    for i, out in zip(prep.positions, outs):
+        result[i] = prep.arrays[i] if in_place else out
+    if return_norms:
+        return result, _common.expand_norms(norms, prep.positions, len(prep.arrays), cupy)
+    return result
+
+
+def clip_by_norm(arrays, clip_norm, in_place: bool = False, *, return_norms: bool = False):
+    """``tf.clip_by_norm`` on every array of a list in ONE launch: each array
+    becomes ``(x * clip_norm) / maximum(norm(x), clip_norm)`` in its dtype,
+    with the same bits as clipops.numpy.clip_by_norm. Arguments, results and
+    errors as clipops.numpy.clip_by_norm; clip_norm may also be a 0-d GPU
+    array (read by the kernel). Queued on the current stream."""
+    return _clip_each(arrays, in_place, "norm", clip=clip_norm, return_norms=return_norms)
+
+
+def clip_by_value(arrays, clip_value_min, clip_value_max, in_place: bool = False):
+    """``tf.clip_by_value`` on every array of a list in ONE launch, with the same
+    bits as clipops.numpy.clip_by_value. The bounds may be numbers or 0-d GPU
+    arrays (read by the kernel). Queued on the current stream."""
+    return _clip_each(arrays, in_place, "value", bounds=(clip_value_min, clip_value_max))

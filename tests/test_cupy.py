@@ -24,6 +24,8 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+
+import clipops
 import pytest
 
 # JAX grabs 75% of GPU memory at its first use unless told otherwise; the
@@ -310,6 +312,25 @@ def recorded(fake_gpu, monkeypatch):
 
 
 @needs_cupy
+def test_launch_arguments_of_the_per_tensor_clips(recorded):
+    a = FakeDeviceArray(n=5, dtype="float32", ptr=1 << 20)
+    b = FakeDeviceArray(n=7, dtype="float32", ptr=1 << 30)
+    out = ccp.clip_by_norm([a, None, b], 0.1)
+    out_v = ccp.clip_by_value([a, b], -0.5, 0.25)
+    (who, args, kwargs), (who_v, args_v, kwargs_v) = recorded
+    assert out[1] is None and len(out_v) == 2
+    assert args[3] == float(np.float32(0.1)) and args[7] == 0  # clip_norm; no norm output
+    assert kwargs["mode"] == _core().MODES["norm"] and kwargs["tensor_norms"] == 0
+    assert "clip_min" not in kwargs
+    assert kwargs_v["mode"] == _core().MODES["value"]
+    assert (kwargs_v["clip_min"], kwargs_v["clip_max"]) == (-0.5, 0.25)
+    assert kwargs_v["clip_min_ptr"] == kwargs_v["clip_max_ptr"] == 0
+    assert args_v[0] == [(a.data.ptr, out_v[0].data.ptr, 5, 2), (b.data.ptr, out_v[1].data.ptr, 7, 2)]
+    with pytest.raises(ValueError, match="clip_value_max must be a scalar"):
+        ccp.clip_by_value([a], 0.0, np.zeros(2))
+
+
+@needs_cupy
 @pytest.mark.parametrize("force_nvrtc", [False, True])
 def test_launch_arguments(recorded, monkeypatch, force_nvrtc):
     if force_nvrtc:
@@ -543,9 +564,9 @@ def test_workspace_bytes_match_the_core(sizes):
     ours = _nvrtc.cuda_workspace_bytes(descs)
     chunk = int(_core().CHUNK)
     table = (40 * len(sizes) + 15) // 16 * 16
-    assert ours == max(16, table + 8 * sum(-(-n // chunk) for n in sizes))
-    if _core().cuda_compiled():
-        assert ours == _core().cuda_workspace_bytes(descs)
+    # the table, one double per work item, one per tensor (clip_by_norm's norms)
+    assert ours == max(16, table + 8 * (sum(-(-n // chunk) for n in sizes) + len(sizes)))
+    assert ours == _core().cuda_workspace_bytes(descs)
 
 
 @needs_cupy
@@ -851,6 +872,37 @@ def test_non_finite_norm_matches_cpu(route, special):
         _assert_same_bits(cupy.asnumpy(g), w)
     if special != "huge":
         assert all(np.isnan(cupy.asnumpy(g).astype(np.float64)).all() for g in got)
+
+
+@gpu
+@pytest.mark.parametrize("case", sorted(BITWISE_CASES))
+def test_gradient_health_is_the_cpu_kernel_s_bits(route, case):
+    """Per-tensor norms, nonfinite="skip"/"raise", and the fused list
+    clip_by_norm / clip_by_value: one launch each, the CPU kernel's bits."""
+    dtypes = BITWISE_CASES[case]
+    _dtypes_or_skip(dtypes)
+    host = _host_list(BOUNDARY_SIZES, dtypes, seed=11, spread=False)
+    clip = ref_norm(host) / 3
+    want = cnp.clip_by_global_norm([h.copy() for h in host], clip, return_norms=True)
+    got = ccp.clip_by_global_norm(_to_gpu(host), clip, return_norms=True)
+    _assert_same_bits(cupy.asnumpy(got.tensor_norms), want.tensor_norms, f"{case} tensor norms")
+    want_n, want_norms = cnp.clip_by_norm([h.copy() for h in host], 0.5, return_norms=True)
+    got_n, got_norms = ccp.clip_by_norm(_to_gpu(host), 0.5, return_norms=True)
+    _assert_same_bits(cupy.asnumpy(got_norms), want_norms, f"{case} clip_by_norm norms")
+    for i, (g, w) in enumerate(zip(got_n, want_n)):
+        _assert_same_bits(cupy.asnumpy(g), w, f"{case} clip_by_norm arrays[{i}]")
+    want_v = cnp.clip_by_value([h.copy() for h in host], -0.25, 0.5)
+    for i, (g, w) in enumerate(zip(ccp.clip_by_value(_to_gpu(host), -0.25, 0.5), want_v)):
+        _assert_same_bits(cupy.asnumpy(g), w, f"{case} clip_by_value arrays[{i}]")
+    bad = [h.copy() for h in host]
+    bad[1].reshape(-1)[0] = np.nan
+    dev = _to_gpu(bad)
+    res = ccp.clip_by_global_norm(dev, clip, nonfinite="skip")
+    assert bool(res.skipped)
+    for g, b in zip(res.clipped, bad):
+        _assert_same_bits(cupy.asnumpy(g), b, f"{case} skipped step")
+    with pytest.raises(clipops.NonFiniteError, match=r"arrays\[1\] is the first"):
+        ccp.clip_by_global_norm(_to_gpu(bad), clip, nonfinite="raise", in_place=True)
 
 
 def _resnet_like_sizes() -> list[int]:
