@@ -64,8 +64,9 @@ __all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value"
 
 class UnsupportedArrayError(ValueError, RuntimeError):
     """An array this GPU call cannot use as it is: on another device than the
-    current one, or not C-contiguous for in_place=True. A ValueError, like
-    the other front ends' input errors, and a RuntimeError."""
+    current one, not aligned to its element size, or not C-contiguous for
+    in_place=True. A ValueError, like the other front ends' input errors, and
+    a RuntimeError."""
 
 
 # DLPack device types (dlpack.h): CUDA device memory and managed memory are
@@ -189,6 +190,10 @@ def _prepare(arrays, in_place: bool) -> _Prepared:
                 f"{what} is on GPU {a.data.device_id} but the current device is GPU {device}; "
                 f"clipops runs one kernel on one device: call it under "
                 f"`with cupy.cuda.Device({a.data.device_id}):` or move the array")
+        if a.size and a.data.ptr % a.itemsize:
+            raise UnsupportedArrayError(
+                f"{what} is not aligned to its {a.itemsize}-byte elements (address "
+                f"{a.data.ptr:#x}); a GPU faults on such loads: pass an aligned array")
         if not a.flags.c_contiguous:
             if in_place:
                 raise UnsupportedArrayError(

@@ -47,8 +47,14 @@ def _prepare(arrays, in_place: bool):
                                  "contiguous arrays (or pass in_place=False)")
             if not a.flags.writeable:
                 raise ValueError(f"arrays[{i}] is read-only; it cannot be clipped in place")
+            if not a.flags.aligned:
+                raise ValueError(f"arrays[{i}] is not aligned to its {a.itemsize}-byte elements "
+                                 "(a view at an odd byte offset); in_place=True needs aligned "
+                                 "arrays (or pass in_place=False, which copies it)")
         elif not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)
+        elif not a.flags.aligned:  # a view at an odd byte offset: an aligned copy
+            a = a.copy()
         present.append((i, a, _code_of(a, i)))
     norm_code = _common.norm_dtype_code([c for _, _, c in present])
     return arrays, present, norm_code
@@ -117,7 +123,7 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
       TypeError: ``arrays`` is not a sequence, holds a non-float array, or (in
         place) a non-NumPy object.
       ValueError: a scalar argument is not a scalar, or nonfinite is unknown;
-        in place, an array is not contiguous, read-only, byte-swapped, or
+        in place, an array is not contiguous, misaligned, read-only, byte-swapped, or
         shares memory with another.
       clipops.NonFiniteError: nonfinite="raise" and the norm is inf or NaN.
     """

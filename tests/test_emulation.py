@@ -381,6 +381,22 @@ def test_norm_out_aliasing_the_clip_pointer_is_rejected(rng):
     assert clip == np.float32(ref_norm(arrays) * 0.5)
 
 
+def test_misaligned_tensors_are_rejected_before_the_launch(rng):
+    # A GPU faults on a float64 access that is not 8-byte aligned (and the fault
+    # ends the CUDA context): validate() refuses such pointers and writes nothing
+    use_device(3)
+    a = random_array(rng, (CHUNK + 3,), np.float64)
+    for in_offset, out_offset in ((4, 0), (0, 4)):
+        ins, outs = place(a, in_offset), place(a, out_offset, fill=True)
+        before = outs.base.tobytes()
+        descs = [(ins.ctypes.data, outs.ctypes.data, a.size, 3)]
+        ws = place(np.zeros(emu.cuda_workspace_bytes(descs), np.uint8), 0, fill=True)
+        with pytest.raises(ValueError, match="tensor 0: the data is not aligned to its 8-byte"):
+            emu.clip_cuda(descs, 3, True, 1.0, 0, None, 0, 0, ws.ctypes.data, ws.nbytes, 0)
+        emu.synchronize()
+        assert outs.base.tobytes() == before
+
+
 # ---- the emulation's detectors ------------------------------------------------------------------
 
 def test_shuffles_move_the_right_values():
@@ -527,7 +543,7 @@ def run_mode(arrays, mode, clip=0.0, lo=0.0, hi=0.0):
     """The emulated launcher in clip_by_norm (1) or clip_by_value (2) mode."""
     ndt = norm_dtype(arrays)
     ins = [place(a, 0) for a in arrays]
-    outs = [place(a, 4, fill=True) for a in arrays]
+    outs = [place(a, 8, fill=True) for a in arrays]  # element-aligned, not 16-byte aligned
     descs = [(i.ctypes.data, o.ctypes.data, i.size, code_of(i.dtype)) for i, o in zip(ins, outs)]
     ws = place(np.zeros(emu.cuda_workspace_bytes(descs), np.uint8), 0, fill=True)
     emu.clip_cuda(descs, CODES[np.dtype(ndt)], True, float(np.asarray(clip).astype(ndt)), 0, None, 0,

@@ -235,6 +235,29 @@ def test_in_place_rejects_non_contiguous_and_read_only(rng):
         cn.clip_by_global_norm([a], 1.0, in_place=True)
 
 
+def test_misaligned_views_are_copied_or_refused(rng):
+    # A view at an odd byte offset holds float64 data that is not 8-byte
+    # aligned: copy mode clips an aligned copy, in place refuses it untouched,
+    # and the core itself refuses misaligned pointers (a GPU would fault on them)
+    a = random_array(rng, (CHUNK + 5,), np.float64, scale=10.0)
+    raw = np.zeros(a.nbytes + 4, np.uint8)
+    view = raw[4:4 + a.nbytes].view(np.float64)
+    view[...] = a
+    assert not view.flags.aligned
+    got, norm = cn.clip_by_global_norm([view], 1.0)
+    want, want_norm = cn.clip_by_global_norm([a], 1.0)
+    assert got[0].tobytes() == want[0].tobytes() and norm == want_norm
+    before = raw.tobytes()
+    with pytest.raises(ValueError, match=r"arrays\[0\] is not aligned to its 8-byte elements"):
+        cn.clip_by_global_norm([view], 1.0, in_place=True)
+    assert raw.tobytes() == before
+    core = cn._common.load_core()
+    out = np.empty_like(a)
+    for desc in ((view.ctypes.data, out.ctypes.data), (a.ctypes.data, out.ctypes.data + 4)):
+        with pytest.raises(ValueError, match="tensor 0: the data is not aligned to its 8-byte"):
+            core.clip_cpu([(*desc, a.size, 3)], 3, True, 1.0, None, 0)
+
+
 def test_every_finite_half_and_bfloat16_value_round_trips():
     # Scale exactly 1 (use_norm = clip = 1): each output is the input converted
     # to float and rounded back, so this checks both conversions on every value,

@@ -134,6 +134,13 @@ Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args
     if (t.numel > 0 && t.in == nullptr) return Status::Error(where(i) + "null input pointer");
     if (args.scale && t.numel > 0 && t.out == nullptr)
       return Status::Error(where(i) + "null output pointer");
+    // Element-aligned data only: a GPU faults on a misaligned load or store
+    // (and the fault ends the CUDA context), and C++ gives such access no meaning.
+    const uintptr_t size = static_cast<uintptr_t>(detail::dtype_size(t.dtype));
+    if (t.numel > 0 && (reinterpret_cast<uintptr_t>(t.in) % size != 0 ||
+                        (args.scale && reinterpret_cast<uintptr_t>(t.out) % size != 0)))
+      return Status::Error(where(i) + "the data is not aligned to its " + std::to_string(size) +
+                           "-byte elements; copy it to an aligned array first");
   }
   std::vector<Range> ranges = scalar_ranges(args, num_tensors);
   for (size_t a = 0; a < ranges.size(); ++a)
