@@ -113,6 +113,38 @@ void scale_chunk(const typename Storage<DT>::type* in, typename Storage<DT>::typ
   else scale_loop<DT>(in, out, count, scaler);
 }
 
+// The per-tensor clips' element loops (clip_by_value, clip_by_norm): AVX2
+// clones as for add_rows; the ops are branch-free, so the loops vectorize.
+template <int DT, typename Op>
+inline void map_loop(const typename Storage<DT>::type* in, typename Storage<DT>::type* out,
+                     int64_t count, const Op& op_ref) {
+  const Op op = op_ref;  // a local copy: stores to out cannot alias its constants
+  for (int64_t i = 0; i < count; ++i) out[i] = op(in[i]);
+}
+template <int DT>
+struct FiniteBounds {  // ValueClipper when neither bound is NaN (the usual case)
+  ValueClipper<DT> op;
+  typename Storage<DT>::type operator()(typename Storage<DT>::type x) const {
+    return op.finite_bounds(x);
+  }
+};
+#define CLIPOPS_MAP_CLONE(DT, T)                                                        \
+  CLIPOPS_SIMD_CLONES void map_chunk(const T* in, T* out, int64_t count,                \
+                                     const NormClipper<DT>& op) {                       \
+    map_loop<DT>(in, out, count, op);                                                   \
+  }                                                                                     \
+  CLIPOPS_SIMD_CLONES void map_chunk(const T* in, T* out, int64_t count,                \
+                                     const ValueClipper<DT>& op) {                      \
+    if (op.nan_bound()) map_loop<DT>(in, out, count, op);                               \
+    else map_loop<DT>(in, out, count, FiniteBounds<DT>{op});                            \
+  }
+CLIPOPS_MAP_CLONE(kFloat32, float)
+CLIPOPS_MAP_CLONE(kFloat64, double)
+// 16-bit: one storage type for both, so the op's type tells them apart
+CLIPOPS_MAP_CLONE(kFloat16, unsigned short)
+CLIPOPS_MAP_CLONE(kBFloat16, unsigned short)
+#undef CLIPOPS_MAP_CLONE
+
 #if defined(__SSE2__)
 // float32, list far larger than the caches: streaming stores skip reading each
 // output line before overwriting it (a third of the traffic). The product is
@@ -228,6 +260,9 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
 
   // out = op(in) for every element, work item by work item
   auto map_all = [&](auto make_op) {
+    for (int t = 0; t < num_tensors; ++t)
+      if (tensors[t].out != tensors[t].in)
+        advise_huge_pages(tensors[t].out, tensors[t].numel * dtype_size(tensors[t].dtype));
     run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
       const ScopedIeeeSubnormals ieee;
       for_items(tensors, first_item, begin, end,
@@ -236,9 +271,8 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
                     constexpr int DT = decltype(dt)::value;
                     using T = typename Storage<DT>::type;
                     const auto op = make_op(dt, static_cast<int>(&t - tensors));
-                    const T* in = static_cast<const T*>(t.in) + offset;
-                    T* out = static_cast<T*>(t.out) + offset;
-                    for (int64_t i = 0; i < count; ++i) out[i] = op(in[i]);
+                    map_chunk(static_cast<const T*>(t.in) + offset, static_cast<T*>(t.out) + offset,
+                              count, op);
                   });
                 });
     });

@@ -356,14 +356,20 @@ template <int DT> struct ValueClipper {
   CLIPOPS_HD ValueClipper(double lo_v, double hi_v)
       : lo_bits(to_storage<DT>(lo_v)), hi_bits(to_storage<DT>(hi_v)),
         lo(to_acc<DT>(lo_bits)), hi(to_acc<DT>(hi_bits)) {}
+  CLIPOPS_HD bool nan_bound() const { return (lo != lo) | (hi != hi); }
+  // operator() for bounds that are not NaN: fewer selects, and CPU loops vectorize.
+  CLIPOPS_HD T finite_bounds(T x) const {
+    const A v = to_acc<DT>(x);
+    const bool above = hi < v;  // false for a NaN v, which stays
+    const A t = above ? hi : v;
+    return t < lo ? lo_bits : (above ? hi_bits : x);
+  }
   CLIPOPS_HD T operator()(T x) const {
     const A v = to_acc<DT>(x);
-    if (v != v) return x;
-    if (hi != hi) return hi_bits;
-    const bool above = hi < v;
-    const A t = above ? hi : v;
-    if (lo != lo || t < lo) return lo_bits;
-    return above ? hi_bits : x;
+    const bool take_hi = (hi < v) | ((hi != hi) & (v == v));  // mini(v, hi); a NaN v stays
+    const A t = take_hi ? hi : v;
+    const bool take_lo = (t < lo) | ((lo != lo) & (t == t));  // maxi(t, lo); a NaN t stays
+    return take_lo ? lo_bits : (take_hi ? hi_bits : x);
   }
 };
 
