@@ -14,6 +14,10 @@ eagerly and in ``tf.function``, and against the NumPy front end
                    BatchNorm parameters and the bias float32
   *_noclip         the same lists with clip_norm far above the norm
 
+With ``--health``, bench/health.py follows: the gradient-health ops
+(``clipops.clip_by_norm``, ``clipops.clip_by_value``, ``return_norms``) against
+TF's per-tensor loops on the mnist and resnet50 lists.
+
 Every case is validated before it is timed: each clipops variant's outputs and
 norm against ``tf.clip_by_global_norm`` and the norm against a float64 NumPy
 reference. A mismatch skips the case's timing and makes the exit status 1
@@ -741,6 +745,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds of timed calls per implementation and case, roughly "
                         "(default 2.5; smoke 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gradients")
+    p.add_argument("--health", action="store_true",
+                   help="then the gradient-health ops (clip_by_norm, clip_by_value, per-tensor "
+                        "norms) against TF's per-tensor loops: bench/health.py, validated first, "
+                        "into health.json and health.md beside micro's results")
     return p.parse_args(argv)
 
 
@@ -787,7 +795,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [n for n, c in cases.items() if not c["validation"]["ok"]]
     if failed:
         print(f"VALIDATION FAILED for {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    health_rc = 0
+    if args.health:
+        import health
+        health_rc = health.main(["--out", str(args.out)] + (["--smoke"] if args.smoke else []))
+    return 1 if failed or health_rc else 0
 
 
 if __name__ == "__main__":

@@ -176,8 +176,11 @@ def clip_by_value(t_list, clip_value_min, clip_value_max, name=None):
     """``tf.clip_by_value`` on every tensor of a list, in one fused op (one pass,
     one CUDA launch): ``maximum(minimum(t, clip_value_max), clip_value_min)``.
 
-    Bit-identical to ``tf.clip_by_value`` on the CPU: an element inside the
-    bounds keeps its bits, a NaN element stays NaN.
+    Bit-identical to ``tf.clip_by_value`` on the CPU, with one exception: an
+    element equal to a bound keeps its own bits, so a -0.0 element against a
+    +0.0 bound stays -0.0, as TF's one-element (scalar) loop gives, where TF's
+    vectorized loop for larger float32/float64 tensors gives +0.0 (the two
+    compare equal). A NaN element, or a NaN bound, gives NaN.
 
     Args:
       t_list: a sequence of ``Tensor``, ``IndexedSlices`` (their values are
