@@ -23,9 +23,10 @@ Where the clip happens, and how it differs from Keras 3 (TensorFlow backend):
     ``jit_compile=True``, the same math in TF ops, clipops/_tf_xla.py). The scale is Keras' and
     TF's formula ``c * min(1/norm, 1/c) + (norm - norm)``, so a step that is not clipped gives
     bit-identical gradients; a clipped one differs by the rounding of the norm.
-  - ``clipnorm`` (per tensor) and ``clipvalue``: Keras' own per-tensor code
-    (``tf.clip_by_norm``, ``keras.ops.clip``), applied after the sum. A fused per-tensor clip
-    needs the fused list ``clip_by_norm`` of issue 12, which does not exist yet.
+  - ``clipnorm`` (each gradient by its own norm): ``clipops.tensorflow.clip_by_norm``, one fused
+    op for the whole list with Keras' formula ``g * c / max(norm, c)`` (a tensor that is not
+    clipped keeps Keras' bits; a clipped one differs by the rounding of its norm).
+  - ``clipvalue``: ``clipops.tensorflow.clip_by_value(grads, -v, v)``, one fused op, Keras' bits.
 
 Mixed precision: ``fused(LossScaleOptimizer(...))`` gives a ``FusedLossScaleOptimizer`` (pass
 it to ``compile``; Keras does not wrap it again): the non-finite check is the global norm of the (scaled) gradients
@@ -35,8 +36,9 @@ non-finite gradient changes no weight and halves the loss scale. A plain fused o
 wraps in Keras' own ``LossScaleOptimizer`` under ``mixed_float16`` still clips after the sum, but
 the check and the unscale are then Keras' own passes.
 
-``GlobalNormLogger`` is a callback that writes the global gradient norm of every step (the
-norm the clip compared with) to TensorBoard with ``tf.summary``.
+The norms come from the clip's own pass: ``optimizer.last_global_norm`` and
+``optimizer.last_tensor_norms`` (one per trainable variable) hold the last step's.
+``GlobalNormLogger`` is a callback that writes them to TensorBoard with ``tf.summary``.
 """
 
 from __future__ import annotations
@@ -118,15 +120,42 @@ class _FusedClip:
         self._clipops_norm = self.add_variable(
             shape=(), dtype="float32", initializer="zeros", aggregation="only_first_replica",
             name="clipops_global_norm")
+        self._clipops_tensor_norms = self.add_variable(
+            shape=(len(self._trainable_variables),), dtype="float32", initializer="zeros",
+            aggregation="only_first_replica", name="clipops_tensor_norms")
 
     @property
     def last_global_norm(self):
         """The global norm of the gradients of the last update step (before clipping, after the
         cross-replica sum and the loss-scale unscale), as a scalar variable; 0 before the first
-        step. Recorded for ``global_clipnorm`` only."""
+        step. Recorded for ``global_clipnorm`` and ``clipnorm`` (there, the norm of the
+        per-tensor norms), not for ``clipvalue``."""
         if not self.built:
             raise ValueError("the optimizer has not run a step yet (it is not built)")
         return self._clipops_norm
+
+    @property
+    def last_tensor_norms(self):
+        """Each gradient's own norm in the last update step, as a float32 vector variable in the
+        order of the optimizer's variables (``optimizer.variables`` of the model: the trainable
+        variables); 0 for a variable without a gradient in that step. From the clip's own pass
+        (the partial sums of the global norm, or clip_by_norm's norms): no extra pass. Recorded
+        for ``global_clipnorm`` and ``clipnorm``."""
+        if not self.built:
+            raise ValueError("the optimizer has not run a step yet (it is not built)")
+        return self._clipops_tensor_norms
+
+    def _record_norms(self, norm, tensor_norms, variables) -> None:
+        """Stores the step's norms; `variables` may be a subset of the optimizer's (Keras drops
+        the variables without a gradient before the update step)."""
+        norms = tf.cast(tensor_norms, tf.float32)
+        if norm is None:  # clipnorm: the norm of the per-tensor norms
+            norm = tf.norm(norms)
+        self._clipops_norm.assign(tf.cast(norm, tf.float32))
+        index = [self._get_variable_index(v) for v in variables]
+        if index != list(range(len(self._trainable_variables))):
+            norms = tf.scatter_nd([[i] for i in index], norms, [len(self._trainable_variables)])
+        self._clipops_tensor_norms.assign(norms)
 
     def _clip_gradients(self, grads):
         # Keras calls this before _backend_update_step sums across replicas; the clip is done
@@ -141,22 +170,23 @@ class _FusedClip:
             pairs = self._all_reduce_sum_gradients(list(zip(grads, variables)))
             grads = [g for g, _ in pairs]
         if not clipped:
-            grads = self._clip_summed(list(grads))
+            grads = self._clip_summed(list(grads), trainable_variables)
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_tf_update_step, self._distribution_strategy,
             list(zip(grads, variables)), learning_rate)
 
-    def _clip_summed(self, grads: list) -> list:
+    def _clip_summed(self, grads: list, variables: list) -> list:
         option = _clip_option(self)
         if option == "global_clipnorm":
-            clipped, norm = _ctf.clip_by_global_norm(grads, self.global_clipnorm)
-            self._clipops_norm.assign(tf.cast(norm, tf.float32))
+            r = _ctf.clip_by_global_norm(grads, self.global_clipnorm, return_norms=True)
+            self._record_norms(r.global_norm, r.tensor_norms, variables)
+            return r.clipped
+        if option == "clipnorm":
+            clipped, norms = _ctf.clip_by_norm(grads, self.clipnorm, return_norms=True)
+            self._record_norms(None, norms, variables)
             return clipped
-        if option == "clipnorm":  # Keras' own per-tensor clip, until issue 12's fused one
-            return [None if g is None else self._clip_by_norm(g) for g in grads]
         if option == "clipvalue":
-            v = self.clipvalue
-            return [None if g is None else keras.ops.clip(g, -v, v) for g in grads]
+            return _ctf.clip_by_value(grads, -self.clipvalue, self.clipvalue)
         return grads
 
 
@@ -270,9 +300,10 @@ def _sum_across_replicas(optimizer, grads: list, variables) -> list:
     return [g for g, _ in pairs]
 
 
-def _norm_of(grads: list) -> tf.Tensor:
-    values = [g for g in grads if g is not None]
-    return tf.cast(_ctf.global_norm(values), tf.float32)
+def _norms_of(grads: list) -> tuple:
+    """The global norm and each non-None gradient's own norm, float32, from one fused pass."""
+    norm, norms = _ctf.global_norm([g for g in grads if g is not None], return_norms=True)
+    return tf.cast(norm, tf.float32), tf.cast(norms, tf.float32)
 
 
 @keras.saving.register_keras_serializable(package="clipops")
@@ -321,27 +352,27 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
         if tf.distribute.in_cross_replica_context():
             raise ValueError("apply() must be called in a replica context.")
         grads = _sum_across_replicas(self.inner_optimizer, list(grads), trainable_variables)
-        norm = _norm_of(grads)
+        norm, norms = _norms_of(grads)
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             keras.ops.cond(tf.math.is_finite(norm),
-                           lambda: self._apply_finite(grads, trainable_variables, norm),
+                           lambda: self._apply_finite(grads, trainable_variables, norm, norms),
                            self._stateful_handle_non_finite_grads)
             return
 
-        def cross_replica(distribution, grads, norm):
+        def cross_replica(distribution, grads, norm, norms):
             # the norm is of the summed gradients: the same on every replica
             finite = tf.math.is_finite(distribution.experimental_local_results(norm)[0])
 
             def apply_fn():
                 distribution.extended.call_for_each_replica(
-                    self._apply_finite, args=(grads, trainable_variables, norm))
+                    self._apply_finite, args=(grads, trainable_variables, norm, norms))
 
             # a cond whose branch calls merge_call must be in cross-replica context (as Keras)
             keras.ops.cond(finite, apply_fn, self._stateful_handle_non_finite_grads)
 
-        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, norm))
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, norm, norms))
 
-    def _apply_finite(self, grads, trainable_variables, norm):
+    def _apply_finite(self, grads, trainable_variables, norm, norms):
         inner = self.inner_optimizer
         variables = trainable_variables if trainable_variables is not None \
             else self._trainable_variables
@@ -380,8 +411,9 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
             unscaled[i] = v
         with _prepared(inner, summed=True, clipped=clip_here):
             inner.apply(unscaled, trainable_variables=trainable_variables)
-        if clip_here:
-            inner._clipops_norm.assign(norm / scale)
+        if clip_here:  # the norms the clip used, of the unscaled gradients
+            inner._record_norms(norm / scale, norms / scale,
+                                [v for g, v in zip(grads, variables) if g is not None])
 
         def upscale():
             self.step_counter.assign(0)
@@ -399,32 +431,37 @@ _SCALAR_METADATA = summary_pb2.SummaryMetadata(
 
 
 class GlobalNormLogger(keras.callbacks.Callback):
-    """Writes the global gradient norm of each training step to TensorBoard.
+    """Writes each training step's gradient norms to TensorBoard: the global one and, with
+    ``per_tensor=True``, each trainable variable's.
 
-    The norm is the one the fused clip compared with ``global_clipnorm`` (of the gradients
-    summed across replicas, unscaled under a loss scale), read from the optimizer
-    (``last_global_norm``) after each batch, and written with ``tf.summary.scalar`` under the
-    tag ``global_gradient_norm`` (TensorBoard's scalar plugin; the tensorboard package is needed to
-    view it, not to write it) at step ``optimizer.iterations``, into ``log_dir/train``, where
-    ``keras.callbacks.TensorBoard(log_dir)`` writes its own training scalars. Steps skipped by a
-    loss-scale overflow and micro-steps of gradient accumulation repeat the last norm.
+    The norms are the ones the fused clip computed (of the gradients summed across replicas,
+    unscaled under a loss scale; see ``last_global_norm`` and ``last_tensor_norms``), read from
+    the optimizer after each batch and written with ``tf.summary`` (TensorBoard's scalar
+    plugin; the tensorboard package is needed to view them, not to write them) at step
+    ``optimizer.iterations``, into ``log_dir/train``, where ``keras.callbacks.TensorBoard(log_dir)``
+    writes its own training scalars. Tags: ``global_gradient_norm``, and
+    ``gradient_norm/<variable path>`` (e.g. ``gradient_norm/sequential/dense/kernel``). Steps
+    skipped by a loss-scale overflow and micro-steps of gradient accumulation repeat the last
+    norms; a variable without a gradient in a step logs 0.
 
     Args:
       log_dir: the TensorBoard log directory.
       update_freq: write every ``update_freq`` batches (1: every batch). With
-        ``steps_per_execution = k`` Keras calls back every k steps: the norm is the k-th's.
+        ``steps_per_execution = k`` Keras calls back every k steps: the norms are the k-th's.
+      per_tensor: also write each variable's own gradient norm.
 
     Raises (at the start of training):
       TypeError: the model's optimizer is not fused (``clipops.keras.fused``).
-      ValueError: it does not clip by ``global_clipnorm``.
+      ValueError: it clips by ``clipvalue``, which computes no norm.
     """
 
-    def __init__(self, log_dir, update_freq: int = 1):
+    def __init__(self, log_dir, update_freq: int = 1, per_tensor: bool = True):
         super().__init__()
         if not isinstance(update_freq, int) or isinstance(update_freq, bool) or update_freq < 1:
             raise ValueError(f"update_freq must be an int >= 1, got {update_freq!r}")
         self.log_dir = os.fspath(log_dir)
         self.update_freq = update_freq
+        self.per_tensor = bool(per_tensor)
         self._writer = None
         self._optimizer = None
         self._batches = 0
@@ -434,25 +471,32 @@ class GlobalNormLogger(keras.callbacks.Callback):
         inner = optimizer.inner_optimizer if isinstance(optimizer, _LossScaleOptimizer) \
             else optimizer
         if not isinstance(inner, _FusedClip):
-            raise TypeError("GlobalNormLogger reads the norm that clipops' fused clip records: "
+            raise TypeError("GlobalNormLogger reads the norms that clipops' fused clip records: "
                             "compile the model with optimizer=clipops.keras.fused(...)")
-        if _clip_option(inner) != "global_clipnorm":
-            raise ValueError("GlobalNormLogger needs an optimizer that clips by "
-                             f"global_clipnorm; {inner.name!r} uses {_clip_option(inner)}")
+        if _clip_option(inner) not in ("global_clipnorm", "clipnorm"):
+            raise ValueError("GlobalNormLogger needs an optimizer that clips by global_clipnorm "
+                             f"or clipnorm (which compute norms); {inner.name!r} uses "
+                             f"{_clip_option(inner)}")
         self._optimizer = inner
         self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
         self._batches = 0
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
-        if self._batches % self.update_freq or not self._optimizer.built:
+        opt = self._optimizer
+        if self._batches % self.update_freq or not opt.built:
             return
+        step = int(opt.iterations)
         with self._writer.as_default():
             # tf.summary.write with TensorBoard's scalar metadata: what tf.summary.scalar
             # writes, without needing the tensorboard package to write it
-            tf.summary.write("global_gradient_norm",
-                             tf.cast(self._optimizer.last_global_norm.value, tf.float32),
-                             step=int(self._optimizer.iterations), metadata=_SCALAR_METADATA)
+            tf.summary.write("global_gradient_norm", tf.cast(opt.last_global_norm.value, tf.float32),
+                             step=step, metadata=_SCALAR_METADATA)
+            if self.per_tensor:
+                norms = opt.last_tensor_norms.numpy()
+                for v, n in zip(opt._trainable_variables, norms):
+                    tf.summary.write(f"gradient_norm/{v.path}", tf.constant(n, tf.float32),
+                                     step=step, metadata=_SCALAR_METADATA)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
