@@ -42,7 +42,7 @@ __all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value"
 
 
 def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinite="nan",
-                        return_norms=False):
+                        return_norms=False, unscale=None):
     """Clips values of multiple tensors by the ratio of the sum of their norms.
 
     A drop-in for ``tf.clip_by_global_norm``, computed by one fused op (one
@@ -67,6 +67,15 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinit
         are the inputs, unscaled, and ``skipped`` says so (torch's found_inf).
       return_norms: also return each tensor's own norm, computed from the
         same partial sums in the same launch (no extra pass over the data).
+      unscale: optional positive scalar u (a Python number or scalar tensor,
+        e.g. ``1 / loss_scale``): the tensors are taken as ``t * u``, and the
+        norms and outputs are those of that list, still from one pass over
+        ``t``: the norm is ``sqrt(sum(t**2)) * u`` rounded once, each output
+        ``t * (scale * u)``. For a power of two (Keras' loss scales) this is
+        bit for bit unscaling first and clipping after, without the extra
+        pass. ``use_norm``, if given, is the norm of the unscaled list. It
+        gets no gradient (the gradients with respect to the tensors include
+        the factor u).
 
     Returns:
       ``(list_clipped, global_norm)``: a list like ``t_list`` (``None`` entries
@@ -104,7 +113,8 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinit
     from . import tensorflow as _tf
 
     return _tf.clip_by_global_norm(t_list, clip_norm, use_norm=use_norm, name=name,
-                                   nonfinite=nonfinite, return_norms=return_norms)
+                                   nonfinite=nonfinite, return_norms=return_norms,
+                                   unscale=unscale)
 
 
 def global_norm(t_list, name=None, *, return_norms=False):

@@ -77,6 +77,17 @@ def scalar_in(value, code: int, what: str) -> float:
     return float(np.asarray(value).astype(np_dtype(code)))
 
 
+def check_unscale(value):
+    """unscale: a host number must be finite and > 0 (a device scalar is the
+    caller's to get right); returns it unchanged."""
+    check_scalar(value, "unscale")
+    if isinstance(value, (int, float, np.number, np.ndarray)) and not isinstance(value, bool):
+        v = float(np.asarray(value, dtype=np.float64))
+        if not (v > 0.0 and np.isfinite(v)):
+            raise ValueError(f"unscale must be a finite number > 0 (1 / loss scale), got {v!r}")
+    return value
+
+
 # ---- gradient health: the non-finite policy and the extra results ------------
 
 NONFINITE_POLICIES = ("nan", "raise", "skip")

@@ -386,7 +386,8 @@ def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bo
               norm_out: int, workspace: int, workspace_bytes: int, stream: int,
               check_overlap: bool = True, tensor_norms: int = 0,
               skip_nonfinite: bool = False, mode: int = 0, clip_min: float = 0.0,
-              clip_min_ptr: int = 0, clip_max: float = 0.0, clip_max_ptr: int = 0) -> None:
+              clip_min_ptr: int = 0, clip_max: float = 0.0, clip_max_ptr: int = 0,
+              unscale: float = 1.0, unscale_ptr: int = 0) -> None:
     """_core.clip_cuda through NVRTC: one cooperative launch on `stream`.
 
     The caller has validated the list (dtypes, norm dtype, aliasing); like the
@@ -412,7 +413,8 @@ def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bo
               ctypes.c_double(use_norm if use_norm is not None else 0.0), ctypes.c_uint64(use_ptr),
               ctypes.c_uint64(norm_out), ctypes.c_uint64(tensor_norms),
               ctypes.c_int(1 if skip_nonfinite else 0), ctypes.c_int(mode), ctypes.c_double(clip_min),
-              ctypes.c_uint64(clip_min_ptr), ctypes.c_double(clip_max), ctypes.c_uint64(clip_max_ptr))
+              ctypes.c_uint64(clip_min_ptr), ctypes.c_double(clip_max), ctypes.c_uint64(clip_max_ptr),
+              ctypes.c_double(unscale), ctypes.c_uint64(unscale_ptr))
     params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
     try:
         driver.launchCooperativeKernel(kernel.function.ptr, grid, 1, 1, threads, 1, 1, 0, stream,

@@ -49,8 +49,10 @@ def _sum_of_squares(v: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(groups, tf.float64))
 
 
-def _norm_from_sumsq(sumsq: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+def _norm_from_sumsq(sumsq: tf.Tensor, dtype: tf.DType, unscale=None) -> tf.Tensor:
     norm = tf.sqrt(sumsq)
+    if unscale is not None:  # times unscale in float64, then rounded once (clip_math.h)
+        norm = norm * tf.cast(unscale, tf.float64)
     if dtype == tf.float64:
         return norm
     # rounded to float32 first, as the op rounds it (clip_math.h norm_from_sumsq)
@@ -68,16 +70,28 @@ def global_norm(values: list, dtype: tf.DType, with_norms: bool = False):
 
 
 def clip_by_global_norm(values: list, clip: tf.Tensor, use_norm: tf.Tensor | None,
-                        skip_nonfinite: bool = False):
-    """(clipped values, norm, tensor norms); clip and use_norm are scalars of
-    the norm dtype. skip_nonfinite: an inf or NaN norm gives scale 1."""
-    norm, norms = global_norm(values, clip.dtype, with_norms=True)
+                        skip_nonfinite: bool = False, unscale: tf.Tensor | None = None):
+    """(clipped values, norm, tensor norms); clip, use_norm and unscale are
+    scalars of the norm dtype. skip_nonfinite: an inf or NaN norm gives scale
+    1. unscale: the values are taken as v * unscale (ClipArgs::unscale): the
+    norms are multiplied by it before their rounding, the scale after its own."""
+    sums = [_sum_of_squares(v) for v in values]
+    norm = _norm_from_sumsq(tf.add_n(sums), clip.dtype, unscale)
+    norms = _norm_from_sumsq(tf.stack(sums), clip.dtype, unscale)
     if use_norm is not None:
         norm = use_norm
     scale = clip * tf.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
+    if unscale is not None:  # in float64, then to each dtype through float32 (Scaler)
+        scale = tf.cast(scale, tf.float64) * tf.cast(unscale, tf.float64)
     if skip_nonfinite:
         scale = tf.where(tf.math.is_finite(norm), scale, tf.ones_like(scale))
-    return [v * tf.cast(scale, v.dtype) for v in values], norm, norms
+
+    def cast(s, dtype):
+        if s.dtype == tf.float64 and dtype in (tf.float16, tf.bfloat16):
+            s = tf.cast(s, tf.float32)
+        return tf.cast(s, dtype)
+
+    return [v * cast(scale, v.dtype) for v in values], norm, norms
 
 
 def clip_by_norm(values: list, clip: tf.Tensor):

@@ -190,9 +190,9 @@ def _prepare(arrays, in_place: bool) -> _Prepared:
                 f"{what} is on GPU {a.data.device_id} but the current device is GPU {device}; "
                 f"clipops runs one kernel on one device: call it under "
                 f"`with cupy.cuda.Device({a.data.device_id}):` or move the array")
-        if a.size and a.data.ptr % a.itemsize:
+        if a.size and a.data.ptr % a.dtype.itemsize:
             raise UnsupportedArrayError(
-                f"{what} is not aligned to its {a.itemsize}-byte elements (address "
+                f"{what} is not aligned to its {a.dtype.itemsize}-byte elements (address "
                 f"{a.data.ptr:#x}); a GPU faults on such loads: pass an aligned array")
         if not a.flags.c_contiguous:
             if in_place:
@@ -281,7 +281,8 @@ def _norm_without_tensors(use: _Scalar | None) -> cupy.ndarray:
 
 def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
             use: _Scalar | None, norms: cupy.ndarray | None = None,
-            skip_nonfinite: bool = False, mode: int = 0, bounds=None) -> cupy.ndarray:
+            skip_nonfinite: bool = False, mode: int = 0, bounds=None,
+            unscale: _Scalar | None = None) -> cupy.ndarray:
     """One launch over prep's arrays on the current stream; returns the 0-d norm.
     outs None: the norm only. norms: where each tensor's own norm goes, or
     None. Never waits for the GPU. A list with no tensors launches nothing:
@@ -312,6 +313,8 @@ def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
     if bounds is not None:
         lo, hi = bounds
         extras.update(clip_min=lo.value, clip_min_ptr=lo.ptr, clip_max=hi.value, clip_max_ptr=hi.ptr)
+    if unscale is not None:
+        extras.update(unscale=unscale.value if not unscale.ptr else 1.0, unscale_ptr=unscale.ptr)
     if nvrtc:
         _nvrtc.clip_cuda(*args, **extras)
     else:
@@ -355,7 +358,7 @@ def global_norm(arrays, *, return_norms: bool = False):
 
 
 def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False, *,
-                        nonfinite: str = "nan", return_norms: bool = False):
+                        nonfinite: str = "nan", return_norms: bool = False, unscale=None):
     """Scales every array by clip_norm / max(global_norm, clip_norm), with
     TensorFlow's formula in the norm's dtype, in one CUDA launch.
 
@@ -378,6 +381,10 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
         (the outputs are the inputs, unscaled; never waits, and the result's
         ``skipped`` says so).
       return_norms: also return each array's own norm, from the same launch.
+      unscale: optional, a positive number or 0-d GPU array u (1 / loss
+        scale): the arrays are taken as ``a * u``, and the norms and outputs
+        are those of that list, from the same launch (see
+        clipops.clip_by_global_norm).
 
     Returns:
       (clipped, norm): a list (None entries stay None) and the 0-d norm of the
@@ -395,12 +402,15 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
     _common.check_scalar(clip_norm, "clip_norm")
     if use_norm is not None:
         _common.check_scalar(use_norm, "use_norm")
+    if unscale is not None:
+        _common.check_unscale(unscale)
     prep = _prepare(arrays, in_place)
     clip = _scalar(clip_norm, prep, "clip_norm", copy=in_place)
     use = None if use_norm is None else _scalar(use_norm, prep, "use_norm", copy=in_place)
+    u = None if unscale is None else _scalar(unscale, prep, "unscale", copy=in_place)
     outs = prep.values if in_place else _empty_like_all(prep.values)
     norms = _norms_out(prep, return_norms or policy == "raise")
-    norm = _launch(prep, outs, clip, use, norms, skip_nonfinite=policy != "nan")
+    norm = _launch(prep, outs, clip, use, norms, skip_nonfinite=policy != "nan", unscale=u)
     if policy == "raise" and not bool(cupy.isfinite(norm)):  # waits for the GPU
         raise _common.NonFiniteError(_common.nonfinite_message(
             norm.get(), norms.get(), prep.positions, "arrays"))

@@ -29,10 +29,11 @@ Where the clip happens, and how it differs from Keras 3 (TensorFlow backend):
   - ``clipvalue``: ``clipops.tensorflow.clip_by_value(grads, -v, v)``, one fused op, Keras' bits.
 
 Mixed precision: ``fused(LossScaleOptimizer(...))`` gives a ``FusedLossScaleOptimizer`` (pass
-it to ``compile``; Keras does not wrap it again): the non-finite check is the global norm of the (scaled) gradients
-(one fused pass, no per-tensor ``isfinite``), and the unscale and the clip are one fused scale
-pass (see ``FusedLossScaleOptimizer``). Keras' skip-on-overflow is kept: a step with a
-non-finite gradient changes no weight and halves the loss scale. A plain fused optimizer that ``compile``
+it to ``compile``; Keras does not wrap it again): the non-finite check, the unscale and the clip
+are one fused op, one pass over the gradients (``clip_by_global_norm(..., unscale=1/s,
+nonfinite="skip")``; see ``FusedLossScaleOptimizer``), with no per-tensor ``isfinite``. Keras'
+skip-on-overflow is kept: a step with a non-finite gradient changes no weight and halves the
+loss scale. A plain fused optimizer that ``compile``
 wraps in Keras' own ``LossScaleOptimizer`` under ``mixed_float16`` still clips after the sum, but
 the check and the unscale are then Keras' own passes.
 
@@ -62,6 +63,32 @@ if keras.backend.backend() != "tensorflow":  # the fused op is a TensorFlow op
         f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras")
 
 _LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
+
+# The Keras internals clipops.keras overrides or calls (TensorFlow backend), as in Keras 3.15,
+# the release it is tested with. Checked at import: a Keras that renamed one fails here, with
+# its name, instead of training without the fused clip.
+TESTED_KERAS = "3.15"
+_INTERNALS = {
+    keras.optimizers.Optimizer: ("_clip_gradients", "_backend_update_step",
+                                 "_all_reduce_sum_gradients", "_distributed_tf_update_step",
+                                 "_get_variable_index"),
+    _LossScaleOptimizer: ("_overwrite_variable_with_gradient",
+                          "_stateful_handle_non_finite_grads"),
+}
+
+
+def _check_keras_internals() -> None:
+    missing = [f"{cls.__name__}.{name}" for cls, names in _INTERNALS.items() for name in names
+               if not hasattr(cls, name)]
+    if missing:
+        raise ImportError(
+            f"clipops.keras needs Keras internals that Keras {keras.__version__} lacks: "
+            f"{', '.join(missing)}. It is tested with Keras {TESTED_KERAS}; install that "
+            f"release (pip install 'keras=={TESTED_KERAS}.*') or use clipops.clip_by_global_norm "
+            "in a custom training loop.")
+
+
+_check_keras_internals()
 
 # Set while a FusedLossScaleOptimizer calls its inner optimizer's apply() with gradients it
 # has already summed across replicas (and clipped). Thread-local: MirroredStrategy runs each
@@ -300,38 +327,29 @@ def _sum_across_replicas(optimizer, grads: list, variables) -> list:
     return [g for g, _ in pairs]
 
 
-def _norms_of(grads: list) -> tuple:
-    """The global norm and each non-None gradient's own norm, float32, from one fused pass."""
-    norm, norms = _ctf.global_norm([g for g in grads if g is not None], return_norms=True)
-    return tf.cast(norm, tf.float32), tf.cast(norms, tf.float32)
-
-
 @keras.saving.register_keras_serializable(package="clipops")
 class FusedLossScaleOptimizer(_LossScaleOptimizer):
-    """Keras' ``LossScaleOptimizer`` with the non-finite check, the unscale and the clip fused.
+    """Keras' ``LossScaleOptimizer`` with the non-finite check, the unscale and the clip fused
+    into one op: one pass over the gradients, one launch on a GPU.
 
     Keras 3 checks every gradient for inf/NaN (one pass, ~2N ops), divides each by the loss
     scale (another pass), then clips (the norm and the scale, a third). Here, after the
-    cross-replica sum:
+    cross-replica sum, with loss scale ``s``:
 
-      1. ``n = clipops.global_norm(scaled_grads)``: one fused read pass. The step is skipped
-         (weights unchanged, scale halved, as Keras does) when ``n`` is not finite: an inf or
-         NaN anywhere makes it so. (A finite gradient whose norm overflows float32 is skipped
-         too; Keras would apply NaN updates there.)
-      2. with ``global_clipnorm = c`` and loss scale ``s >= 1``: one fused scale pass,
-         ``clip_by_global_norm(scaled_grads, c, use_norm=max(n, c*s))``, whose scale
-         ``c * min(1/max(n, c*s), 1/c) = min(c/n, 1/s)`` unscales and clips at once. Keras'
-         loss scale is a power of two (2^15, doubled or halved), so ``1/s`` and ``c*s`` are exact
-         and a step that is not clipped gives Keras' bits (on the CPU, subnormal results
-         aside: the op keeps them, TF's CPU divide flushes them to zero).
-         Without ``global_clipnorm``, or with ``gradient_accumulation_steps`` (the clip must
-         wait for the accumulated gradient), the pass only unscales
-         (``use_norm=s, clip 1``: the scale is ``1/s``) and the inner optimizer clips later.
-         With ``s < 1`` (after many overflows) the op cannot scale up, and the gradients are
-         divided by ``s`` with TF first.
-
-    Two fused passes over the gradients, not one: a single unscale+check+clip kernel needs a
-    kernel feature that does not exist yet.
+      - with ``global_clipnorm = c``: ``clip_by_global_norm(scaled_grads, c, unscale=1/s,
+        nonfinite="skip", return_norms=True)``. The op sums the squares of the scaled
+        gradients, takes the norm of the unscaled ones (``sqrt(sum) / s``, rounded once), and
+        writes ``g * (c * min(1/n, 1/c) / s)``: unscaled and clipped in the one pass. Keras'
+        loss scale is a power of two, so this is bit for bit Keras' unscale-then-clip on a
+        step that is not clipped (on the CPU, subnormal results aside: the op keeps them, TF's
+        CPU divide flushes them to zero). The step is skipped (weights unchanged, scale halved,
+        as Keras does) when that norm is not finite: an inf or NaN anywhere makes it so (a
+        finite gradient whose unscaled norm overflows float32 is skipped too; Keras would apply
+        NaN updates there).
+      - without ``global_clipnorm``, or with ``gradient_accumulation_steps`` (the clip must
+        wait for the accumulated gradient), the same op only unscales (``use_norm=1``, clip 1:
+        the scale is exactly ``1/s``) and returns each gradient's own norm; the step is skipped
+        when one of them is not finite. The inner optimizer clips later, as it would.
 
     Args: those of ``keras.optimizers.LossScaleOptimizer``; ``inner_optimizer`` is made fused
     (``clipops.keras.fused``) if it is not.
@@ -352,31 +370,34 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
         if tf.distribute.in_cross_replica_context():
             raise ValueError("apply() must be called in a replica context.")
         grads = _sum_across_replicas(self.inner_optimizer, list(grads), trainable_variables)
-        norm, norms = _norms_of(grads)
+        unscaled, finite, norm, norms, clipped = self._unscale(grads, trainable_variables)
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            keras.ops.cond(tf.math.is_finite(norm),
-                           lambda: self._apply_finite(grads, trainable_variables, norm, norms),
+            keras.ops.cond(finite,
+                           lambda: self._apply_finite(unscaled, trainable_variables, norm, norms,
+                                                      clipped),
                            self._stateful_handle_non_finite_grads)
             return
 
-        def cross_replica(distribution, grads, norm, norms):
-            # the norm is of the summed gradients: the same on every replica
-            finite = tf.math.is_finite(distribution.experimental_local_results(norm)[0])
+        def cross_replica(distribution, unscaled, finite, norm, norms):
+            # computed from the summed gradients: the same on every replica
+            finite = distribution.experimental_local_results(finite)[0]
 
             def apply_fn():
                 distribution.extended.call_for_each_replica(
-                    self._apply_finite, args=(grads, trainable_variables, norm, norms))
+                    self._apply_finite, args=(unscaled, trainable_variables, norm, norms, clipped))
 
             # a cond whose branch calls merge_call must be in cross-replica context (as Keras)
             keras.ops.cond(finite, apply_fn, self._stateful_handle_non_finite_grads)
 
-        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, norm, norms))
+        tf.distribute.get_replica_context().merge_call(
+            cross_replica, args=(unscaled, finite, norm, norms))
 
-    def _apply_finite(self, grads, trainable_variables, norm, norms):
+    def _unscale(self, grads: list, trainable_variables):
+        """The one fused op: (unscaled gradients, finite, global norm, per-tensor norms of the
+        present gradients, whether they are clipped too). See the class docstring."""
         inner = self.inner_optimizer
         variables = trainable_variables if trainable_variables is not None \
             else self._trainable_variables
-        scale = tf.convert_to_tensor(self.dynamic_scale)
         keep = [i for i, (g, v) in enumerate(zip(grads, variables))
                 if g is not None and not self._overwrite_variable_with_gradient(v)]
         values = [grads[i] for i in keep]
@@ -385,35 +406,36 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
         clip_here = (_clip_option(inner) == "global_clipnorm"
                      and not inner.gradient_accumulation_steps
                      and len(keep) == sum(g is not None for g in grads))
+        inverse = tf.math.reciprocal(tf.cast(self.dynamic_scale, tf.float32))  # exact: 2^k
+        if not values:
+            return list(grads), tf.constant(True), tf.zeros(()), tf.zeros((0,)), clip_here
         if clip_here:
-            c = float(inner.global_clipnorm)
-
-            def fused_pass():  # scale min(c/n, 1/s): unscaled and clipped in one pass
-                return _ctf.clip_by_global_norm(values, c, use_norm=tf.maximum(norm, c * scale))[0]
-
-            def divided():
-                return _ctf.clip_by_global_norm([v / tf.cast(scale, v.dtype) for v in values], c,
-                                                use_norm=norm / scale)[0]
+            r = _ctf.clip_by_global_norm(values, float(inner.global_clipnorm), unscale=inverse,
+                                         nonfinite="skip", return_norms=True)
+            finite = tf.logical_not(r.skipped)
         else:
-            def fused_pass():  # scale min(1/s, 1) = 1/s: the unscale alone
-                return _ctf.clip_by_global_norm(values, 1.0, use_norm=scale)[0]
-
-            def divided():
-                return [v / tf.cast(scale, v.dtype) for v in values]
-
-        if values:
-            out = tf.cond(scale >= 1.0, fused_pass, divided)
-            out = [out] if not isinstance(out, (list, tuple)) else list(out)
-        else:
-            out = []
+            r = _ctf.clip_by_global_norm(values, 1.0, use_norm=1.0, unscale=inverse,
+                                         return_norms=True)
+            finite = tf.reduce_all(tf.math.is_finite(r.tensor_norms))
+        others = [g for i, g in enumerate(grads) if g is not None and i not in set(keep)]
+        if others:  # overwrite-with-gradient ones (float8 scales): checked, as Keras does
+            finite = tf.logical_and(finite, tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(g)) for g in others]))
         unscaled = list(grads)
-        for i, v in zip(keep, out):
+        for i, v in zip(keep, r.clipped):
             unscaled[i] = v
-        with _prepared(inner, summed=True, clipped=clip_here):
-            inner.apply(unscaled, trainable_variables=trainable_variables)
-        if clip_here:  # the norms the clip used, of the unscaled gradients
-            inner._record_norms(norm / scale, norms / scale,
-                                [v for g, v in zip(grads, variables) if g is not None])
+        return (unscaled, finite, tf.cast(r.global_norm, tf.float32),
+                tf.cast(r.tensor_norms, tf.float32), clip_here)
+
+    def _apply_finite(self, unscaled, trainable_variables, norm, norms, clipped: bool):
+        inner = self.inner_optimizer
+        variables = trainable_variables if trainable_variables is not None \
+            else self._trainable_variables
+        with _prepared(inner, summed=True, clipped=clipped):
+            inner.apply(list(unscaled), trainable_variables=trainable_variables)
+        if clipped:  # the norms the clip used, of the unscaled gradients
+            inner._record_norms(norm, norms, [v for g, v in zip(unscaled, variables)
+                                              if g is not None])
 
         def upscale():
             self.step_counter.assign(0)

@@ -91,7 +91,7 @@ def global_norm(arrays, *, return_norms: bool = False):
 
 
 def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False, *,
-                        nonfinite: str = "nan", return_norms: bool = False):
+                        nonfinite: str = "nan", return_norms: bool = False, unscale=None):
     """Scales every array by clip_norm / max(global_norm, clip_norm), with
     TensorFlow's formula and the same bits as the TF op on the same data.
 
@@ -111,6 +111,9 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
         the arrays keep their values). "skip": the outputs are the inputs,
         unscaled, and the result's ``skipped`` is True.
       return_norms: also return each array's own norm, from the same pass.
+      unscale: optional positive number u (``1 / loss_scale``): the arrays are
+        taken as ``a * u``; the norms and outputs are those of that list, from
+        the same pass (``clipops.clip_by_global_norm``'s docstring).
 
     Returns:
       ``(clipped, norm)``: a list like ``arrays`` and a 0-d array of the norm
@@ -131,6 +134,8 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
     arrays, present, norm_code = _prepare(arrays, in_place)
     clip = _common.scalar_in(clip_norm, norm_code, "clip_norm")
     use = None if use_norm is None else _common.scalar_in(use_norm, norm_code, "use_norm")
+    u = 1.0 if unscale is None else _common.scalar_in(_common.check_unscale(unscale), norm_code,
+                                                       "unscale")
     outs = [a if in_place else np.empty_like(a) for _, a, _ in present]
     dtype = _common.np_dtype(norm_code)
     norm = np.empty((), dtype=dtype)
@@ -139,7 +144,7 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
     descs = [(a.ctypes.data, o.ctypes.data, a.size, c) for (_, a, c), o in zip(present, outs)]
     _common.load_core().clip_cpu(descs, norm_code, True, clip, use, norm.ctypes.data,
                                  tensor_norms=norms.ctypes.data if want_norms else 0,
-                                 skip_nonfinite=policy != "nan")
+                                 skip_nonfinite=policy != "nan", unscale=u)
     positions = [i for i, _, _ in present]
     if policy == "raise" and not np.isfinite(norm):
         raise _common.NonFiniteError(_common.nonfinite_message(norm, norms, positions, "arrays"))

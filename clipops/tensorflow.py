@@ -127,13 +127,13 @@ def _rebuild(t_list: list, positions: list, outputs: list) -> list:
 
 
 def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinite="nan",
-                        return_norms=False):
+                        return_norms=False, unscale=None):
     t_list = _common.check_list(t_list)
     policy = _common.check_nonfinite(nonfinite)
     if tf.executing_eagerly():  # name scopes do nothing eagerly, and cost time
-        return _clip(t_list, clip_norm, use_norm, policy, return_norms)
+        return _clip(t_list, clip_norm, use_norm, policy, return_norms, unscale)
     with tf.name_scope(name or "clip_by_global_norm"):
-        return _clip(t_list, clip_norm, use_norm, policy, return_norms)
+        return _clip(t_list, clip_norm, use_norm, policy, return_norms, unscale)
 
 
 clip_by_global_norm.__doc__ = _documented_clip.__doc__
@@ -146,12 +146,16 @@ def _expand_norms(norms: tf.Tensor, positions: list, length: int) -> tf.Tensor:
     return tf.scatter_nd([[p] for p in positions], norms, [length])
 
 
-def _clip(t_list: list, clip_norm, use_norm, policy: str, return_norms: bool):
+def _clip(t_list: list, clip_norm, use_norm, policy: str, return_norms: bool, unscale=None):
     values, positions, code = _values(t_list)
     dtype = _TF_DTYPES[code]
     clip = _scalar(clip_norm, dtype, "clip_norm")
     given = use_norm is not None
     use = _scalar(use_norm if given else 0.0, dtype, "use_norm")
+    unscale_given = unscale is not None
+    if unscale_given:
+        _common.check_unscale(unscale)
+    unscale = _scalar(unscale if unscale_given else 1.0, dtype, "unscale")
     want_norms = return_norms or policy == "raise"
     if not values:  # TF's answer for a list with no tensors: the norm is 0 (or use_norm)
         clipped, norm, norms = [], use if given else tf.zeros((), dtype), tf.zeros((0,), dtype)
@@ -161,11 +165,12 @@ def _clip(t_list: list, clip_norm, use_norm, policy: str, return_norms: bool):
                 "nonfinite='raise' needs the host to look at the norm, which a function that XLA "
                 "compiles cannot do; use nonfinite='skip' (and its `skipped` flag) under XLA")
         clipped, norm, norms = _tf_xla.clip_by_global_norm(
-            values, clip, use if given else None, skip_nonfinite=policy == "skip")
+            values, clip, use if given else None, skip_nonfinite=policy == "skip",
+            unscale=unscale if unscale_given else None)
     else:
         clipped, norm, norms = _ops.clipops_clip_by_global_norm(
-            t_list=values, clip_norm=clip, use_norm=use, use_given=given, with_norms=want_norms,
-            skip_nonfinite=policy != "nan")
+            t_list=values, clip_norm=clip, use_norm=use, unscale=unscale, use_given=given,
+            with_norms=want_norms, skip_nonfinite=policy != "nan")
     if policy == "raise":
         clipped, norm = _raise_if_nonfinite(clipped, norm, norms, positions)
     clipped = _rebuild(t_list, positions, clipped)
@@ -314,8 +319,13 @@ def _add_norms_grads(g_t: list, tensors, norms, g_norms) -> list:
 
 @tf.RegisterGradient("ClipopsClipByGlobalNorm")
 def _clip_by_global_norm_grad(op, *grads):
-    n = len(op.inputs) - 2
-    tensors, norm = op.inputs[:n], op.outputs[n]
+    n = len(op.inputs) - 3
+    tensors, norm, unscale = op.inputs[:n], op.outputs[n], op.inputs[n + 2]
+    # With unscale u the op is the clip of z = t * u: the chain rule through z gives
+    # d/dt = u * d/dz. u itself (a loss scale's inverse) gets no gradient.
+    plain = tf.get_static_value(unscale) == 1.0
+    if not plain:
+        tensors = [t * tf.cast(unscale, t.dtype) for t in tensors]
     g_t, g_clip, g_use = _clip_grads(tensors, op.inputs[n], norm, grads[:n], grads[n],
                                      op.get_attr("use_given"))
     if op.get_attr("skip_nonfinite"):
@@ -328,7 +338,9 @@ def _clip_by_global_norm_grad(op, *grads):
             g_use = tf.where(finite, g_use, tf.zeros_like(g_use))
     if op.get_attr("with_norms"):
         g_t = _add_norms_grads(g_t, tensors, op.outputs[n + 1], grads[n + 1])
-    return g_t + [g_clip, g_use]
+    if not plain:
+        g_t = [g * tf.cast(unscale, g.dtype) for g in g_t]
+    return g_t + [g_clip, g_use, None]
 
 
 def _global_norm_grads(tensors, norm, g_norm) -> list:

@@ -331,6 +331,18 @@ def test_launch_arguments_of_the_per_tensor_clips(recorded):
 
 
 @needs_cupy
+def test_launch_arguments_of_unscale(recorded):
+    a = FakeDeviceArray(n=5, dtype="float32", ptr=1 << 20)
+    ccp.clip_by_global_norm([a], 1.0, unscale=2.0 ** -15)
+    (_, _, kwargs), = recorded
+    assert kwargs["unscale"] == 2.0 ** -15 and kwargs["unscale_ptr"] == 0
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="unscale must be a finite number > 0"):
+            ccp.clip_by_global_norm([a], 1.0, unscale=bad)
+    assert len(recorded) == 1  # refused before any launch
+
+
+@needs_cupy
 @pytest.mark.parametrize("force_nvrtc", [False, True])
 def test_launch_arguments(recorded, monkeypatch, force_nvrtc):
     if force_nvrtc:
@@ -903,6 +915,15 @@ def test_gradient_health_is_the_cpu_kernel_s_bits(route, case):
         _assert_same_bits(cupy.asnumpy(g), b, f"{case} skipped step")
     with pytest.raises(clipops.NonFiniteError, match=r"arrays\[1\] is the first"):
         ccp.clip_by_global_norm(_to_gpu(bad), clip, nonfinite="raise", in_place=True)
+    # unscale (a loss scale's inverse), as a host number and as a GPU scalar
+    want = cnp.clip_by_global_norm([h.copy() for h in host], clip, unscale=0.25,
+                                   return_norms=True)
+    for u in (0.25, cupy.asarray(np.float32(0.25))):
+        got = ccp.clip_by_global_norm(_to_gpu(host), clip, unscale=u, return_norms=True)
+        _assert_same_bits(cupy.asnumpy(got.global_norm), want.global_norm, f"{case} unscaled norm")
+        _assert_same_bits(cupy.asnumpy(got.tensor_norms), want.tensor_norms, f"{case} unscaled norms")
+        for i, (g, w) in enumerate(zip(got.clipped, want.clipped)):
+            _assert_same_bits(cupy.asnumpy(g), w, f"{case} unscaled arrays[{i}]")
 
 
 def _resnet_like_sizes() -> list[int]:

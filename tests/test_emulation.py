@@ -554,6 +554,39 @@ def run_mode(arrays, mode, clip=0.0, lo=0.0, hi=0.0):
     return outs
 
 
+@pytest.mark.parametrize("pointer", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES + ["mixed"])
+def test_unscale_is_the_cpu_kernel_s_bits(rng, dtype, pointer):
+    # the loss-scale inverse folded into the one launch: outputs, norm and per-tensor norms
+    # equal the CPU kernel's, with unscale a host value or a device pointer (Keras' variable)
+    use_device(3)
+    dts = [np.float16, np.float32, np.float64] if dtype == "mixed" else [dtype]
+    sizes = [3, CHUNK + 1, 0, 2 * CHUNK, 1024, 5 * CHUNK - 7, 1]
+    arrays = [random_array(rng, (n,), dts[k % len(dts)], scale=0.05) * 64
+              for k, n in enumerate(sizes)]
+    ndt = norm_dtype(arrays)
+    u = 2.0 ** -6
+    for clip in (0.5, 1e4):  # clipped, and not
+        want = cn.clip_by_global_norm([np.array(a) for a in arrays], clip, unscale=u,
+                                      return_norms=True)
+        ins = [place(a, 0) for a in arrays]
+        outs = [place(a, 0, fill=True) for a in arrays]
+        norm = place(np.zeros((), ndt), 0, fill=True).reshape(())
+        norms = place(np.zeros(len(arrays), ndt), 0, fill=True)
+        u_buf = np.array(u, ndt)
+        descs = [(i.ctypes.data, o.ctypes.data, i.size, code_of(i.dtype)) for i, o in zip(ins, outs)]
+        ws = place(np.zeros(emu.cuda_workspace_bytes(descs), np.uint8), 0, fill=True)
+        emu.clip_cuda(descs, CODES[np.dtype(ndt)], True, float(np.asarray(clip).astype(ndt)), 0,
+                      None, 0, norm.ctypes.data, ws.ctypes.data, ws.nbytes, 0,
+                      tensor_norms=norms.ctypes.data, unscale=np.nan if pointer else u,
+                      unscale_ptr=u_buf.ctypes.data if pointer else 0)
+        emu.synchronize()
+        check_guards(outs + [norm, norms, ws])
+        assert [o.tobytes() for o in outs] == [w.tobytes() for w in want.clipped]
+        assert norm.tobytes() == np.asarray(want.global_norm).tobytes()
+        assert norms.tobytes() == want.tensor_norms.tobytes()
+
+
 @pytest.mark.parametrize("resident", [1, 3, 64])
 @pytest.mark.parametrize("dtype", DTYPES + ["mixed"])
 def test_clip_by_norm_and_by_value_are_the_cpu_kernel_s_bits(rng, dtype, resident):

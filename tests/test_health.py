@@ -11,7 +11,7 @@ import pytest
 
 import clipops
 import clipops.numpy as cn
-from conftest import BF16, CHUNK, assert_close, random_array, ref_norm
+from conftest import BF16, CHUNK, assert_close, random_array, ref_clip, ref_norm
 
 DTYPES = [np.float16, np.float32, np.float64] + ([BF16] if BF16 is not None else [])
 SIZES = [3, CHUNK - 1, 0, CHUNK + 1, 2 * CHUNK, 700, 1]
@@ -126,6 +126,69 @@ def test_clip_result_unpacks_and_has_names(rng):
     assert isinstance(skipped, np.bool_) and not skipped and norms.shape == (1,)
 
 
+# ---- unscale: a loss scale's inverse, folded into the same pass ------------------
+
+def loss_scaled(rng, dtype, s):
+    """A list as mixed precision makes it: gradients times the loss scale s (exact for
+    a power of two), so that x * (1/s) gives the gradients back exactly."""
+    small = 0.02 if dtype in (np.float16, "mixed") else 1.0  # float16: no overflow at s = 2^10
+    return [np.asarray(a.astype(np.float64) * s).astype(a.dtype) for a in make_list(rng, dtype, small)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ["mixed"])
+@pytest.mark.parametrize("s", [2.0 ** 10, 2.0 ** -3])
+def test_unscale_by_a_power_of_two_is_unscaling_first(rng, dtype, s):
+    # x * 2^-k is exact, so the fused op must give the bits of unscaling first and
+    # clipping after: outputs, global norm and per-tensor norms, clipped or not
+    arrays = loss_scaled(rng, dtype, s)
+    unscaled = [np.asarray(a.astype(np.float64) / s).astype(a.dtype) for a in arrays]
+    n = ref_norm(unscaled)
+    for clip in (0.5 * n, 2.0 * n):
+        got = cn.clip_by_global_norm(arrays, clip, unscale=1.0 / s, return_norms=True)
+        want = cn.clip_by_global_norm(unscaled, clip, return_norms=True)
+        assert [g.tobytes() for g in got.clipped] == [w.tobytes() for w in want.clipped]
+        assert got.global_norm.tobytes() == want.global_norm.tobytes()
+        assert got.tensor_norms.tobytes() == want.tensor_norms.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unscale_of_any_value_is_close_to_float64(rng, dtype):
+    # u = 0.3 is not a power of two: the norm sqrt(sum) * u is rounded once, each output
+    # x * fl(scale * u) twice (the scale, then the product): the dtype's tolerance
+    arrays = make_list(rng, dtype)
+    u = 0.3
+    u_used = float(np.asarray(u).astype(dtype))  # rounded to the norm dtype, as clip_norm is
+    ref, ref_n = ref_clip([a.astype(np.float64) * u_used for a in arrays], 1.0)
+    got, norm = cn.clip_by_global_norm(arrays, 1.0, unscale=u)
+    assert_close(norm, ref_n, dtype, "norm")
+    for g, r in zip(got, ref):
+        assert_close(g, r, dtype, "unscaled and clipped")
+
+
+def test_unscale_with_skip_use_norm_and_bad_values(rng):
+    arrays = poisoned(rng, 1, np.inf)
+    res = cn.clip_by_global_norm(arrays, 1.0, unscale=0.25, nonfinite="skip")
+    assert bool(res.skipped)  # a skipped step is neither clipped nor unscaled
+    assert [c.tobytes() for c in res.clipped] == [a.tobytes() for a in arrays]
+    fine = [a for a in arrays if np.isfinite(a).all()]
+    # use_norm is the norm of the unscaled list: scale = clip / use_norm, then times u
+    got, norm = cn.clip_by_global_norm(fine, 1.0, use_norm=4.0, unscale=0.5)
+    assert norm == 4.0
+    assert [g.tobytes() for g in got] == [(a * np.float32(0.125)).tobytes() for a in fine]
+    for bad in (0.0, -1.0, np.inf, np.nan):
+        with pytest.raises(ValueError, match="unscale must be a finite number > 0"):
+            cn.clip_by_global_norm(fine, 1.0, unscale=bad)
+    core = cn._common.load_core()  # the core's own check
+    a = fine[0]
+    out = np.empty_like(a)
+    with pytest.raises(ValueError, match="unscale must be a finite number > 0"):
+        core.clip_cpu([(a.ctypes.data, out.ctypes.data, a.size, 2)], 2, True, 1.0, None, 0,
+                      unscale=-2.0)
+    with pytest.raises(ValueError, match="unscale is for clip_by_global_norm only"):
+        core.clip_cpu([(a.ctypes.data, out.ctypes.data, a.size, 2)], 2, True, 1.0, None, 0,
+                      mode=1, unscale=0.5)
+
+
 # ---- TensorFlow: the op (eager, tf.function) and the XLA route -------------------
 
 tf = pytest.importorskip("tensorflow")
@@ -206,6 +269,49 @@ def test_tf_gradients_through_tensor_norms_and_a_skipped_step(rng):
         y = tf.reduce_sum(res.clipped[1] * tf.constant([5.0, 7.0]))
     g = tape.gradient(y, bad)  # a skipped step is the identity: its gradient too
     assert g[1].numpy().tolist() == [5.0, 7.0] and g[0].numpy().tolist() == [0.0, 0.0]
+
+
+@tf_modes()
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "mixed"])
+def test_tf_unscale_matches_the_cpu_kernel(rng, mode, dtype):
+    s = 2.0 ** 10
+    arrays = loss_scaled(rng, dtype, s)
+    tensors = [tf.constant(a) for a in arrays]
+    # a variable, as Keras' loss scale is: its inverse is computed in the graph
+    scale = tf.Variable(s, dtype=tf.float32)
+    res = call(mode, lambda: clipops.clip_by_global_norm(
+        tensors, 1.0, unscale=1.0 / scale, return_norms=True, nonfinite="skip"))
+    want = cn.clip_by_global_norm(arrays, 1.0, unscale=1.0 / s, return_norms=True)
+    if mode == "xla":  # XLA's own summation order: the outputs within the dtype's tolerance
+        assert_close(res.global_norm.numpy(), float(want.global_norm), want.global_norm.dtype,
+                     "XLA norm")
+        for g, w in zip(res.clipped, want.clipped):
+            assert_close(g.numpy(), w, w.dtype, "XLA output")
+    else:
+        assert [g.numpy().tobytes() for g in res.clipped] == [w.tobytes() for w in want.clipped]
+        assert res.global_norm.numpy().tobytes() == want.global_norm.tobytes()
+        assert res.tensor_norms.numpy().tobytes() == want.tensor_norms.tobytes()
+    assert not bool(res.skipped.numpy())
+    with pytest.raises(ValueError, match="unscale must be a finite number > 0"):
+        clipops.clip_by_global_norm(tensors, 1.0, unscale=0.0)
+
+
+def test_tf_unscale_gradients_are_the_chain_rule(rng):
+    # d/dx of clip(x * u) is u times the clip's gradient at x * u: the same as
+    # differentiating the plain op applied to the product
+    x = [tf.Variable(rng.standard_normal(n) * 8.0) for n in (5, 40)]  # float64
+    w = [tf.constant(rng.standard_normal(n)) for n in (5, 40)]
+    u = 0.125
+    with tf.GradientTape(persistent=True) as tape:
+        res = clipops.clip_by_global_norm(x, 1.0, unscale=u, return_norms=True)
+        y = sum(tf.reduce_sum(c * wi) for c, wi in zip(res.clipped, w)) \
+            + res.global_norm + 3.0 * res.tensor_norms[1]
+        ref = clipops.clip_by_global_norm([xi * u for xi in x], 1.0, return_norms=True)
+        y_ref = sum(tf.reduce_sum(c * wi) for c, wi in zip(ref.clipped, w)) \
+            + ref.global_norm + 3.0 * ref.tensor_norms[1]
+    assert abs(float(y) - float(y_ref)) <= 1e-12 * abs(float(y_ref))
+    for g, g_ref in zip(tape.gradient(y, x), tape.gradient(y_ref, x)):
+        np.testing.assert_allclose(g.numpy(), g_ref.numpy(), rtol=1e-12)
 
 
 # ---- fused list clip_by_norm and clip_by_value ------------------------------------

@@ -225,8 +225,7 @@ def test_fit_mixed_float16_matches_keras(rng, policy, jit_compile, accumulation)
 
 
 def test_fit_mixed_float16_scale_below_one(rng, policy):
-    # a loss scale below 1 cannot be undone by the op's scale (at most 1): the fallback
-    # divides by it first; still Keras' bits on unclipped steps
+    # a loss scale below 1 (unscale 4): the same single op; still Keras' bits on unclipped steps
     model, _, verdicts = fit_teacher_forced(rng, sgd(global_clipnorm=CLIP), False,
                                             precision="mixed_float16", steps=4,
                                             set_policy=policy, initial_scale=0.25)
@@ -314,6 +313,25 @@ def test_saving_loss_scale_optimizer(rng, tmp_path, policy):
     assert type(loaded.optimizer.inner_optimizer).__name__ == "FusedSGD"
     assert float(loaded.optimizer.dynamic_scale.numpy()) == \
         float(model.optimizer.dynamic_scale.numpy())
+
+
+def test_a_keras_without_the_internals_is_refused(monkeypatch):
+    # a Keras release that renamed an overridden method must fail at import, by name
+    monkeypatch.delattr(keras.optimizers.LossScaleOptimizer, "_stateful_handle_non_finite_grads")
+    with pytest.raises(ImportError, match=r"LossScaleOptimizer\._stateful_handle_non_finite_grads"
+                                          r".*tested with Keras 3\.15"):
+        ck._check_keras_internals()
+
+
+def test_fit_mixed_float16_with_clipnorm_matches_keras(rng, policy):
+    # the loss-scale op only unscales (clipnorm is the inner optimizer's, fused clip_by_norm
+    # after it): Keras' bits on tensors under clipnorm, its norm's rounding on those over
+    model, _, verdicts = fit_teacher_forced(rng, sgd(clipnorm=CLIPNORM), False,
+                                            precision="mixed_float16", steps=4,
+                                            overflow_step=2, set_policy=policy)
+    assert not [v for v in verdicts if v[3]], verdicts
+    assert float(model.optimizer.dynamic_scale.numpy()) == 2.0 ** 14  # step 2 overflowed
+    assert (np.array(model.teacher.tensor_norms) > CLIPNORM).any()
 
 
 def test_errors():
@@ -515,9 +533,16 @@ def test_the_fused_ops_are_what_runs(rng, policy):
         keras.optimizers.SGD(0.1, global_clipnorm=CLIP))), loss="mse")
     model.optimizer.build(model.trainable_variables)
     counts = _op_counts(model, x, y)
-    # one norm pass (the non-finite check), one scale pass (unscale and clip); the second clip
-    # op is the fallback branch for a loss scale below 1. No per-tensor isfinite, no divide
-    # by the loss scale outside that branch.
-    assert counts.get("ClipopsGlobalNorm") == 1, counts
-    assert counts.get("ClipopsClipByGlobalNorm") == 2, counts
-    assert "IsFinite" in counts and counts["IsFinite"] == 1, counts  # of the norm alone
+    ref = mlp()
+    ref.compile(optimizer=keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1, global_clipnorm=CLIP)), loss="mse")
+    ref.optimizer.build(ref.trainable_variables)
+    keras_counts = _op_counts(ref, x, y)
+    # ONE fused op: the non-finite check, the unscale and the clip. No per-tensor isfinite,
+    # no per-tensor divide by the loss scale (Keras has one per gradient), no norm pass.
+    assert counts.get("ClipopsClipByGlobalNorm") == 1, counts
+    assert "ClipopsGlobalNorm" not in counts, counts
+    assert counts.get("IsFinite") == 1, counts  # of the norm alone
+    grads = len(model.trainable_variables)
+    assert keras_counts.get("IsFinite", 0) >= grads, keras_counts
+    assert counts.get("RealDiv", 0) <= keras_counts.get("RealDiv", 0) - grads, (counts, keras_counts)

@@ -442,7 +442,8 @@ def test_raw_ops_refuse_a_tnorm_other_than_the_list_s(tnorm):
         _ops.clipops_global_norm(t_list=[x], Tnorm=tnorm)
     with pytest.raises(tf.errors.InvalidArgumentError, match="Tnorm must be the dtype of t_list"):
         _ops.clipops_clip_by_global_norm(t_list=[x], clip_norm=tf.constant(1.0, tnorm),
-                                         use_norm=tf.constant(0.0, tnorm))
+                                         use_norm=tf.constant(0.0, tnorm),
+                                         unscale=tf.constant(1.0, tnorm))
     mixed = [tf.constant([1.0], tf.float16), tf.constant([2.0], tf.float64)]
     with pytest.raises(tf.errors.InvalidArgumentError, match="float32 for a list of mixed"):
         _ops.clipops_global_norm(t_list=mixed, Tnorm=tf.float64)

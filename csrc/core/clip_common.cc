@@ -3,6 +3,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -35,7 +36,7 @@ std::string where(int i) { return "tensor " + std::to_string(i) + ": "; }
 
 // Ranges of the scalar arguments are labelled by these negative indices.
 constexpr int kClipNorm = -1, kUseNorm = -2, kNormOut = -3, kTensorNorms = -4, kClipMin = -5,
-              kClipMax = -6;
+              kClipMax = -6, kUnscale = -7;
 
 std::string label(int index) {
   switch (index) {
@@ -45,6 +46,7 @@ std::string label(int index) {
     case kTensorNorms: return "tensor_norms";
     case kClipMin: return "clip_value_min";
     case kClipMax: return "clip_value_max";
+    case kUnscale: return "unscale";
     default: return "tensor " + std::to_string(index);
   }
 }
@@ -78,6 +80,8 @@ std::vector<Range> scalar_ranges(const ClipArgs& args, int num_tensors) {
     r.push_back(range_of(args.clip_norm.device_ptr, bytes, kClipNorm, false));
   if (args.use_norm.device_ptr != nullptr && args.has_use_norm)
     r.push_back(range_of(args.use_norm.device_ptr, bytes, kUseNorm, false));
+  if (args.unscale.device_ptr != nullptr)
+    r.push_back(range_of(args.unscale.device_ptr, bytes, kUnscale, false));
   if (args.norm_out != nullptr) r.push_back(range_of(args.norm_out, bytes, kNormOut, true));
   if (args.tensor_norms != nullptr)
     r.push_back(range_of(args.tensor_norms, bytes * num_tensors, kTensorNorms, true));
@@ -125,6 +129,12 @@ Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args
                          "use_norm nor norm_out");
   if (args.mode == kClipByValue && args.tensor_norms != nullptr)
     return Status::Error("clip_by_value computes no norms: tensor_norms must be null");
+  if (args.mode != kClipByGlobalNorm && (args.unscale.device_ptr || args.unscale.value != 1.0))
+    return Status::Error("unscale is for clip_by_global_norm only (it must be 1 here)");
+  if (args.unscale.device_ptr == nullptr &&
+      !(args.unscale.value > 0.0 && args.unscale.value < std::numeric_limits<double>::infinity()))
+    return Status::Error("unscale must be a finite number > 0, got " +
+                         std::to_string(args.unscale.value));
   for (int i = 0; i < num_tensors; ++i) {
     const TensorDesc& t = tensors[i];
     if (t.dtype < kFloat16 || t.dtype > kFloat64)

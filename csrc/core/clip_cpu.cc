@@ -240,7 +240,8 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
   if (!status.ok()) return status;
   const ScopedIeeeSubnormals ieee;  // for the norm and the scale, computed on this thread
   if (args.clip_norm.device_ptr != nullptr || args.use_norm.device_ptr != nullptr ||
-      args.clip_min.device_ptr != nullptr || args.clip_max.device_ptr != nullptr)
+      args.clip_min.device_ptr != nullptr || args.clip_max.device_ptr != nullptr ||
+      args.unscale.device_ptr != nullptr)
     return Status::Error("the CPU kernel takes its scalar arguments as host values");
 
   // first_item[t] = index of tensor t's first work item; first_item[n] = total
@@ -311,7 +312,8 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
     for (int t = 0; t < num_tensors; ++t) {
       const double u = sumsq_of(first_item[t], first_item[t + 1] - first_item[t]);
       if (args.tensor_norms != nullptr)
-        store_norm_at(args.tensor_norms, t, norm_from_sumsq(u, args.norm_dtype), args.norm_dtype);
+        store_norm_at(args.tensor_norms, t, norm_from_sumsq(u, args.norm_dtype, args.unscale.value),
+                      args.norm_dtype);
       if (by_norm) own_norms[t] = norm_from_sumsq(u, tensors[t].dtype);
     }
   if (by_norm) {
@@ -319,12 +321,14 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
     map_all([&](auto dt, int t) { return NormClipper<decltype(dt)::value>(clip, own_norms[t]); });
     return Status::Ok();
   }
-  const double norm =
-      args.has_use_norm ? args.use_norm.value : norm_from_sumsq(sumsq_of(0, items), args.norm_dtype);
+  const double norm = args.has_use_norm
+                          ? args.use_norm.value
+                          : norm_from_sumsq(sumsq_of(0, items), args.norm_dtype, args.unscale.value);
   if (args.norm_out != nullptr) store_norm(args.norm_out, norm, args.norm_dtype);
   if (!args.scale) return Status::Ok();
 
-  const double scale = step_scale(norm, args.clip_norm.value, args.norm_dtype, args.skip_nonfinite);
+  const double scale = step_scale(norm, args.clip_norm.value, args.norm_dtype, args.skip_nonfinite,
+                                  args.unscale.value);
   const bool stream = bytes > kStreamBytes;  // outputs are as large as inputs
   for (int t = 0; t < num_tensors; ++t)
     if (tensors[t].out != tensors[t].in)

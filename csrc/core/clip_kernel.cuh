@@ -207,7 +207,8 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
                     double clip_value, const void* clip_ptr, int has_use_norm,
                     double use_value, const void* use_ptr, void* norm_out,
                     void* tensor_norms, int skip_nonfinite, int mode, double min_value,
-                    const void* min_ptr, double max_value, const void* max_ptr) {
+                    const void* min_ptr, double max_value, const void* max_ptr,
+                    double unscale_value, const void* unscale_ptr) {
   using namespace clipops;
   using namespace clipops::detail;
   __shared__ double red[kThreads];
@@ -250,6 +251,7 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
   // partials t, t + kThreads, ... of the tensor, then the tree), one block per
   // tensor. Blocks loop uniformly, so every thread reaches block_tree's barriers.
   double* own_norms = partials + num_items;
+  const double unscale = read_scalar(unscale_ptr, unscale_value, norm_dtype);  // 1: by_norm
   if (tensor_norms != nullptr || by_norm) {
     for (int t = blockIdx.x; t < num_tensors; t += gridDim.x) {
       const TensorEntry te = tensors[t];
@@ -260,7 +262,7 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
       u = block_tree(u, red);
       if (threadIdx.x == 0) {
         if (tensor_norms != nullptr)
-          store_norm_at(tensor_norms, t, norm_from_sumsq(u, norm_dtype), norm_dtype);
+          store_norm_at(tensor_norms, t, norm_from_sumsq(u, norm_dtype, unscale), norm_dtype);
         if (by_norm) own_norms[t] = norm_from_sumsq(u, te.dtype);  // in the tensor's dtype, as TF
       }
     }
@@ -291,13 +293,13 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
     // every block sums all partials in the one fixed order: no second sync needed
     double u = 0.0;
     for (long long w = threadIdx.x; w < num_items; w += kThreads) u = add_d(u, __ldcg(partials + w));
-    norm = norm_from_sumsq(block_tree(u, red), norm_dtype);
+    norm = norm_from_sumsq(block_tree(u, red), norm_dtype, unscale);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0 && norm_out != nullptr) store_norm(norm_out, norm, norm_dtype);
   if (!do_scale) return;
 
   const double scale = step_scale(norm, read_scalar(clip_ptr, clip_value, norm_dtype), norm_dtype,
-                                  skip_nonfinite != 0);
+                                  skip_nonfinite != 0, unscale);
   for (long long w = blockIdx.x; w < num_items; w += gridDim.x) {
     const TensorEntry te = tensors[find_tensor(tensors, num_tensors, w)];
     const long long begin = (w - te.first_item) * kChunk;

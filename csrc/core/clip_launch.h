@@ -67,7 +67,9 @@ struct KernelArgs {
   const void* min_ptr;
   double max_value;
   const void* max_ptr;
-  void* params[19];
+  double unscale_value;
+  const void* unscale_ptr;
+  void* params[21];
 
   KernelArgs(void* workspace, int n, long long num_items, const ClipArgs& a)
       : table(static_cast<const TensorEntry*>(workspace)),
@@ -89,10 +91,12 @@ struct KernelArgs {
         min_ptr(a.clip_min.device_ptr),
         max_value(a.clip_max.value),
         max_ptr(a.clip_max.device_ptr),
+        unscale_value(a.unscale.value),
+        unscale_ptr(a.unscale.device_ptr),
         params{&table, &num_tensors, &items, &partials, &norm_dtype, &do_scale,
                &clip_value, &clip_ptr, &has_use, &use_value, &use_ptr, &norm_out,
                &tensor_norms, &skip_nonfinite, &mode, &min_value, &min_ptr, &max_value,
-               &max_ptr} {}
+               &max_ptr, &unscale_value, &unscale_ptr} {}
   KernelArgs(const KernelArgs&) = delete;
   KernelArgs& operator=(const KernelArgs&) = delete;
 };

@@ -217,8 +217,8 @@ CLIPOPS_HD double tf_scale_d(double norm, double clip) {
 }
 
 // The global norm from the sum of squares, in the norm dtype (held in a double).
-CLIPOPS_HD double norm_from_sumsq(double sumsq, int norm_dtype) {
-  const double n = sqrt_d(sumsq);
+CLIPOPS_HD double norm_from_sumsq(double sumsq, int norm_dtype, double unscale = 1.0) {
+  const double n = mul_d(sqrt_d(sumsq), unscale);  // exact for unscale 1 (and powers of two)
   if (norm_dtype == kFloat64) return n;
   return static_cast<double>(round_to(double_to_float(n), norm_dtype));
 }
@@ -250,9 +250,12 @@ CLIPOPS_HD bool is_finite_d(double x) { return x - x == 0.0; }
 
 // The scale of a step: clip_scale, or 1 (the outputs equal the inputs) when
 // skip_nonfinite and the norm is inf or NaN.
-CLIPOPS_HD double step_scale(double norm, double clip, int norm_dtype, bool skip_nonfinite) {
+// With an unscale factor (ClipArgs::unscale) the clip scale is multiplied by
+// it in double; a skipped step is not unscaled either.
+CLIPOPS_HD double step_scale(double norm, double clip, int norm_dtype, bool skip_nonfinite,
+                             double unscale = 1.0) {
   if (skip_nonfinite && !is_finite_d(norm)) return 1.0;
-  return clip_scale(norm, clip, norm_dtype);
+  return mul_d(clip_scale(norm, clip, norm_dtype), unscale);
 }
 
 // ---- one element ---------------------------------------------------------------

@@ -56,6 +56,16 @@ struct ClipArgs {
   // extra pass over the data), so tensor_norms[i] equals the global norm of
   // the list {tensor i} when the list has one dtype. Computed even with use_norm.
   void* tensor_norms = nullptr;
+  // kClipByGlobalNorm: the inputs are taken as x * unscale (a loss scale's
+  // inverse, 1/s, in mixed precision): the norms (global and per tensor) and
+  // the outputs are those of the list {x_i * unscale}, from the one pass over
+  // x. The norm is sqrt(sum of squares) * unscale, rounded once to the norm
+  // dtype; each output is x * (clip scale * unscale). For a power of two both
+  // products are exact (over- and underflow aside), so the outputs have the
+  // bits of unscaling first and clipping after. A given use_norm is the norm
+  // of the unscaled list. 1 (the default) changes nothing; a host value must
+  // be finite and > 0. Other modes take 1 only.
+  Scalar unscale{1.0, nullptr};
   // true: a non-finite norm (inf or NaN, computed or use_norm) skips the step:
   // the outputs equal the inputs, unscaled. false: TensorFlow's behaviour (the
   // scale, and so every output, becomes NaN).

@@ -104,11 +104,12 @@ void bind(py::module_& m) {
          uintptr_t clip_ptr, std::optional<double> use_norm, uintptr_t use_ptr, uintptr_t norm_out,
          uintptr_t workspace, size_t workspace_bytes, uintptr_t stream, uintptr_t tensor_norms,
          bool skip_nonfinite, int mode, double clip_min, uintptr_t clip_min_ptr, double clip_max,
-         uintptr_t clip_max_ptr) {
+         uintptr_t clip_max_ptr, double unscale, uintptr_t unscale_ptr) {
         const auto t = to_descs(descs);
         const auto a = clipops_py::to_args(norm_dtype, scale, clip_norm, clip_ptr, use_norm,
                                            use_ptr, norm_out, true, tensor_norms, skip_nonfinite,
-                                           mode, clip_min, clip_min_ptr, clip_max, clip_max_ptr);
+                                           mode, clip_min, clip_min_ptr, clip_max, clip_max_ptr,
+                                           unscale, unscale_ptr);
         clipops_py::raise_if_error(clipops::clip_by_global_norm_cuda(
             t.data(), static_cast<int>(t.size()), a, reinterpret_cast<void*>(workspace),
             workspace_bytes, reinterpret_cast<cudaStream_t>(stream)));
@@ -118,7 +119,7 @@ void bind(py::module_& m) {
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
       py::arg("tensor_norms") = 0, py::arg("skip_nonfinite") = false, py::arg("mode") = 0,
       py::arg("clip_min") = 0.0, py::arg("clip_min_ptr") = 0, py::arg("clip_max") = 0.0,
-      py::arg("clip_max_ptr") = 0,
+      py::arg("clip_max_ptr") = 0, py::arg("unscale") = 1.0, py::arg("unscale_ptr") = 0,
       "clipops::clip_by_global_norm_cuda, the real launcher; queues its work (see synchronize).");
 
   m.def(

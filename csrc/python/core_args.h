@@ -34,7 +34,8 @@ inline clipops::ClipArgs to_args(int norm_dtype, bool scale, double clip, uintpt
                                  uintptr_t norm_out, bool check_overlap,
                                  uintptr_t tensor_norms = 0, bool skip_nonfinite = false,
                                  int mode = 0, double clip_min = 0.0, uintptr_t clip_min_ptr = 0,
-                                 double clip_max = 0.0, uintptr_t clip_max_ptr = 0) {
+                                 double clip_max = 0.0, uintptr_t clip_max_ptr = 0,
+                                 double unscale = 1.0, uintptr_t unscale_ptr = 0) {
   clipops::ClipArgs a;
   a.norm_dtype = norm_dtype;
   a.scale = scale;
@@ -48,6 +49,7 @@ inline clipops::ClipArgs to_args(int norm_dtype, bool scale, double clip, uintpt
   a.mode = mode;
   a.clip_min = {clip_min, reinterpret_cast<const void*>(clip_min_ptr)};
   a.clip_max = {clip_max, reinterpret_cast<const void*>(clip_max_ptr)};
+  a.unscale = {unscale, reinterpret_cast<const void*>(unscale_ptr)};
   return a;
 }
 

@@ -25,11 +25,12 @@ void launch(const std::vector<Desc>& descs, int norm_dtype, bool scale, double c
             uintptr_t clip_ptr, std::optional<double> use_norm, uintptr_t use_ptr,
             uintptr_t norm_out, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
             bool check_overlap, uintptr_t tensor_norms, bool skip_nonfinite, int mode,
-            double clip_min, uintptr_t clip_min_ptr, double clip_max, uintptr_t clip_max_ptr) {
+            double clip_min, uintptr_t clip_min_ptr, double clip_max, uintptr_t clip_max_ptr,
+            double unscale, uintptr_t unscale_ptr) {
   const auto t = to_descs(descs);
   const auto args = to_args(norm_dtype, scale, clip_norm, clip_ptr, use_norm, use_ptr, norm_out,
                             check_overlap, tensor_norms, skip_nonfinite, mode, clip_min,
-                            clip_min_ptr, clip_max, clip_max_ptr);
+                            clip_min_ptr, clip_max, clip_max_ptr, unscale, unscale_ptr);
   clipops::Status s;
   {
     py::gil_scoped_release release;
@@ -45,7 +46,8 @@ void launch(const std::vector<Desc>& descs, int norm_dtype, bool scale, double c
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),                     \
       py::arg("check_overlap") = true, py::arg("tensor_norms") = 0,                            \
       py::arg("skip_nonfinite") = false, py::arg("mode") = 0, py::arg("clip_min") = 0.0,      \
-      py::arg("clip_min_ptr") = 0, py::arg("clip_max") = 0.0, py::arg("clip_max_ptr") = 0
+      py::arg("clip_min_ptr") = 0, py::arg("clip_max") = 0.0, py::arg("clip_max_ptr") = 0,    \
+      py::arg("unscale") = 1.0, py::arg("unscale_ptr") = 0
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "clipops core: fused global-norm clipping (CPU and CUDA), framework-free";
@@ -76,11 +78,12 @@ PYBIND11_MODULE(_core, m) {
       "clip_cpu",
       [](const std::vector<Desc>& descs, int norm_dtype, bool scale, double clip_norm,
          std::optional<double> use_norm, uintptr_t norm_out, bool check_overlap,
-         uintptr_t tensor_norms, bool skip_nonfinite, int mode, double clip_min, double clip_max) {
+         uintptr_t tensor_norms, bool skip_nonfinite, int mode, double clip_min, double clip_max,
+         double unscale) {
         const auto t = to_descs(descs);
         const auto args = to_args(norm_dtype, scale, clip_norm, 0, use_norm, 0, norm_out,
                                   check_overlap, tensor_norms, skip_nonfinite, mode, clip_min, 0,
-                                  clip_max, 0);
+                                  clip_max, 0, unscale, 0);
         clipops::Status s;
         {
           py::gil_scoped_release release;
@@ -92,10 +95,11 @@ PYBIND11_MODULE(_core, m) {
       py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),
       py::arg("use_norm"), py::arg("norm_out"), py::arg("check_overlap") = true,
       py::arg("tensor_norms") = 0, py::arg("skip_nonfinite") = false, py::arg("mode") = 0,
-      py::arg("clip_min") = 0.0, py::arg("clip_max") = 0.0,
+      py::arg("clip_min") = 0.0, py::arg("clip_max") = 0.0, py::arg("unscale") = 1.0,
       "Run the CPU kernel over host buffers; raises ValueError on invalid input. tensor_norms: "
       "the address of one norm-dtype element per tensor, or 0. mode: 0 clip by the global "
-      "norm, 1 by each tensor's norm (clip_norm), 2 by value (clip_min, clip_max).");
+      "norm, 1 by each tensor's norm (clip_norm), 2 by value (clip_min, clip_max). unscale: "
+      "mode 0 takes the inputs as x * unscale (ClipArgs::unscale).");
 
   m.def(
       "cuda_workspace_bytes",

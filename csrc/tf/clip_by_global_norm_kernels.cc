@@ -91,7 +91,8 @@ class ClipOp : public OpKernel {
     // the scalar inputs after t_list, and where the core takes each
     std::vector<std::pair<const char*, clipops::Scalar*>> scalars;
     if (kKind == Kind::kClipByGlobalNorm)
-      scalars = {{"clip_norm", &args.clip_norm}, {"use_norm", &args.use_norm}};
+      scalars = {{"clip_norm", &args.clip_norm}, {"use_norm", &args.use_norm},
+                 {"unscale", &args.unscale}};
     else if (kKind == Kind::kClipByNorm)
       scalars = {{"clip_norm", &args.clip_norm}};
     else if (kKind == Kind::kClipByValue)

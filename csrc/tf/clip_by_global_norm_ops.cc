@@ -18,10 +18,9 @@ absl::Status SetNormsShape(InferenceContext* c, int n, int output) {
 }
 
 absl::Status ClipShape(InferenceContext* c) {
-  const int n = c->num_inputs() - 2;  // t_list..., clip_norm, use_norm
+  const int n = c->num_inputs() - 3;  // t_list..., clip_norm, use_norm, unscale
   ShapeHandle scalar;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(n), 0, &scalar));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(n + 1), 0, &scalar));
+  for (int k = 0; k < 3; ++k) TF_RETURN_IF_ERROR(c->WithRank(c->input(n + k), 0, &scalar));
   for (int i = 0; i < n; ++i) c->set_output(i, c->input(i));
   c->set_output(n, c->Scalar());
   return SetNormsShape(c, n, n + 1);
@@ -48,6 +47,7 @@ REGISTER_OP("ClipopsClipByGlobalNorm")
     .Input("t_list: T")
     .Input("clip_norm: Tnorm")
     .Input("use_norm: Tnorm")
+    .Input("unscale: Tnorm")
     .Output("clipped: T")
     .Output("global_norm: Tnorm")
     .Output("tensor_norms: Tnorm")
@@ -63,6 +63,8 @@ fused pass, with TensorFlow's clip_by_global_norm formula. When use_given is
 true, use_norm replaces the computed global norm and is returned. with_norms:
 tensor_norms holds each tensor's own norm (else it is empty). skip_nonfinite:
 an inf or NaN norm leaves the outputs equal to the inputs (else they are NaN).
+unscale: the inputs are taken as t * unscale (a loss scale's inverse; 1 for
+none): the norms and the outputs are those of that list, from the one pass.
 )doc");
 
 REGISTER_OP("ClipopsGlobalNorm")
