@@ -259,8 +259,9 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
       };
   const ParallelFor& run = elements < kParallelMinElements ? inline_for : parallel_for;
 
-  // out = op(in) for every element, work item by work item
-  auto map_all = [&](auto make_op) {
+  // fn(dt, t, in, out, count) for every chunk of every tensor, spread over the
+  // pool, after asking for huge pages on the fresh outputs
+  auto each_chunk = [&](auto fn) {
     for (int t = 0; t < num_tensors; ++t)
       if (tensors[t].out != tensors[t].in)
         advise_huge_pages(tensors[t].out, tensors[t].numel * dtype_size(tensors[t].dtype));
@@ -269,13 +270,17 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
       for_items(tensors, first_item, begin, end,
                 [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t) {
                   dispatch(t.dtype, [&](auto dt) {
-                    constexpr int DT = decltype(dt)::value;
-                    using T = typename Storage<DT>::type;
-                    const auto op = make_op(dt, static_cast<int>(&t - tensors));
-                    map_chunk(static_cast<const T*>(t.in) + offset, static_cast<T*>(t.out) + offset,
-                              count, op);
+                    using T = typename Storage<decltype(dt)::value>::type;
+                    fn(dt, t, static_cast<const T*>(t.in) + offset,
+                       static_cast<T*>(t.out) + offset, count);
                   });
                 });
+    });
+  };
+  // out = op(in) for every element; make_op(dt, tensor index) gives the op
+  auto map_all = [&](auto make_op) {
+    each_chunk([&](auto dt, const TensorDesc& t, const auto* in, auto* out, int64_t count) {
+      map_chunk(in, out, count, make_op(dt, static_cast<int>(&t - tensors)));
     });
   };
   if (args.mode == kClipByValue) {  // no norm: one pass
@@ -330,23 +335,12 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
   const double scale = step_scale(norm, args.clip_norm.value, args.norm_dtype, args.skip_nonfinite,
                                   args.unscale.value);
   const bool stream = bytes > kStreamBytes;  // outputs are as large as inputs
-  for (int t = 0; t < num_tensors; ++t)
-    if (tensors[t].out != tensors[t].in)
-      advise_huge_pages(tensors[t].out, tensors[t].numel * dtype_size(tensors[t].dtype));
-  run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
-    const ScopedIeeeSubnormals ieee;
-    for_items(tensors, first_item, begin, end,
-              [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t) {
-                dispatch(t.dtype, [&](auto dt) {
-                  constexpr int DT = decltype(dt)::value;
-                  using T = typename Storage<DT>::type;
-                  const Scaler<DT> scaler(scale);
-                  // a forwarded buffer that needs no clipping is left untouched
-                  if (t.out == t.in && scaler.is_one()) return;
-                  scale_chunk<DT>(static_cast<const T*>(t.in) + offset,
-                                  static_cast<T*>(t.out) + offset, count, scaler, stream);
-                });
-              });
+  each_chunk([&](auto dt, const TensorDesc& t, const auto* in, auto* out, int64_t count) {
+    constexpr int DT = decltype(dt)::value;
+    const Scaler<DT> scaler(scale);
+    // a forwarded buffer that needs no clipping is left untouched
+    if (t.out == t.in && scaler.is_one()) return;
+    scale_chunk<DT>(in, out, count, scaler, stream);
   });
   return Status::Ok();
 }
