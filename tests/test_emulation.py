@@ -381,6 +381,25 @@ def test_norm_out_aliasing_the_clip_pointer_is_rejected(rng):
     assert clip == np.float32(ref_norm(arrays) * 0.5)
 
 
+def test_every_half_bit_pattern_scales_to_the_software_path_s_bits():
+    # The CPU kernel converts float16 with F16C where the CPU has it, the CUDA kernel
+    # (emulated here) with clip_math.h's software conversions: every one of the 65,536
+    # half values (subnormals, infs, NaNs with any payload), summed and scaled by
+    # clipping scales that round, overflow, underflow and are NaN, gives the same bits
+    use_device(3)
+    every = np.arange(65536, dtype=np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)]
+    # (a product of two NaNs may carry either one's payload, by the compiler's operand
+    # order, and a GPU writes a canonical NaN: lists with NaNs get a finite use_norm)
+    small = finite[np.abs(finite) < 1]  # a list whose float16 norm (~90) does not overflow
+    cases = [([small], 1.0, None), ([small], 3.0, None), ([small], 1e-3, None),
+             ([every], 2.5e-4, 7.0), ([every], 0.3, 0.7), ([finite], 1.0, np.nan)]
+    for arrays, clip, use in cases:
+        outs, _ = assert_same_bits(arrays, clip, use_norm=use)
+        assert np.isnan(outs[0]).sum() == (np.isnan(arrays[0]).sum() if use == use
+                                           else arrays[0].size)
+
+
 def test_misaligned_tensors_are_rejected_before_the_launch(rng):
     # A GPU faults on a float64 access that is not 8-byte aligned (and the fault
     # ends the CUDA context): validate() refuses such pointers and writes nothing

@@ -55,8 +55,66 @@ CLIPOPS_SIMD_CLONES void add_rows_f16(const unsigned short* x, int64_t rows, flo
 CLIPOPS_SIMD_CLONES void add_rows_bf16(const unsigned short* x, int64_t rows, float* lanes) {
   add_rows<kBFloat16>(x, rows, lanes);
 }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// float16 with F16C (every x86 CPU with AVX2 has it): the hardware conversions
+// round to nearest even and keep subnormals (MXCSR's FTZ/DAZ are cleared by
+// ScopedIeeeSubnormals), as half_to_float / float_to_half do, so the bits are
+// the software path's. The one difference is a NaN's payload: F16C keeps it,
+// float_to_half writes the canonical 0x7e00. A group of 8 with a NaN product
+// is therefore redone by the software path.
+#define CLIPOPS_F16C 1
+__attribute__((target("avx2,f16c"))) void scale_f16_f16c(const unsigned short* in,
+                                                          unsigned short* out, int64_t count,
+                                                          float s) {
+  const __m256 vs = _mm256_set1_ps(s);
+  const Scaler<kFloat16> scalar(s);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 y = _mm256_mul_ps(
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))), vs);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)) != 0) {
+      for (int k = 0; k < 8; ++k) out[i + k] = scalar(in[i + k]);
+      continue;
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < count; ++i) out[i] = scalar(in[i]);
+}
+
+// add_rows<kFloat16> with F16C: the same lanes and the same two roundings per
+// element (the square, then the sum; no FMA). A half NaN converts to a float
+// NaN whose square is the software path's (the product quiets either one).
+__attribute__((target("avx2,f16c"))) void add_rows_f16_f16c(const unsigned short* x,
+                                                            int64_t rows, float* lanes) {
+  constexpr int kBlock = 32;
+  for (int jb = 0; jb < kLanes; jb += kBlock) {
+    __m256 acc[4];
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_loadu_ps(lanes + jb + 8 * k);
+    for (int64_t r = 0; r < rows; ++r) {
+      const unsigned short* p = x + r * kLanes + jb;
+      for (int k = 0; k < 4; ++k) {
+        const __m256 v =
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * k)));
+        acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(v, v));
+      }
+    }
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(lanes + jb + 8 * k, acc[k]);
+  }
+}
+
+bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
 template <int DT>
 inline void add_rows_dt(const typename Storage<DT>::type* x, int64_t rows, typename Storage<DT>::acc* lanes) {
+#if defined(CLIPOPS_F16C)
+  if constexpr (DT == kFloat16)
+    if (has_f16c()) return add_rows_f16_f16c(x, rows, lanes);
+#endif
   if constexpr (DT == kFloat16) add_rows_f16(x, rows, lanes);
   else if constexpr (DT == kBFloat16) add_rows_bf16(x, rows, lanes);
   else if constexpr (DT == kFloat32) add_rows_f32(x, rows, lanes);
@@ -105,9 +163,14 @@ CLIPOPS_SIMD_CLONES void scale_bf16(const unsigned short* in, unsigned short* ou
   scale_loop<kBFloat16>(in, out, count, Scaler<kBFloat16>(s));
 }
 
+
 template <int DT>
 void scale_chunk(const typename Storage<DT>::type* in, typename Storage<DT>::type* out,
                  int64_t count, const Scaler<DT>& scaler, bool /*stream*/) {
+#if defined(CLIPOPS_F16C)
+  if constexpr (DT == kFloat16)
+    if (has_f16c()) return scale_f16_f16c(in, out, count, scaler.s);
+#endif
   if constexpr (DT == kFloat16) scale_f16(in, out, count, scaler.s);  // s is already a half value
   else if constexpr (DT == kBFloat16) scale_bf16(in, out, count, scaler.s);
   else scale_loop<DT>(in, out, count, scaler);
