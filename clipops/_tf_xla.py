@@ -16,7 +16,9 @@ the same computation as TF ops, which XLA compiles and fuses:
   - the scale is TF's formula, ``clip * min(1/norm, 1/clip) + (norm - norm)``,
     op for op in the norm's dtype, and each tensor is multiplied by it cast to
     its own dtype. A list that is not clipped therefore comes back with the
-    same bits as from the op.
+    same bits as from the op;
+  - ``unscale`` (a loss scale's inverse) multiplies the norms in float64
+    before their rounding and the scale after it, as the kernel does.
 
 Gradients are TF's own for these ops: the chain rule of the same formula.
 """
