@@ -75,7 +75,7 @@ RUNNER = textwrap.dedent("""
             out[name] = list((ctypes.c_uint * 3).in_dll(f, name))
         out["fake_shared"] = ctypes.c_uint.in_dll(f, "fake_shared").value
         out["fake_launch_stream"] = ctypes.c_size_t.in_dll(f, "fake_launch_stream").value
-        out["fake_params"] = bytes((ctypes.c_ubyte * 152).in_dll(f, "fake_params")).hex()
+        out["fake_params"] = bytes((ctypes.c_ubyte * 168).in_dll(f, "fake_params")).hex()
         out["fake_loaded_head"] = bytes((ctypes.c_ubyte * 64).in_dll(f, "fake_loaded_head")).hex()
     if a["fake_nvrtc"]:
         n = ctypes.CDLL(a["nvrtc"])
@@ -132,7 +132,7 @@ def run_route(fakes, tmp_path, *, env=None, sizes=(5, CHUNK + 1, 0, 3 * CHUNK), 
 
 def params(out: dict) -> list[bytes]:
     raw = bytes.fromhex(out["fake_params"])
-    return [raw[8 * i:8 * i + 8] for i in range(19)]
+    return [raw[8 * i:8 * i + 8] for i in range(21)]
 
 
 # ---- a launch, as the fakes see it -------------------------------------------------
@@ -169,6 +169,8 @@ def test_one_cooperative_launch_with_the_table_the_kernel_expects(fakes, tmp_pat
     assert struct.unpack("<Q", p[12])[0] == 0                         # no tensor_norms
     assert struct.unpack("<i", p[13][:4])[0] == 0                     # nonfinite: TF's NaN
     assert struct.unpack("<i", p[14][:4])[0] == 0                     # clip by the global norm
+    assert struct.unpack("<d", p[19])[0] == 1.0                       # unscale: none
+    assert struct.unpack("<Q", p[20])[0] == 0                         # unscale on the host
 
 
 def test_compile_options_are_the_nvcc_build_s_code_generation(fakes, tmp_path):

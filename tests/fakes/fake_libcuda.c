@@ -19,7 +19,7 @@ static int env_int(const char* name, int fallback) {
 int fake_init_calls, fake_module_loads, fake_copies, fake_launches, fake_ctx_depth, fake_max_depth;
 unsigned fake_grid[3], fake_block[3], fake_shared;
 uintptr_t fake_launch_stream, fake_launch_function;
-unsigned char fake_params[19][8]; /* the first 8 bytes behind each kernel parameter */
+unsigned char fake_params[21][8]; /* the first 8 bytes behind each kernel parameter */
 unsigned char fake_loaded_head[64];  /* the first bytes of the last module image */
 
 CUresult cuInit(unsigned flags) {
@@ -99,6 +99,6 @@ CUresult cuLaunchCooperativeKernel(void* fn, unsigned gx, unsigned gy, unsigned 
   fake_block[0] = bx; fake_block[1] = by; fake_block[2] = bz;
   fake_shared = shared;
   fake_launch_stream = (uintptr_t)stream;
-  for (int i = 0; i < 19; ++i) memcpy(fake_params[i], params[i], 8);
+  for (int i = 0; i < 21; ++i) memcpy(fake_params[i], params[i], 8);
   return env_int("FAKE_CUDA_LAUNCH_ERROR", 0);
 }
