@@ -417,7 +417,8 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
             r = _ctf.clip_by_global_norm(values, 1.0, use_norm=1.0, unscale=inverse,
                                          return_norms=True)
             finite = tf.reduce_all(tf.math.is_finite(r.tensor_norms))
-        others = [g for i, g in enumerate(grads) if g is not None and i not in set(keep)]
+        kept = set(keep)
+        others = [g for i, g in enumerate(grads) if g is not None and i not in kept]
         if others:  # overwrite-with-gradient ones (float8 scales): checked, as Keras does
             finite = tf.logical_and(finite, tf.reduce_all(
                 [tf.reduce_all(tf.math.is_finite(g)) for g in others]))

@@ -163,7 +163,6 @@ CLIPOPS_SIMD_CLONES void scale_bf16(const unsigned short* in, unsigned short* ou
   scale_loop<kBFloat16>(in, out, count, Scaler<kBFloat16>(s));
 }
 
-
 template <int DT>
 void scale_chunk(const typename Storage<DT>::type* in, typename Storage<DT>::type* out,
                  int64_t count, const Scaler<DT>& scaler, bool /*stream*/) {
