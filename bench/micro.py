@@ -368,13 +368,27 @@ def numpy_inplace(d: CaseData) -> Runner:
     return _np_runner(lambda: cnp.clip_by_global_norm(d.work, d.clip_norm, in_place=True), setup)
 
 
+def tf_identity_n(d: CaseData) -> Runner:
+    """TF's own eager cost of one op that takes the list and returns it, with
+    no arithmetic and no allocation: below it no TF op on the list can go."""
+    return Runner(lambda: tf.identity_n(d.tensors), sync=lambda r: None, fetch=None)
+
+
+def numpy_empty_like(d: CaseData) -> Runner:
+    """NumPy's cost of making a fresh array like each of the list's, untouched:
+    below it no copying front end can go."""
+    return Runner(lambda: [np.empty_like(a) for a in d.arrays], sync=lambda r: None, fetch=None)
+
+
 @dataclass(frozen=True)
 class Impl:
     """An implementation: what it is, how to build it, and when it runs.
 
     role: "clip" (the comparison proper), "forwarded" (no-clip cases, gradients
     made inside the function; net of `producer`), "producer" (that baseline),
-    or "norm_pass" (the norm alone: the first of clipping's two passes)."""
+    "norm_pass" (the norm alone: the first of clipping's two passes), or
+    "dispatch" (a framework's own per-call cost on the list, no clipping: the
+    least a clip through it can take; set against the clip's floor)."""
     name: str
     family: str
     role: str
@@ -409,6 +423,8 @@ IMPLS: tuple[Impl, ...] = (
     Impl("tf_function_fwd", "tf", "forwarded", forwarded(tf_clip_for), skip=_only_noclip),
     Impl("clipops_function_fwd", "clipops", "forwarded", forwarded(clipops_clip_for),
          skip=_only_noclip),
+    Impl("tf_identity_n", "baseline", "dispatch", tf_identity_n),
+    Impl("numpy_empty_like", "baseline", "dispatch", numpy_empty_like),
     Impl("tf_norm_eager", "tf", "norm_pass",
          lambda d: _norm_runner(lambda: tf.linalg.global_norm(d.tensors)), skip=_not_mixed),
     Impl("clipops_norm_eager", "clipops", "norm_pass",
@@ -430,7 +446,7 @@ def floor_bytes(case: Case, role: str) -> int:
     """Bytes the work must move at least: clipping reads the list twice and
     writes it once; without clipping, forwarded buffers are only read."""
     per_list = {"clip": 3 if case.clipping else 1, "forwarded": 1, "norm_pass": 1,
-                "producer": 2}[role]
+                "producer": 2, "dispatch": 3 if case.clipping else 1}[role]
     return per_list * case.nbytes
 
 
@@ -692,6 +708,9 @@ TARGETS = [
        impl, "<=", 1.15)
       for case in ("resnet50", "bert_base")
       for impl in ("clipops_function", "clipops_eager", "numpy", "numpy_inplace")],
+    *[(f"10,000 small tensors: {impl} within 5x of the bandwidth floor", "small_10k", "floor",
+       impl, "<=", 5.0)
+      for impl in ("clipops_eager", "numpy", "numpy_inplace")],
     *[("no clipping, forwarded buffers: clipops >= 2x faster than TF (net of the producer)",
        case, "ratio", "function_forwarded", ">=", 2.0)
       for case in ("mnist_noclip", "resnet50_noclip")],

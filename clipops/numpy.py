@@ -25,10 +25,20 @@ def _code_of(a: np.ndarray, index: int) -> int:
 
 
 def _prepare(arrays, in_place: bool):
+    """The list checked and described for the kernel: ``(arrays, batch)``, batch
+    a ``_core.NumpyBatch``. Plain contiguous arrays are described in C++ at once;
+    anything else (non-arrays, views, byte-swapped or misaligned arrays,
+    subclasses, bfloat16) goes through the checks below first."""
     arrays = _common.check_list(arrays, "arrays")
-    present = []  # (position, array, dtype code)
+    core = _common.load_core()
+    batch = core.NumpyBatch.from_list(arrays, in_place)
+    if batch is not None:
+        return arrays, batch
+    prepared, codes = [], []
     for i, a in enumerate(arrays):
         if a is None:
+            prepared.append(None)
+            codes.append(-1)
             continue
         if isinstance(a, np.ndarray) and not a.dtype.isnative:
             # The kernel reads native floats: swapped bytes would be garbage.
@@ -55,9 +65,10 @@ def _prepare(arrays, in_place: bool):
             a = np.ascontiguousarray(a)
         elif not a.flags.aligned:  # a view at an odd byte offset: an aligned copy
             a = a.copy()
-        present.append((i, a, _code_of(a, i)))
-    norm_code = _common.norm_dtype_code([c for _, _, c in present])
-    return arrays, present, norm_code
+        prepared.append(a)
+        codes.append(_code_of(a, i))
+    # keeps `prepared` (and the copies in it) alive for as long as the batch
+    return arrays, core.NumpyBatch.from_list(prepared, in_place, codes)
 
 
 def global_norm(arrays, *, return_norms: bool = False):
@@ -78,16 +89,16 @@ def global_norm(arrays, *, return_norms: bool = False):
     Raises:
       TypeError: ``arrays`` is not a sequence, or holds a non-float array.
     """
-    arrays, present, norm_code = _prepare(arrays, in_place=False)
-    dtype = _common.np_dtype(norm_code)
+    arrays, batch = _prepare(arrays, in_place=False)
+    dtype = _common.np_dtype(batch.norm_code)
     norm = np.empty((), dtype=dtype)
-    norms = np.empty(len(present), dtype=dtype)
-    descs = [(a.ctypes.data, 0, a.size, c) for _, a, c in present]
-    _common.load_core().clip_cpu(descs, norm_code, False, 0.0, None, norm.ctypes.data,
-                                 tensor_norms=norms.ctypes.data if return_norms and present else 0)
+    positions = batch.positions
+    norms = np.empty(len(positions), dtype=dtype)
+    batch.run(False, False, 0.0, None, norm.ctypes.data,
+              tensor_norms=norms.ctypes.data if return_norms and positions else 0)
     if not return_norms:
         return norm
-    return norm, _common.expand_norms(norms, [i for i, _, _ in present], len(arrays), np)
+    return norm, _common.expand_norms(norms, positions, len(arrays), np)
 
 
 def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False, *,
@@ -131,26 +142,23 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
       clipops.NonFiniteError: nonfinite="raise" and the norm is inf or NaN.
     """
     policy = _common.check_nonfinite(nonfinite)
-    arrays, present, norm_code = _prepare(arrays, in_place)
+    arrays, batch = _prepare(arrays, in_place)
+    norm_code = batch.norm_code
     clip = _common.scalar_in(clip_norm, norm_code, "clip_norm")
     use = None if use_norm is None else _common.scalar_in(use_norm, norm_code, "use_norm")
     u = 1.0 if unscale is None else _common.scalar_in(_common.check_unscale(unscale), norm_code,
                                                        "unscale")
-    outs = [a if in_place else np.empty_like(a) for _, a, _ in present]
     dtype = _common.np_dtype(norm_code)
     norm = np.empty((), dtype=dtype)
-    norms = np.empty(len(present), dtype=dtype)
-    want_norms = (return_norms or policy == "raise") and present
-    descs = [(a.ctypes.data, o.ctypes.data, a.size, c) for (_, a, c), o in zip(present, outs)]
-    _common.load_core().clip_cpu(descs, norm_code, True, clip, use, norm.ctypes.data,
-                                 tensor_norms=norms.ctypes.data if want_norms else 0,
-                                 skip_nonfinite=policy != "nan", unscale=u)
-    positions = [i for i, _, _ in present]
+    positions = batch.positions
+    norms = np.empty(len(positions), dtype=dtype)
+    want_norms = (return_norms or policy == "raise") and positions
+    # in place, the results are the caller's own array objects
+    result = batch.run(in_place, True, clip, use, norm.ctypes.data,
+                       tensor_norms=norms.ctypes.data if want_norms else 0,
+                       skip_nonfinite=policy != "nan", unscale=u)
     if policy == "raise" and not np.isfinite(norm):
         raise _common.NonFiniteError(_common.nonfinite_message(norm, norms, positions, "arrays"))
-    result = [None] * len(arrays)
-    for i, o in zip(positions, outs):
-        result[i] = o  # in place: the caller's own array object
     if not (return_norms or policy == "skip"):
         return result, norm
     return _common.ClipResult(
@@ -163,20 +171,15 @@ def _clip_each(arrays, in_place: bool, mode: int, clip=0.0, lo=0.0, hi=0.0,
                return_norms: bool = False):
     """clip_by_norm / clip_by_value: one pass of the CPU kernel in `mode`.
     clip (clip_by_norm) is rounded to the norm dtype, as clip_by_global_norm's."""
-    arrays, present, norm_code = _prepare(arrays, in_place)
+    arrays, batch = _prepare(arrays, in_place)
+    norm_code = batch.norm_code
     clip = _common.scalar_in(clip, norm_code, "clip_norm")
     lo = _common.scalar_in(lo, norm_code, "clip_value_min")
     hi = _common.scalar_in(hi, norm_code, "clip_value_max")
-    outs = [a if in_place else np.empty_like(a) for _, a, _ in present]
-    norms = np.empty(len(present), dtype=_common.np_dtype(norm_code))
-    descs = [(a.ctypes.data, o.ctypes.data, a.size, c) for (_, a, c), o in zip(present, outs)]
-    core = _common.load_core()
-    core.clip_cpu(descs, norm_code, True, clip, None, 0, mode=mode, clip_min=lo, clip_max=hi,
-                  tensor_norms=norms.ctypes.data if return_norms and present else 0)
-    result = [None] * len(arrays)
-    positions = [i for i, _, _ in present]
-    for i, o in zip(positions, outs):
-        result[i] = o
+    positions = batch.positions
+    norms = np.empty(len(positions), dtype=_common.np_dtype(norm_code))
+    result = batch.run(in_place, True, clip, None, 0, mode=mode, clip_min=lo, clip_max=hi,
+                       tensor_norms=norms.ctypes.data if return_norms and positions else 0)
     if return_norms:
         return result, _common.expand_norms(norms, positions, len(arrays), np)
     return result

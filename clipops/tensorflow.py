@@ -62,6 +62,11 @@ def _load_op_library():
 _ops = _load_op_library()
 
 
+# Keyed by DType object: `dtype.name` costs 0.4 us a tensor, a tenth of an eager
+# call's Python time on a list of 10,000 small tensors.
+_CODES = {tf.as_dtype(name): code for name, code in _common.DTYPE_CODES.items()}
+
+
 def _values(t_list: list):
     """The non-None entries as tensors (IndexedSlices give their values), with
     their positions and the norm dtype; raises on bad input."""
@@ -74,7 +79,7 @@ def _values(t_list: list):
         v = t.values if isinstance(t, tf.IndexedSlices) else t
         if not isinstance(v, (tf.Tensor, tf.Variable)):
             v = tf.convert_to_tensor(v)
-        code = _common.DTYPE_CODES.get(v.dtype.name)
+        code = _CODES.get(v.dtype)
         if code is None:
             _common.dtype_code(v.dtype.name, i)  # raises TypeError naming it
         if eager:

@@ -326,3 +326,104 @@ def test_the_source_folder_explains_itself():
                          timeout=300)
     assert out.returncode == pytest.ExitCode.USAGE_ERROR, out.stdout + out.stderr
     assert "cannot test clipops: `import clipops` found the source folder" in out.stdout + out.stderr
+
+
+# ---- the list walked in C++ (NumpyBatch), and the host block cache ------------
+
+def test_fast_and_checking_paths_give_the_same_bits(rng):
+    """Plain contiguous arrays are described in C++ at once; one view among
+    them sends the whole list through the Python checks. Same bits either way,
+    for every mode, with None entries and mixed dtypes."""
+    sizes = [0, 1, 1023, CHUNK + 1, 70_000, 300_000]  # both sides of the cache's 256 KiB
+    plain = [random_array(rng, (n,), d) for n, d in zip(sizes, [np.float32, np.float16] * 3)]
+    plain.insert(2, None)
+    core = cn._common.load_core()
+    assert core.NumpyBatch.from_list(plain, False) is not None  # the fast path takes it
+    twice = [None if a is None else np.repeat(a, 2)[::2] for a in plain]  # non-contiguous views
+    assert core.NumpyBatch.from_list(twice, False) is None  # ... and not this
+    for fn in (lambda l: cn.clip_by_global_norm(l, 3.0, return_norms=True),
+               lambda l: cn.clip_by_norm(l, 0.5, return_norms=True),
+               lambda l: cn.clip_by_value(l, -0.1, 0.2),
+               lambda l: cn.global_norm(l, return_norms=True)):
+        fast, checked = fn(plain), fn(twice)
+        for x, y in zip(_leaves(fast), _leaves(checked)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+def _leaves(result):
+    out = []
+    for item in (result if isinstance(result, (tuple, list)) else [result]):
+        if isinstance(item, list):
+            out.extend(item)
+        else:
+            out.append(item)
+    return out
+
+
+def test_subclasses_take_the_checking_path_and_give_plain_arrays(rng):
+    m = np.asmatrix(random_array(rng, (3, 4), np.float64))
+    (out,), norm = cn.clip_by_global_norm([m], 0.1)
+    assert type(out) is np.ndarray and out.shape == (3, 4)
+    assert np.allclose(out, np.asarray(m) * 0.1 / np.linalg.norm(np.asarray(m)), rtol=1e-12)
+    (same,), _ = cn.clip_by_global_norm([m], 0.1, in_place=True)
+    assert same is m  # in place: the caller's own object, subclass and all
+
+
+def test_large_outputs_come_from_the_bounded_host_cache(rng):
+    core = cn._common.load_core()
+    old_limit = core.host_cache_stats()["limit_bytes"]
+    try:
+        core.set_host_cache_limit(1 << 30)
+        arrays = [random_array(rng, (n,), np.float32) for n in (1 << 20, 300, 1 << 16)]
+        before = core.host_cache_stats()
+        out, _ = cn.clip_by_global_norm(arrays, 1.0)
+        big = out[0]
+        assert big.flags.writeable and big.flags.c_contiguous and big.base is not None
+        assert type(out[1].base) is not type(big.base)  # the small one is NumPy's own
+        held = core.host_cache_stats()
+        assert held["in_use_bytes"] >= before["in_use_bytes"] + (4 << 20)
+        first_address = big.ctypes.data
+        values = big.copy()
+        del arrays  # the outputs own their memory, not the inputs'
+        assert big.tobytes() == values.tobytes()
+        del out, big
+        freed = core.host_cache_stats()
+        assert freed["in_use_bytes"] == before["in_use_bytes"]
+        assert freed["cached_bytes"] >= before["cached_bytes"] + (4 << 20)
+        again, _ = cn.clip_by_global_norm([random_array(rng, (1 << 20,), np.float32)], 1.0)
+        assert again[0].ctypes.data == first_address  # the freed block, reused
+        assert core.host_cache_stats()["hits"] == freed["hits"] + 1
+        del again
+        core.set_host_cache_limit(0)  # the bound: nothing kept, and what was kept is unmapped
+        assert core.host_cache_stats()["cached_bytes"] == 0
+        out, _ = cn.clip_by_global_norm([random_array(rng, (1 << 20,), np.float32)], 1.0)
+        del out
+        assert core.host_cache_stats()["cached_bytes"] == 0
+    finally:
+        core.set_host_cache_limit(old_limit)
+
+
+def test_copy_mode_stops_faulting_fresh_pages(rng):
+    """A training loop's second and later steps reuse the first step's output
+    blocks: minor page faults per call fall from one per page (or huge page)
+    to about none. Counts, not times."""
+    import resource
+    arrays = [random_array(rng, (n,), np.float32) for n in [6_000_000] + [300_000] * 10]
+    pages = sum(a.nbytes for a in arrays) // 4096
+
+    def faults():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        out, _ = cn.clip_by_global_norm(arrays, 1.0)
+        del out
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    core = cn._common.load_core()
+    old_limit = core.host_cache_stats()["limit_bytes"]
+    try:
+        core.set_host_cache_limit(1 << 30)  # as by default (CLIPOPS_HOST_CACHE_MB=0 fails this)
+        faults()
+        assert max(faults() for _ in range(3)) < pages // 100, pages
+    finally:
+        core.set_host_cache_limit(old_limit)

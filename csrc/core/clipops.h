@@ -129,6 +129,25 @@ class ScopedIeeeSubnormals {
   unsigned saved_ = 0;
 };
 
+// ---- Host output blocks (host_cache.cc) ---------------------------------------
+// Fresh outputs of the host front ends come from here when large: page-aligned
+// blocks (2 MiB-aligned sizes, huge pages advised, from 8 MiB), kept mapped when
+// freed and handed to the next request of the same rounded size, so a training
+// loop's outputs are faulted once, not every step. Freed blocks held in all are
+// bounded: CLIPOPS_HOST_CACHE_MB (default 1024; 0 keeps none), or
+// set_host_cache_limit; beyond it the largest free blocks are unmapped.
+size_t host_block_size(size_t bytes);     // the rounded size a request takes
+void* host_block_alloc(size_t bytes);     // nullptr when the system has no memory
+void host_block_free(void* block, size_t bytes);  // bytes: as passed to alloc
+struct HostCacheStats {
+  size_t cached_bytes;  // freed blocks kept for reuse
+  size_t in_use_bytes;  // blocks handed out and not yet freed
+  size_t limit_bytes;
+  size_t hits, misses;  // requests served from the cache, and not
+};
+HostCacheStats host_cache_stats();
+void set_host_cache_limit(size_t bytes);
+
 // Computes the global norm and (if args.scale) writes every scaled tensor.
 // \param[in] tensors      the list; host memory
 // \param[in] num_tensors  its length (may be 0: the norm is then 0)

@@ -1,10 +1,15 @@
 // pybind11 adapter: exposes the core to the NumPy and CuPy front ends
-// (clipops/numpy.py, clipops/cupy.py). It takes raw pointers so that it needs
-// neither NumPy's nor CuPy's headers; the Python side keeps the arrays alive.
+// (clipops/numpy.py, clipops/cupy.py). The CuPy route takes raw pointers, so it
+// needs no CuPy headers; the NumPy route (NumpyBatch) reads the arrays through
+// pybind11's NumPy API, which finds NumPy at run time, so it needs none of
+// NumPy's headers either.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <new>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -40,6 +45,154 @@ void launch(const std::vector<Desc>& descs, int norm_dtype, bool scale, double c
   raise_if_error(s);
 }
 
+// ---- NumPy: the list walked in C++ ------------------------------------------
+// A list of NumPy arrays, checked and described once per call without a Python
+// loop (a list of 10,000 small arrays cost 3 us per array in Python), and the
+// kernel run over it with fresh outputs allocated here.
+namespace {
+
+// Outputs from this many bytes come from the host block cache (clipops.h);
+// below it NumPy's allocator reuses memory without new page faults.
+constexpr size_t kCachedOutputBytes = size_t(256) << 10;
+
+// NumPy's type numbers (stable parts of its ABI) of the dtypes with a fixed
+// number; bfloat16 (ml_dtypes) is registered at run time: the caller names it.
+int code_of_type_num(int num) {
+  switch (num) {
+    case 23: return clipops::kFloat16;  // NPY_HALF
+    case 11: return clipops::kFloat32;  // NPY_FLOAT
+    case 12: return clipops::kFloat64;  // NPY_DOUBLE
+    default: return -1;
+  }
+}
+
+struct HostBlock {  // a capsule's payload: the block a NumPy output lives in
+  void* data;
+  size_t bytes;
+};
+
+// A fresh C-contiguous array shaped and typed like `like`.
+py::array fresh_like(const py::array& like) {
+  const size_t bytes = static_cast<size_t>(like.nbytes());
+  if (bytes < kCachedOutputBytes) {
+    // NumPy allocates; called directly, as pybind11's constructor copies the
+    // shape and computes strides first (a third of the time per small array)
+    const auto& api = py::detail::npy_api::get();
+    PyObject* descr = py::detail::array_proxy(like.ptr())->descr;
+    Py_INCREF(descr);  // PyArray_NewFromDescr steals it
+    PyObject* out = api.PyArray_NewFromDescr_(
+        api.PyArray_Type_, descr, static_cast<int>(like.ndim()),
+        reinterpret_cast<Py_intptr_t*>(const_cast<py::ssize_t*>(like.shape())), nullptr, nullptr,
+        0, nullptr);
+    if (out == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::array>(out);
+  }
+  const py::dtype dt = like.dtype();
+  std::vector<py::ssize_t> shape(like.shape(), like.shape() + like.ndim());
+  void* data = clipops::host_block_alloc(bytes);
+  if (data == nullptr) throw std::bad_alloc();
+  py::capsule owner(new HostBlock{data, bytes}, [](void* p) {
+    auto* block = static_cast<HostBlock*>(p);
+    clipops::host_block_free(block->data, block->bytes);
+    delete block;
+  });
+  return py::array(dt, std::move(shape), {}, data, owner);
+}
+
+class NumpyBatch {
+ public:
+  // arrays: a list of NumPy arrays or None. codes: None (the arrays must be
+  // plain, C-contiguous, aligned, native-order ndarrays of float16/32/64, else
+  // from_list returns None and the caller takes its checking path), or a dtype
+  // code per entry from that path, which has normalized the arrays.
+  static std::optional<NumpyBatch> from_list(const py::list& arrays, bool in_place,
+                                             const py::object& codes) {
+    NumpyBatch b;
+    b.length_ = static_cast<int>(arrays.size());
+    b.arrays_ = arrays;
+    const bool checked = !codes.is_none();
+    const py::list code_list = checked ? py::list(codes) : py::list();
+    const auto& api = py::detail::npy_api::get();
+    int need = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+    if (in_place) need |= py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    for (int i = 0; i < b.length_; ++i) {
+      PyObject* item = PyList_GET_ITEM(arrays.ptr(), i);
+      if (item == Py_None) continue;
+      // subclasses (np.matrix, masked arrays) take the checking path
+      if (Py_TYPE(item) != api.PyArray_Type_ && !(checked && api.PyArray_Check_(item)))
+        return fail(checked, i, "is not a NumPy array");
+      const auto a = py::reinterpret_borrow<py::array>(item);
+      if ((a.flags() & need) != need || a.dtype().byteorder() == '>')
+        return fail(checked, i, "is not a C-contiguous, aligned, native-order array");
+      const int code = checked ? code_list[i].cast<int>() : code_of_type_num(a.dtype().num());
+      if (code < 0) return std::nullopt;  // the checking path names the dtype
+      clipops::TensorDesc d;
+      d.in = a.data();
+      d.out = in_place ? const_cast<void*>(d.in) : nullptr;
+      d.numel = a.size();
+      d.dtype = code;
+      b.descs_.push_back(d);
+      b.positions_.push_back(i);
+    }
+    b.norm_code_ = clipops::norm_dtype_of(b.descs_.data(), static_cast<int>(b.descs_.size()));
+    return b;
+  }
+
+  int norm_code() const { return norm_code_; }
+  const std::vector<int>& positions() const { return positions_; }
+
+  // Runs the CPU kernel (module.cc's clip_cpu arguments); with scale and not
+  // in place, into fresh outputs. Returns the list of results, None where the
+  // input was None (the input arrays themselves in place; [] without scale).
+  py::list run(bool in_place, bool scale, double clip_norm, std::optional<double> use_norm,
+               uintptr_t norm_out, uintptr_t tensor_norms, bool skip_nonfinite, int mode,
+               double clip_min, double clip_max, double unscale) {
+    std::vector<clipops::TensorDesc> descs = descs_;
+    std::vector<py::array> outs;
+    if (scale && !in_place) {
+      outs.reserve(descs.size());
+      for (size_t k = 0; k < descs.size(); ++k) {
+        outs.push_back(fresh_like(py::reinterpret_borrow<py::array>(
+            PyList_GET_ITEM(arrays_.ptr(), positions_[k]))));
+        descs[k].out = outs.back().mutable_data();
+      }
+    }
+    const auto args = clipops_py::to_args(norm_code_, scale, clip_norm, 0, use_norm, 0, norm_out,
+                                          true, tensor_norms, skip_nonfinite, mode, clip_min, 0,
+                                          clip_max, 0, unscale, 0);
+    clipops::Status s;
+    {
+      py::gil_scoped_release release;
+      s = clipops::clip_by_global_norm_cpu(descs.data(), static_cast<int>(descs.size()), args,
+                                           clipops::default_parallel_for());
+    }
+    raise_if_error(s);  // the fresh outputs are freed (their blocks cached) on the way out
+    py::list result(scale ? length_ : 0);
+    if (!scale) return result;
+    for (int i = 0; i < length_; ++i) result[i] = py::none();
+    for (size_t k = 0; k < descs.size(); ++k)
+      result[positions_[k]] = in_place ? py::reinterpret_borrow<py::object>(
+                                             PyList_GET_ITEM(arrays_.ptr(), positions_[k]))
+                                       : py::object(outs[k]);
+    return result;
+  }
+
+ private:
+  static std::optional<NumpyBatch> fail(bool checked, int i, const char* what) {
+    if (!checked) return std::nullopt;
+    throw py::value_error("arrays[" + std::to_string(i) + "] " + what +
+                          " after the front end's checks (a clipops bug)");
+  }
+
+  py::list arrays_;  // holds the arrays the descriptors point into
+  std::vector<clipops::TensorDesc> descs_;
+  std::vector<int> positions_;
+  int length_ = 0;
+  int norm_code_ = clipops::kFloat32;
+};
+
+}  // namespace
+
 #define LAUNCH_ARGS                                                                            \
   py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),             \
       py::arg("clip_ptr"), py::arg("use_norm"), py::arg("use_ptr"), py::arg("norm_out"),       \
@@ -61,6 +214,32 @@ PYBIND11_MODULE(_core, m) {
                                    py::arg("bfloat16") = int(clipops::kBFloat16),
                                    py::arg("float32") = int(clipops::kFloat32),
                                    py::arg("float64") = int(clipops::kFloat64));
+
+  py::class_<NumpyBatch>(m, "NumpyBatch",
+                         "A list of NumPy arrays described for the CPU kernel (clipops/numpy.py).")
+      .def_static("from_list", &NumpyBatch::from_list, py::arg("arrays"), py::arg("in_place"),
+                  py::arg("codes") = py::none(),
+                  "The batch, or None when an entry needs the front end's checking path.")
+      .def_property_readonly("norm_code", &NumpyBatch::norm_code)
+      .def_property_readonly("positions", &NumpyBatch::positions)
+      .def("run", &NumpyBatch::run, py::arg("in_place"), py::arg("scale"), py::arg("clip_norm"),
+           py::arg("use_norm"), py::arg("norm_out"), py::arg("tensor_norms") = 0,
+           py::arg("skip_nonfinite") = false, py::arg("mode") = 0, py::arg("clip_min") = 0.0,
+           py::arg("clip_max") = 0.0, py::arg("unscale") = 1.0,
+           "Run the CPU kernel over the batch (clip_cpu's arguments); returns the results.");
+
+  m.def(
+      "host_cache_stats",
+      [] {
+        const auto s = clipops::host_cache_stats();
+        return py::dict(py::arg("cached_bytes") = s.cached_bytes,
+                        py::arg("in_use_bytes") = s.in_use_bytes,
+                        py::arg("limit_bytes") = s.limit_bytes, py::arg("hits") = s.hits,
+                        py::arg("misses") = s.misses);
+      },
+      "The host block cache that large NumPy outputs come from (clipops.h).");
+  m.def("set_host_cache_limit", &clipops::set_host_cache_limit, py::arg("bytes"),
+        "Bound the freed blocks the host cache keeps (default CLIPOPS_HOST_CACHE_MB, 1024).");
 
   m.def("cuda_compiled", &clipops::cuda_compiled,
         "True when the CUDA kernel was compiled into this build.");
