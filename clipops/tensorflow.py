@@ -60,6 +60,20 @@ def _load_op_library():
 
 
 _ops = _load_op_library()
+_LIB = ctypes.CDLL(os.path.join(os.path.dirname(__file__), "_clipops_tf.so"))
+
+
+def _host_cache_stats() -> dict:
+    """The op library's host block cache, where the CPU kernel's large fresh
+    outputs come from (csrc/core/clipops.h; separate from the NumPy front end's
+    and bounded on its own by CLIPOPS_HOST_CACHE_MB)."""
+    out = (ctypes.c_ulonglong * 5)()
+    _LIB.clipops_tf_host_cache_stats(out)
+    return dict(zip(("cached_bytes", "in_use_bytes", "limit_bytes", "hits", "misses"), out))
+
+
+def _set_host_cache_limit(nbytes: int) -> None:
+    _LIB.clipops_tf_set_host_cache_limit(ctypes.c_ulonglong(nbytes))
 
 
 # Keyed by DType object: `dtype.name` costs 0.4 us a tensor, a tenth of an eager

@@ -588,3 +588,65 @@ def test_op_refuses_another_tensorflow_version():
     assert "RAISED clipops' TensorFlow op was compiled against TensorFlow" in out.stdout, \
         out.stdout + out.stderr
     assert "0.0.1 is installed" in out.stdout
+
+
+# ---- large CPU outputs from the op library's host block cache ------------------
+
+@eager_and_function
+def test_large_outputs_come_from_the_host_cache_and_go_back(mode, rng):
+    from clipops import tensorflow as ct
+    import clipops.numpy as cn
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (1 << 20, 300, 70_000)]
+    ts = [tf.constant(a) for a in arrays]
+    before = ct._host_cache_stats()
+    out, norm = run(mode, lambda l: clipops.clip_by_global_norm(l, 1.0), ts)
+    held = ct._host_cache_stats()
+    # the 4 MiB and 280 KB outputs are cached blocks; the 300-element one is TF's
+    assert held["in_use_bytes"] - before["in_use_bytes"] >= (4 << 20) + 280_000
+    want, want_norm = cn.clip_by_global_norm(arrays, 1.0)
+    assert norm.numpy().tobytes() == want_norm.tobytes()
+    for o, w in zip(out, want):
+        assert o.numpy().tobytes() == w.tobytes()
+    view = np.asarray(out[0])  # no copy (.numpy() copies): it must keep the block alive
+    del out, ts, o
+    assert view.tobytes() == want[0].tobytes()
+    assert ct._host_cache_stats()["in_use_bytes"] > before["in_use_bytes"]
+    del view
+    after = ct._host_cache_stats()
+    assert after["in_use_bytes"] == before["in_use_bytes"]  # every block went back
+    assert after["cached_bytes"] >= before["cached_bytes"]
+
+
+def test_cached_outputs_do_not_fault_where_tf_s_allocator_does():
+    """Without oneDNN's allocator (TF's default on CPUs without AVX-512, such
+    as AMD EPYCs; forced here with TF_ENABLE_ONEDNN_OPTS=0), TF allocates CPU
+    tensors with malloc, and every large one is faulted page by page when first
+    written: the control (TF's own multiply) shows it. The op's outputs come
+    from its cache and are faulted once. Counts of minor faults, not times."""
+    code = textwrap.dedent("""
+        import resource, numpy as np, tensorflow as tf, clipops
+        xs = [tf.constant(np.random.default_rng(0).standard_normal(n).astype(np.float32))
+              for n in (4_000_000, 1_000_000)]
+        pages = sum(int(x.shape[0]) * 4 for x in xs) // 4096
+        def faults(f):
+            f(); f()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(5):
+                f()
+            return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+        clip = tf.function(lambda l: clipops.clip_by_global_norm(l, 1.0))
+        print("PAGES", pages)
+        print("TF", faults(lambda: [x * 0.5 for x in xs]))
+        print("EAGER", faults(lambda: clipops.clip_by_global_norm(xs, 1.0)))
+        print("FUNCTION", faults(lambda: clip(xs)))
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    env.pop("CLIPOPS_HOST_CACHE_MB", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=os.path.dirname(__file__))
+    got = dict(line.split() for line in out.stdout.splitlines() if line[:1].isupper())
+    assert set(got) >= {"PAGES", "TF", "EAGER", "FUNCTION"}, out.stdout + out.stderr
+    pages = float(got["PAGES"])
+    assert float(got["TF"]) > pages / 2, got  # the control: fresh pages fault here
+    assert float(got["EAGER"]) < pages / 100, got
+    assert float(got["FUNCTION"]) < pages / 100, got

@@ -130,7 +130,9 @@ class ScopedIeeeSubnormals {
 };
 
 // ---- Host output blocks (host_cache.cc) ---------------------------------------
-// Fresh outputs of the host front ends come from here when large: page-aligned
+// Large fresh outputs of the NumPy front end and of the TF op's CPU kernel come
+// from here (each library holds its own copy of the core, so each its own cache):
+// page-aligned
 // blocks (2 MiB-aligned sizes, huge pages advised, from 8 MiB), kept mapped when
 // freed and handed to the next request of the same rounded size, so a training
 // loop's outputs are faulted once, not every step. Freed blocks held in all are

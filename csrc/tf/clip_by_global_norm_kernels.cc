@@ -3,6 +3,7 @@
 // The GPU kernel takes the core's driver route (csrc/core/clip_driver.cc): the
 // kernel compiled at first use by the NVRTC of TensorFlow's CUDA 12, launched
 // through the driver API on TF's stream. It is registered on every build.
+#include "tensorflow/core/framework/allocation_description.pb.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -40,6 +41,48 @@ double ScalarValue(const Tensor& t) {
 }
 
 enum class Device { kCpu, kGpu };
+
+// CPU outputs from this many bytes come from clipops' host block cache
+// (clipops.h), as the NumPy front end's do: TF's allocator hands such sizes to
+// glibc, whose per-thread heaps inside tf.function trimmed and re-faulted them
+// (3,353 page faults per call on a 2-core AMD EPYC, README "Benchmarks"). A
+// cached block is faulted once and reused by the next step's outputs.
+constexpr size_t kCachedOutputBytes = size_t(256) << 10;
+
+// A TensorBuffer over one cached host block: returned to the cache when the
+// last tensor that holds it goes.
+class HostBlockBuffer : public tensorflow::TensorBuffer {
+ public:
+  HostBlockBuffer(void* data, size_t bytes) : TensorBuffer(data), bytes_(bytes) {}
+  size_t size() const override { return bytes_; }
+  TensorBuffer* root_buffer() override { return this; }
+  void FillAllocationDescription(tensorflow::AllocationDescription* proto) const override {
+    proto->set_requested_bytes(static_cast<int64_t>(bytes_));
+    proto->set_allocated_bytes(static_cast<int64_t>(clipops::host_block_size(bytes_)));
+    proto->set_allocator_name("clipops_host_cache");
+  }
+
+ private:
+  ~HostBlockBuffer() override { clipops::host_block_free(data(), bytes_); }
+  const size_t bytes_;
+};
+
+// Output i of the CPU kernel, shaped like input i: the input's own buffer when
+// nothing else holds it, a cached host block when large, else TF's allocator.
+absl::Status CpuOutputLike(OpKernelContext* ctx, const Tensor& in, int i, Tensor** out) {
+  if (ctx->forward_input_to_output_with_shape(i, i, in.shape(), out)) return absl::OkStatus();
+  const size_t bytes = in.TotalBytes();
+  if (bytes >= kCachedOutputBytes) {
+    if (void* block = clipops::host_block_alloc(bytes)) {
+      ctx->set_output(i, Tensor(in.dtype(), in.shape(),
+                                tensorflow::core::RefCountPtr<tensorflow::TensorBuffer>(
+                                    new HostBlockBuffer(block, bytes))));
+      *out = ctx->mutable_output(i);
+      return absl::OkStatus();
+    }
+  }
+  return ctx->allocate_output(i, in.shape(), out);
+}
 
 // The four ops: ClipopsClipByGlobalNorm, ClipopsGlobalNorm, ClipopsClipByNorm
 // and ClipopsClipByValue. One kernel class, one core call each.
@@ -116,7 +159,10 @@ class ClipOp : public OpKernel {
       for (int i = 0; i < n; ++i) {
         Tensor* out = nullptr;
         // reuse the gradient's buffer when nothing else holds it
-        OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({i}, i, inputs[i].shape(), &out));
+        if constexpr (kDevice == Device::kCpu)
+          OP_REQUIRES_OK(ctx, CpuOutputLike(ctx, inputs[i], i, &out));
+        else
+          OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({i}, i, inputs[i].shape(), &out));
         descs[i].out = out->data();
       }
     }
@@ -207,4 +253,22 @@ extern "C" __attribute__((visibility("default"))) void clipops_tf_configure_driv
   c.kernel_dir = kernel_dir;
   c.cache_dir = cache_dir;
   clipops::configure_driver_route(c);
+}
+
+// The op library's own host block cache (its copy of the core is separate from
+// libclipops_core's, so it is bounded on its own, by the same
+// CLIPOPS_HOST_CACHE_MB): cached, in-use and limit bytes, hits, misses.
+extern "C" __attribute__((visibility("default"))) void clipops_tf_host_cache_stats(
+    unsigned long long* out5) {
+  const clipops::HostCacheStats s = clipops::host_cache_stats();
+  out5[0] = s.cached_bytes;
+  out5[1] = s.in_use_bytes;
+  out5[2] = s.limit_bytes;
+  out5[3] = s.hits;
+  out5[4] = s.misses;
+}
+
+extern "C" __attribute__((visibility("default"))) void clipops_tf_set_host_cache_limit(
+    unsigned long long bytes) {
+  clipops::set_host_cache_limit(static_cast<size_t>(bytes));
 }
