@@ -104,9 +104,18 @@ def machine_info() -> dict:
     try:
         info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        info["git_dirty"] = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip())
     except Exception:
         pass
+    # settings that change the allocators or kernels the timings depend on
+    info["env"] = {k: os.environ[k] for k in _ENV_OF_INTEREST if k in os.environ}
     return info
+
+
+_ENV_OF_INTEREST = ("TF_ENABLE_ONEDNN_OPTS", "CLIPOPS_HOST_CACHE_MB", "MALLOC_ARENA_MAX",
+                    "GLIBC_TUNABLES", "LD_PRELOAD", "OMP_NUM_THREADS")
 
 
 # The instruction-set extensions the CPU kernel's speed depends on.

@@ -91,8 +91,10 @@ def header_section(p: dict) -> list[str]:
              "",
              f"{m.get('date')}, {m.get('cpu')} x {m.get('cpu_count')}, Python {m.get('python')}, "
              f"TensorFlow {m.get('tensorflow')}, NumPy {m.get('numpy')}, clipops "
-             f"{m.get('clipops')} (git {m.get('git', '?')}); TF threads (0 = default) "
-             f"{p['tf_threads']}.",
+             f"{m.get('clipops')} (git {m.get('git', '?')}"
+             f"{', with uncommitted changes' if m.get('git_dirty') else ''}); TF threads "
+             f"(0 = default) {p['tf_threads']}"
+             f"{'; environment: ' + ', '.join(f'{k}={v}' for k, v in m['env'].items()) if m.get('env') else ''}.",
              "",
              f"Copy bandwidth (read + written; common.copy_bandwidth_gbs, the faster of 1 "
              f"thread and one per core): {bw['start']['gbs']:.1f} GB/s at the start, "
