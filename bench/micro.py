@@ -374,6 +374,13 @@ def tf_identity_n(d: CaseData) -> Runner:
     return Runner(lambda: tf.identity_n(d.tensors), sync=lambda r: None, fetch=None)
 
 
+def tf_function_identity_n(d: CaseData) -> Runner:
+    """TF's cost of calling a tf.function that takes the list and returns it
+    (tf.identity_n inside): the function boundary every *_function row pays."""
+    f = tf.function(lambda xs: tf.identity_n(xs), autograph=False)
+    return Runner(lambda: f(d.tensors), sync=lambda r: None, fetch=None)
+
+
 def numpy_empty_like(d: CaseData) -> Runner:
     """NumPy's cost of making a fresh array like each of the list's, untouched:
     below it no copying front end can go."""
@@ -424,6 +431,10 @@ IMPLS: tuple[Impl, ...] = (
     Impl("clipops_function_fwd", "clipops", "forwarded", forwarded(clipops_clip_for),
          skip=_only_noclip),
     Impl("tf_identity_n", "baseline", "dispatch", tf_identity_n),
+    Impl("tf_function_identity_n", "baseline", "dispatch", tf_function_identity_n,
+         skip=lambda case: (f"not run: tracing a function of {len(case.shapes)} tensors takes "
+                            "tens of seconds; tf_function's own row shows the boundary")
+         if len(case.shapes) > XLA_MAX_TENSORS else None),
     Impl("numpy_empty_like", "baseline", "dispatch", numpy_empty_like),
     Impl("tf_norm_eager", "tf", "norm_pass",
          lambda d: _norm_runner(lambda: tf.linalg.global_norm(d.tensors)), skip=_not_mixed),

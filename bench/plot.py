@@ -17,9 +17,11 @@ What the numbers mean (bench/micro.py writes them):
     per clip, beyond the `producer` row (the same function with a clip that
     does nothing); for a list under 32 MiB the function chains 10 clips;
   - tf_identity_n (TF's eager cost of one op taking and returning the list,
-    no arithmetic, no allocation) and numpy_empty_like (NumPy's cost of making
-    a fresh array like each of the list's) clip nothing: they are the least a
-    clip through that framework can take, set against the clip's floor;
+    no arithmetic, no allocation), tf_function_identity_n (the same op inside a
+    tf.function taking and returning the list: the function boundary every
+    *_function row pays) and numpy_empty_like (NumPy's cost of making a fresh
+    array like each of the list's) clip nothing: they are the least a clip
+    through that route can take, set against the clip's floor;
   - the scale pass is clip time minus norm time; times under 1x floor are
     possible here: the floor is measured copying 2 x 256 MiB, while this VM
     reports a 480 MiB L3 that can hold smaller lists;
@@ -37,7 +39,7 @@ from typing import Iterable
 
 MAIN_IMPLS = ("tf_eager", "tf_function", "tf_xla", "clipops_eager", "clipops_function",
               "numpy", "numpy_inplace", "producer", "tf_function_fwd", "clipops_function_fwd",
-              "tf_identity_n", "numpy_empty_like")
+              "tf_identity_n", "tf_function_identity_n", "numpy_empty_like")
 NORM_IMPLS = ("tf_norm_eager", "clipops_norm_eager", "numpy_norm")
 # a clip implementation and its norm pass alone: clip - norm = the scale pass
 PASS_PAIRS = (("clipops_eager", "clipops_norm_eager"), ("numpy", "numpy_norm"),
