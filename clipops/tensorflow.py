@@ -50,17 +50,17 @@ def _load_op_library():
             "`pip install --no-build-isolation --force-reinstall .`.")
     path = os.path.join(os.path.dirname(__file__), "_clipops_tf.so")
     ops = tf.load_op_library(path)
+    lib = ctypes.CDLL(path)  # the same library, for its plain C entry points
     # Where the GPU kernel (the driver route) finds NVRTC, the CUDA headers and
     # its cache; it opens them only when it first runs on a GPU.
     c = _driver.config()
-    ctypes.CDLL(path).clipops_tf_configure_driver(
+    lib.clipops_tf_configure_driver(
         c.nvrtc_library.encode(), c.cuda_library.encode(), "\n".join(c.include_dirs).encode(),
         c.kernel_dir.encode(), c.cache_dir.encode())
-    return ops
+    return ops, lib
 
 
-_ops = _load_op_library()
-_LIB = ctypes.CDLL(os.path.join(os.path.dirname(__file__), "_clipops_tf.so"))
+_ops, _LIB = _load_op_library()
 
 
 def _host_cache_stats() -> dict:

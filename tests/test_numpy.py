@@ -372,8 +372,11 @@ def test_subclasses_take_the_checking_path_and_give_plain_arrays(rng):
 
 
 def test_large_outputs_come_from_the_bounded_host_cache(rng):
+    import gc
     core = cn._common.load_core()
     old_limit = core.host_cache_stats()["limit_bytes"]
+    gc.collect()
+    gc.disable()  # no other test's outputs may be collected (and their blocks freed) meanwhile
     try:
         core.set_host_cache_limit(1 << 30)
         arrays = [random_array(rng, (n,), np.float32) for n in (1 << 20, 300, 1 << 16)]
@@ -402,6 +405,7 @@ def test_large_outputs_come_from_the_bounded_host_cache(rng):
         del out
         assert core.host_cache_stats()["cached_bytes"] == 0
     finally:
+        gc.enable()
         core.set_host_cache_limit(old_limit)
 
 

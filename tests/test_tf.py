@@ -594,10 +594,20 @@ def test_op_refuses_another_tensorflow_version():
 
 @eager_and_function
 def test_large_outputs_come_from_the_host_cache_and_go_back(mode, rng):
+    import gc
     from clipops import tensorflow as ct
     import clipops.numpy as cn
     arrays = [rng.standard_normal(n).astype(np.float32) for n in (1 << 20, 300, 70_000)]
     ts = [tf.constant(a) for a in arrays]
+    gc.collect()
+    gc.disable()  # no other test's tensors may be collected (and their blocks freed) meanwhile
+    try:
+        _check_outputs_go_back(mode, arrays, ts, ct, cn)
+    finally:
+        gc.enable()
+
+
+def _check_outputs_go_back(mode, arrays, ts, ct, cn):
     before = ct._host_cache_stats()
     out, norm = run(mode, lambda l: clipops.clip_by_global_norm(l, 1.0), ts)
     held = ct._host_cache_stats()
@@ -647,6 +657,8 @@ def test_cached_outputs_do_not_fault_where_tf_s_allocator_does():
     got = dict(line.split() for line in out.stdout.splitlines() if line[:1].isupper())
     assert set(got) >= {"PAGES", "TF", "EAGER", "FUNCTION"}, out.stdout + out.stderr
     pages = float(got["PAGES"])
-    assert float(got["TF"]) > pages / 2, got  # the control: fresh pages fault here
+    # the control: fresh pages fault here (most calls fault every page; glibc
+    # sometimes reuses the smaller output, so the bound leaves room for that)
+    assert float(got["TF"]) > pages / 10, got
     assert float(got["EAGER"]) < pages / 100, got
     assert float(got["FUNCTION"]) < pages / 100, got

@@ -130,14 +130,16 @@ class ScopedIeeeSubnormals {
 };
 
 // ---- Host output blocks (host_cache.cc) ---------------------------------------
-// Large fresh outputs of the NumPy front end and of the TF op's CPU kernel come
-// from here (each library holds its own copy of the core, so each its own cache):
-// page-aligned
-// blocks (2 MiB-aligned sizes, huge pages advised, from 8 MiB), kept mapped when
-// freed and handed to the next request of the same rounded size, so a training
-// loop's outputs are faulted once, not every step. Freed blocks held in all are
-// bounded: CLIPOPS_HOST_CACHE_MB (default 1024; 0 keeps none), or
-// set_host_cache_limit; beyond it the largest free blocks are unmapped.
+// Fresh outputs of at least kCachedOutputBytes, of the NumPy front end and of
+// the TF op's CPU kernel, come from here (each library holds its own copy of
+// the core, so each its own cache). Blocks are page-aligned (sizes rounded to
+// 2 MiB, huge pages advised, from 8 MiB), kept mapped when freed, and handed to
+// the next request of the same rounded size, so a training loop's outputs are
+// faulted once, not every step. The freed blocks kept are bounded:
+// CLIPOPS_HOST_CACHE_MB (default 1024; 0 keeps none), or set_host_cache_limit;
+// beyond it the largest are unmapped. Smaller outputs stay with the
+// frameworks' allocators, which reuse such sizes without new page faults.
+constexpr size_t kCachedOutputBytes = size_t(256) << 10;
 size_t host_block_size(size_t bytes);     // the rounded size a request takes
 void* host_block_alloc(size_t bytes);     // nullptr when the system has no memory
 void host_block_free(void* block, size_t bytes);  // bytes: as passed to alloc

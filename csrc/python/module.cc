@@ -51,10 +51,6 @@ void launch(const std::vector<Desc>& descs, int norm_dtype, bool scale, double c
 // kernel run over it with fresh outputs allocated here.
 namespace {
 
-// Outputs from this many bytes come from the host block cache (clipops.h);
-// below it NumPy's allocator reuses memory without new page faults.
-constexpr size_t kCachedOutputBytes = size_t(256) << 10;
-
 // NumPy's type numbers (stable parts of its ABI) of the dtypes with a fixed
 // number; bfloat16 (ml_dtypes) is registered at run time: the caller names it.
 int code_of_type_num(int num) {
@@ -74,7 +70,7 @@ struct HostBlock {  // a capsule's payload: the block a NumPy output lives in
 // A fresh C-contiguous array shaped and typed like `like`.
 py::array fresh_like(const py::array& like) {
   const size_t bytes = static_cast<size_t>(like.nbytes());
-  if (bytes < kCachedOutputBytes) {
+  if (bytes < clipops::kCachedOutputBytes) {
     // NumPy allocates; called directly, as pybind11's constructor copies the
     // shape and computes strides first (a third of the time per small array)
     const auto& api = py::detail::npy_api::get();

@@ -42,12 +42,12 @@ double ScalarValue(const Tensor& t) {
 
 enum class Device { kCpu, kGpu };
 
-// CPU outputs from this many bytes come from clipops' host block cache
-// (clipops.h), as the NumPy front end's do: TF's allocator hands such sizes to
-// glibc, whose per-thread heaps inside tf.function trimmed and re-faulted them
-// (3,353 page faults per call on a 2-core AMD EPYC, README "Benchmarks"). A
-// cached block is faulted once and reused by the next step's outputs.
-constexpr size_t kCachedOutputBytes = size_t(256) << 10;
+// Large CPU outputs come from clipops' host block cache (clipops.h), as the
+// NumPy front end's do. Where TF allocates with malloc (no oneDNN allocator:
+// the default on CPUs without AVX-512, such as AMD EPYCs), every large output
+// was a fresh mapping faulted page by page, 3,353 faults per call inside
+// tf.function on a 2-core AMD EPYC (README "Benchmarks"). A cached block is
+// faulted once and reused by the next step's outputs.
 
 // A TensorBuffer over one cached host block: returned to the cache when the
 // last tensor that holds it goes.
@@ -72,7 +72,7 @@ class HostBlockBuffer : public tensorflow::TensorBuffer {
 absl::Status CpuOutputLike(OpKernelContext* ctx, const Tensor& in, int i, Tensor** out) {
   if (ctx->forward_input_to_output_with_shape(i, i, in.shape(), out)) return absl::OkStatus();
   const size_t bytes = in.TotalBytes();
-  if (bytes >= kCachedOutputBytes) {
+  if (bytes >= clipops::kCachedOutputBytes) {
     if (void* block = clipops::host_block_alloc(bytes)) {
       ctx->set_output(i, Tensor(in.dtype(), in.shape(),
                                 tensorflow::core::RefCountPtr<tensorflow::TensorBuffer>(
