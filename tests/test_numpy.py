@@ -409,6 +409,69 @@ def test_large_outputs_come_from_the_bounded_host_cache(rng):
         core.set_host_cache_limit(old_limit)
 
 
+def test_small_outputs_share_one_cached_block_and_stay_apart(rng):
+    """Outputs under 256 KiB of one call are views into one host block, one per
+    64-byte boundary: every value right, writing one touches no other, and the
+    block goes back to the cache only when the last of them is freed."""
+    import gc
+    core = cn._common.load_core()
+    below = (256 << 10) // 4 - 1  # float32 elements: the largest small output, and one more
+    sizes = [0, 1, 3, 17, 1023, CHUNK + 1, below, below + 1, 5]
+    dtypes = [np.float32, np.float16, np.float64, np.float32, np.float16, np.float32,
+              np.float32, np.float32, np.float64]
+    arrays = [random_array(rng, (n,), d) for n, d in zip(sizes, dtypes)]
+    arrays[3] = arrays[3].reshape(1, 17)
+    norm64 = ref_norm(arrays)
+    gc.collect()
+    gc.disable()
+    try:
+        before = core.host_cache_stats()
+        out, norm = cn.clip_by_global_norm(arrays, float(norm64) / 3)
+        ref, _ = ref_clip(arrays, float(norm64) / 3)
+        small = [o for o, a in zip(out, arrays) if a.nbytes < 256 << 10]
+        assert len(small) == 8 and out[7].base is not small[0].base  # the 256 KiB one: its own
+        for o, a, r in zip(out, arrays, ref):
+            assert o.dtype == a.dtype and o.shape == a.shape and o.flags.c_contiguous
+            assert o.flags.writeable and o.ctypes.data % 64 == 0
+            # a mixed list's scale is float32: float64 outputs are float32-accurate
+            assert_close(o, r, o.dtype if o.dtype.itemsize <= 4 else np.float32, f"size {a.size}")
+        assert all(o.base is small[0].base for o in small)  # one block, one owner
+        ends = sorted((o.ctypes.data, o.ctypes.data + o.nbytes) for o in small if o.size)
+        assert all(e <= b for (_, e), (b, _) in zip(ends, ends[1:]))  # disjoint
+        large = out[7].tobytes()
+        before_fill = [o.copy() for o in small]
+        for i, o in enumerate(small):  # fill each view to its last byte: the others keep theirs
+            o[...] = 7
+            for j, other in enumerate(small):
+                want = np.full_like(other, 7) if j <= i else before_fill[j]
+                assert other.tobytes() == want.tobytes(), (i, j)
+        assert out[7].tobytes() == large
+        held = core.host_cache_stats()["in_use_bytes"]
+        keep = small[4]
+        del out, small, o, other
+        assert core.host_cache_stats()["in_use_bytes"] < held  # the large output's block
+        still = core.host_cache_stats()["in_use_bytes"]
+        assert still > before["in_use_bytes"]  # the shared block lives on in `keep`
+        assert np.array_equal(keep, np.full_like(keep, 7))
+        del keep
+        assert core.host_cache_stats()["in_use_bytes"] == before["in_use_bytes"]
+    finally:
+        gc.enable()
+
+
+def test_copying_takes_aliased_inputs(rng):
+    """Copying reads the inputs only, so the same memory twice is allowed (in
+    place it is refused: test_in_place_rejects_aliasing_without_touching_data)."""
+    a = random_array(rng, (1000,), np.float32)
+    arrays = [a, a[10:600], a]
+    out, norm = cn.clip_by_global_norm(arrays, 0.5)
+    ref, ref_n = ref_clip([x.copy() for x in arrays], 0.5)
+    assert_close(norm, ref_n, np.float32, "norm")
+    for o, r in zip(out, ref):
+        assert_close(o, r, np.float32, "output")
+    assert out[0].ctypes.data != out[2].ctypes.data
+
+
 def test_copy_mode_stops_faulting_fresh_pages(rng):
     """A training loop's second and later steps reuse the first step's output
     blocks: minor page faults per call fall from one per page (or huge page)

@@ -255,7 +255,20 @@ void advise_huge_pages(void* out, int64_t bytes) {
 #endif
 }
 
-// Calls fn(tensor, first element, count) for every work item in [begin, end).
+// Asks for the first kPrefetchBytes of a work item's input to be loaded. A
+// list of many small tensors is many short, scattered reads, each too short
+// for the hardware prefetcher to ramp up on: without this the norm pass over
+// 10,000 tensors of ~1 KB read at a tenth of the copy bandwidth.
+constexpr int64_t kPrefetchBytes = 4096;
+inline void prefetch_input(const TensorDesc& t, int64_t offset, int64_t count) {
+  const int64_t size = dtype_size(t.dtype);
+  const char* p = static_cast<const char*>(t.in) + offset * size;
+  const int64_t bytes = std::min(count * size, kPrefetchBytes);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
+// Calls fn(tensor, first element, count) for every work item in [begin, end),
+// with the next item's input prefetched meanwhile.
 template <typename Fn>
 void for_items(const TensorDesc* tensors, const std::vector<int64_t>& first_item,
                int64_t begin, int64_t end, Fn&& fn) {
@@ -265,6 +278,12 @@ void for_items(const TensorDesc* tensors, const std::vector<int64_t>& first_item
   for (int64_t w = begin; w < end; ++w) {
     while (w >= first_item[t + 1]) ++t;
     const int64_t offset = (w - first_item[t]) * kChunk;
+    if (w + 1 < end) {
+      int u = t;
+      while (w + 1 >= first_item[u + 1]) ++u;
+      const int64_t next = (w + 1 - first_item[u]) * kChunk;
+      prefetch_input(tensors[u], next, std::min<int64_t>(kChunk, tensors[u].numel - next));
+    }
     fn(tensors[t], offset, std::min<int64_t>(kChunk, tensors[t].numel - offset), w);
   }
 }
