@@ -306,21 +306,20 @@ def _launch(prep: _Prepared, outs: list[cupy.ndarray] | None, clip: _Scalar,
             use.ptr if use is not None else 0, 0 if norm is None else norm.data.ptr,
             workspace.data.ptr, nbytes,
             cupy.cuda.get_current_stream().ptr)
-    extras = {"tensor_norms": 0 if norms is None else norms.data.ptr,
-              "skip_nonfinite": skip_nonfinite}
-    if mode:  # clip_by_norm / clip_by_value (bounds: two _Scalar)
-        extras["mode"] = mode
-    if bounds is not None:
-        lo, hi = bounds
-        extras.update(clip_min=lo.value, clip_min_ptr=lo.ptr, clip_max=hi.value, clip_max_ptr=hi.ptr)
-    if unscale is not None:
-        extras.update(unscale=unscale.value if not unscale.ptr else 1.0, unscale_ptr=unscale.ptr)
+    # The rest of the launch arguments, positionally (keywords for parameters
+    # with defaults cost pybind11 3.1 memory per call: clipops/numpy.py):
+    # check_overlap, tensor_norms, skip_nonfinite, mode, clip_min, clip_min_ptr,
+    # clip_max, clip_max_ptr, unscale, unscale_ptr.
+    lo, hi = bounds if bounds is not None else (_Scalar(0.0, 0), _Scalar(0.0, 0))
+    rest = (0 if norms is None else norms.data.ptr, skip_nonfinite, mode, lo.value, lo.ptr,
+            hi.value, hi.ptr, 1.0 if unscale is None or unscale.ptr else unscale.value,
+            0 if unscale is None else unscale.ptr)
     if nvrtc:
-        _nvrtc.clip_cuda(*args, **extras)
+        _nvrtc.clip_cuda(*args, True, *rest)
     else:
         try:
             # Overlaps were ruled out above (outputs are fresh; in place was checked).
-            core.clip_cuda(*args, check_overlap=False, **extras)
+            core.clip_cuda(*args, False, *rest)
         except (ValueError, RuntimeError) as exc:
             # Inputs are validated in Python first, so what is left are CUDA
             # failures, which the core reports as ValueError (RuntimeError

@@ -16,6 +16,7 @@ the repository root (`pytest`, not `python -m pytest`, as README says):
 from __future__ import annotations
 
 import ctypes
+import inspect
 import math
 import os
 import subprocess
@@ -306,8 +307,22 @@ def recorded(fake_gpu, monkeypatch):
     monkeypatch.setattr(ccp, "_empty_like_all",
                         lambda values: [fake_empty(a.size, a.dtype) for a in values])
     monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: SimpleNamespace(ptr=0xABC))
-    monkeypatch.setattr(_core(), "clip_cuda", lambda *a, **k: calls.append(("core", a, k)))
-    monkeypatch.setattr(_nvrtc, "clip_cuda", lambda *a, **k: calls.append(("nvrtc", a, k)))
+    # Both launchers share one signature; the front end passes every argument
+    # positionally (keywords cost pybind11 3.1 memory: clipops/numpy.py, top).
+    # Recorded: the first 11 as a tuple, the rest by name, defaults filled in.
+    signature = inspect.signature(_nvrtc.clip_cuda)
+
+    def recorder(who):
+        def launch(*a, **k):
+            assert not k, f"keywords reached the {who} launcher: {sorted(k)}"
+            bound = signature.bind(*a)
+            bound.apply_defaults()
+            named = list(bound.arguments.items())
+            calls.append((who, tuple(v for _, v in named[:11]), dict(named[11:])))
+        return launch
+
+    monkeypatch.setattr(_core(), "clip_cuda", recorder("core"))
+    monkeypatch.setattr(_nvrtc, "clip_cuda", recorder("nvrtc"))
     return calls
 
 
@@ -321,7 +336,7 @@ def test_launch_arguments_of_the_per_tensor_clips(recorded):
     assert out[1] is None and len(out_v) == 2
     assert args[3] == float(np.float32(0.1)) and args[7] == 0  # clip_norm; no norm output
     assert kwargs["mode"] == _core().MODES["norm"] and kwargs["tensor_norms"] == 0
-    assert "clip_min" not in kwargs
+    assert (kwargs["clip_min"], kwargs["clip_max"], kwargs["clip_min_ptr"]) == (0.0, 0.0, 0)
     assert kwargs_v["mode"] == _core().MODES["value"]
     assert (kwargs_v["clip_min"], kwargs_v["clip_max"]) == (-0.5, 0.25)
     assert kwargs_v["clip_min_ptr"] == kwargs_v["clip_max_ptr"] == 0
@@ -356,8 +371,11 @@ def test_launch_arguments(recorded, monkeypatch, force_nvrtc):
     out, norm = ccp.clip_by_global_norm([a, None, b], 0.1)
     (who, args, kwargs), = recorded
     descs, norm_code, scale, clip, clip_ptr, use, use_ptr, norm_ptr, ws, ws_bytes, stream = args
-    extras = {"tensor_norms": 0, "skip_nonfinite": False}  # gradient health: not asked for
-    assert who == route and kwargs == ({"check_overlap": False, **extras} if who == "core" else extras)
+    rest = {"check_overlap": who != "core",  # the compiled route: fresh outputs, checked above
+            "tensor_norms": 0, "skip_nonfinite": False,  # gradient health: not asked for
+            "mode": 0, "clip_min": 0.0, "clip_min_ptr": 0, "clip_max": 0.0, "clip_max_ptr": 0,
+            "unscale": 1.0, "unscale_ptr": 0}
+    assert who == route and kwargs == rest
     assert descs == [(a.data.ptr, out[0].data.ptr, 5, 2), (b.data.ptr, out[2].data.ptr, 16385, 0)]
     assert norm_code == 2 and scale is True  # mixed list: float32 norm
     assert clip == float(np.float32(0.1)) and clip_ptr == 0
