@@ -329,6 +329,32 @@ def test_global_norm_gradient_matches_tf(rng):
         np.testing.assert_allclose(o.numpy(), t.numpy(), rtol=1e-12)
 
 
+def test_eager_fast_path_takes_plain_lists_only_and_changes_no_bits(rng):
+    """Eagerly, a list of plain eager tensors (one device, supported dtypes) is
+    read without the general path's checks; anything else falls back to them.
+    Both give the same values, positions, norm dtype and output bits."""
+    from clipops import tensorflow as ct
+    arrays = [rng.standard_normal(n).astype(d) for n, d in
+              [(1000, np.float32), (3, np.float16), (70_000, np.float32), (1, np.float64)]]
+    plain = [tf.constant(a) for a in arrays]
+    fast = ct._eager_values(plain)
+    assert fast is not None
+    general = ct._values(plain + [None])  # None: the general path
+    assert [v is p for v, p in zip(fast[0], plain)] == [True] * 4
+    assert fast[1] == general[1] == [0, 1, 2, 3] and fast[2] == general[2]
+    assert ct._rebuild(plain, fast[1], plain) == plain
+    for other in ([None], [tf.IndexedSlices(plain[0], tf.constant([0]), tf.constant([1000]))],
+                  [tf.Variable(arrays[0])], [arrays[0]], [tf.constant([1, 2])]):
+        assert ct._eager_values(plain + other) is None
+    with pytest.raises(TypeError, match="int32"):
+        clipops.clip_by_global_norm(plain + [tf.constant([1, 2])], 1.0)
+    out_fast, norm_fast = clipops.clip_by_global_norm(plain, 0.5)
+    out_general, norm_general = clipops.clip_by_global_norm(plain + [None], 0.5)
+    assert out_general[4] is None and float(norm_fast) == float(norm_general)
+    for x, y in zip(out_fast, out_general):
+        assert x.numpy().tobytes() == y.numpy().tobytes()
+
+
 def test_eager_scalar_cache_tells_minus_zero_from_zero():
     # Found by tests/test_fuzz.py: the cache of eager scalar tensors was keyed by
     # the Python value, and -0.0 == 0.0, so a clip_norm of -0.0 reused 0.0's tensor.
