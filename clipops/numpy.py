@@ -22,10 +22,10 @@ _CODES = {np.dtype(name): code for name, code in _common.DTYPE_CODES.items() if 
 #   (in_place, scale, clip_norm, use_norm, norm_out, tensor_norms, skip_nonfinite,
 #    mode, clip_min, clip_max, unscale)
 # Given a keyword for a parameter that has a default, pybind11 3.1's
-# dispatcher made Python's traced memory grow by ~960 KB per 100,000 calls,
-# and RSS by ~1 MB before it levelled off (its keyword_index interns each
-# parameter name on every call, a likely cause). pybind11 2.13, and positional
-# calls, show none (tests/test_numpy.py,
+# dispatcher made Python's traced memory grow by ~966 KB within the first
+# 10,000 calls, and RSS by 1 to 2.5 MB, in steps, over 300,000 (its
+# keyword_index interns each parameter name on every call, a likely cause).
+# pybind11 2.13, and positional calls, show none (tests/test_numpy.py,
 # test_repeated_calls_do_not_grow_python_memory).
 
 

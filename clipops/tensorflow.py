@@ -89,6 +89,12 @@ _EAGER_TENSOR = _tf_ops.EagerTensor
 _ENUM_CODES = {dt.as_datatype_enum: code for dt, code in _CODES.items()}
 
 
+class _PlainPositions(list):
+    """The positions _eager_values gives: every entry, each a plain eager
+    tensor, so _rebuild has nothing to rebuild (it tells by the type, without
+    scanning the list a second time)."""
+
+
 def _eager_values(t_list: list):
     """_values for the common eager list, a list of plain eager tensors of the
     supported dtypes on one device: its result, or None for anything else (the
@@ -108,7 +114,7 @@ def _eager_values(t_list: list):
                 return None
             device = d
         codes.append(code)
-    return list(t_list), list(range(len(t_list))), _common.norm_dtype_code(codes)
+    return list(t_list), _PlainPositions(range(len(t_list))), _common.norm_dtype_code(codes)
 
 
 def _values(t_list: list):
@@ -171,7 +177,7 @@ def _scalar(value, dtype: tf.DType, what: str) -> tf.Tensor:
 
 
 def _rebuild(t_list: list, positions: list, outputs: list) -> list:
-    if len(outputs) == len(t_list) and all(type(t) is _EAGER_TENSOR for t in t_list):
+    if type(positions) is _PlainPositions:
         return list(outputs)  # no None, no IndexedSlices: the outputs as they are
     result = [None] * len(t_list)
     for i, out in zip(positions, outputs):
