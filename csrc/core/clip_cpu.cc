@@ -23,10 +23,9 @@ using namespace detail;
 // takes its rows in order, so any vector width gives the same bits. The AVX2
 // clone is picked at load time where the CPU has it (no FMA: separate
 // roundings). An earlier order kept 32 lanes in registers while all 16 rows
-// went past, reading a chunk as 16 interleaved streams a row apart; it reached
-// 24.0 GB/s on float32 with 2 threads where this order reaches 28.5 to 34.2,
-// and 8.3 to 12.2 GB/s on float16 where this reaches 19.6 to 35.1 (a throwaway
-// C++ loop on 100 MB, 2-core AMD EPYC, 2026-12-06; README "Benchmarks").
+// went past, reading a chunk as 16 interleaved streams a row apart: the norm
+// pass of the mixed float16/float32 list took 1.7x as long, of the ResNet-50
+// list 1.2x (bench/results/norm_order_ab, 2-core AMD EPYC).
 template <int DT>
 inline void add_rows(const typename Storage<DT>::type* x, int64_t rows,
                      typename Storage<DT>::acc* lanes) {
