@@ -92,3 +92,77 @@ def test_no_front_end_leaks(tmp_path):
     assert {"numpy clip", "numpy in place", "numpy global_norm"} <= set(rows)
     for name, r in rows.items():
         assert r["growth_fraction"] < 0.01, (name, r)
+
+
+# ---- micro.py's judge: which misses the route's own cost accounts for ----------
+
+def _micro_case(ms: dict, floor_ms: float) -> dict:
+    """A micro.json case with these medians (ms) and this clip floor (ms)."""
+    import micro
+
+    results = {n: {"median_s": t / 1e3, "floor_ratio": t / floor_ms} for n, t in ms.items()}
+    ratios = {k: results[a]["median_s"] / results[b]["median_s"]
+              for k, a, b in micro.RATIOS if a in results and b in results}
+    return {"results": results, "floor_s": floor_ms / 1e3, "ratios": ratios}
+
+
+def _target(rows, case, metric):
+    return next(r for r in rows if r["case"] == case and r["metric"] == metric)
+
+
+def test_micro_route_bound_separates_the_routes_misses_from_the_kernels():
+    pytest.importorskip("tensorflow")
+    import micro
+    import plot
+
+    cases = {
+        # in tf.function: boundary 3 ms + in place 9 ms = 1.2x a 10 ms floor > 1.15x
+        "resnet50": _micro_case({"clipops_function": 14.0, "tf_function_identity_n": 3.0,
+                                 "clipops_eager": 12.5, "tf_identity_n": 0.2,
+                                 "numpy_inplace": 9.0, "numpy": 10.0}, 10.0),
+        # TF 0.6 ms / (boundary 0.3 + in place 0.1) = 1.5x: reachable, missed at 0.45 ms
+        "mnist": _micro_case({"tf_function": 0.6, "clipops_function": 0.45,
+                              "tf_function_identity_n": 0.3, "numpy_inplace": 0.1,
+                              "tf_eager": 1.2, "clipops_eager": 0.15, "tf_identity_n": 0.01},
+                             0.2),
+    }
+    rows = micro.evaluate_targets(cases)
+
+    fn = _target(rows, "resnet50", "clipops_function")
+    assert fn["met"] is False and fn["route_bound"] == pytest.approx(1.2)
+    assert fn["route_bound_met"] is False
+    eager = _target(rows, "resnet50", "clipops_eager")  # 0.2 + 9 = 0.92x: the kernel's miss
+    assert eager["met"] is False and eager["route_bound"] == pytest.approx(0.92)
+    assert eager["route_bound_met"] is True
+    assert _target(rows, "mnist", "function")["route_bound"] == pytest.approx(1.5)
+    assert _target(rows, "mnist", "function")["route_bound_met"] is True
+    assert _target(rows, "mnist", "eager")["route_bound"] == pytest.approx(1.2 / 0.11)
+    # no route row for copying NumPy, and in place is the kernel itself
+    assert _target(rows, "resnet50", "numpy")["route_bound"] is None
+    assert _target(rows, "resnet50", "numpy_inplace")["route_bound"] is None
+    # cases that were not run: nothing judged, nothing bounded
+    assert all(r["met"] is None and r["route_bound"] is None
+               for r in rows if r["case"] not in cases)
+
+    table = "\n".join(plot.targets_section({"targets": rows}))
+    fn_line = next(li for li in table.splitlines() if "resnet50 | clipops_function" in li)
+    eager_line = next(li for li in table.splitlines() if "resnet50 | clipops_eager" in li)
+    assert "| 1.20 |" in fn_line and "the route's cost alone misses" in fn_line
+    assert "| 0.92 |" in eager_line and "route" not in eager_line.split("|")[-2]
+
+
+def test_micro_route_bound_needs_its_rows():
+    pytest.importorskip("tensorflow")
+    import micro
+
+    # no in-place row: nothing to add the route to
+    case = _micro_case({"clipops_function": 14.0, "tf_function_identity_n": 3.0}, 10.0)
+    assert micro.route_bound(case, "floor", "clipops_function") is None
+    # forwarded rows are net of a producer that carries the route
+    case = _micro_case({"tf_function_fwd": 2.0, "clipops_function_fwd": 1.0,
+                        "tf_function_identity_n": 0.3, "numpy_inplace": 0.1}, 1.0)
+    assert micro.route_bound(case, "ratio", "function_forwarded") is None
+    # 10,000 tensors: no function row (tracing takes too long), so no bound there
+    case = _micro_case({"tf_function": 200.0, "clipops_function": 300.0,
+                        "numpy_inplace": 4.0}, 1.0)
+    assert micro.route_bound(case, "ratio", "function") is None
