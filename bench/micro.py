@@ -47,6 +47,9 @@ How it is timed:
   - mixed_f16_f32: tf.clip_by_global_norm raises on mixed dtypes, so TF's rows
     time what a TF user would write instead: clip float32 casts of the list,
     then cast each result back (tf_clip_via_float32), casts included;
+  - the copy bandwidth that sets a case's floor is measured right before and
+    right after the case is timed, and the higher is used: the VM's speed
+    drifts over a run (the start and end of the run are measured too);
   - tf_xla is not run for lists of more than XLA_MAX_TENSORS tensors (the
     compile alone would take minutes); *_norm_* rows time the norm alone, the
     first of clipping's two passes.
@@ -97,6 +100,7 @@ REWARM_BELOW_S = 5e-3    # a call this short gets an untimed call before each bl
 FORWARD_CHAIN = 10       # clips chained in a forwarded function for a small list
 FORWARD_CHAIN_BELOW_BYTES = 32 << 20
 BUSY_WARNING_CORES = 0.15  # other processes' CPU use that makes a case's timing suspect
+CASE_BANDWIDTH_REPEATS = 3  # copies timed (per thread count) right before and after each case
 
 
 # ---- gradient lists ------------------------------------------------------------
@@ -662,8 +666,9 @@ def run_case(case: Case, s: Settings) -> dict:
         bad = [n for n, r in out["validation"]["impls"].items() if not r["ok"]]
         print(f"  [{case.name}] VALIDATION FAILED: {bad}; not timed", flush=True)
         return out
-    out["results"], out["background_cores"], out["attempts_background_cores"] = \
+    kept, out["background_cores"], out["attempts_background_cores"] = \
         time_quietly(d, runners, s, out["validation"]["impls"])
+    out["results"], out["bandwidth"] = kept["results"], kept["bandwidth"]
     return out
 
 
@@ -671,20 +676,28 @@ def time_quietly(d: CaseData, runners: dict[str, tuple[Impl, Runner]], s: Settin
                  checked: dict[str, dict]) -> tuple[dict, float | None, list[float | None]]:
     """Times the case, again (up to s.retries times) while other processes took
     more than BUSY_WARNING_CORES meanwhile; keeps the least disturbed attempt.
-    Returns its results, its background load and every attempt's."""
+    Each attempt is bracketed by copy-bandwidth measurements, so that the
+    case's floor comes from the minutes it was timed in (the VM's speed
+    drifts over a run). Returns {"results", "bandwidth"} of the kept attempt,
+    its background load and every attempt's."""
     attempts: list[tuple[dict, float | None]] = []
     for attempt in range(s.retries + 1):
         before = cpu_snapshot()
+        bandwidth_before = copy_bandwidth_gbs(repeats=CASE_BANDWIDTH_REPEATS)
         results = time_case(d, runners, s, checked)
+        bandwidth_after = copy_bandwidth_gbs(repeats=CASE_BANDWIDTH_REPEATS)
         load = background_cores(before, cpu_snapshot())
+        results = {"results": results, "bandwidth": {
+            "gbs": max(bandwidth_before["gbs"], bandwidth_after["gbs"]),
+            "before": bandwidth_before["gbs"], "after": bandwidth_after["gbs"]}}
         attempts.append((results, load))
         if (load or 0.0) <= BUSY_WARNING_CORES:
             break
         again = "timing it again" if attempt < s.retries else "keeping the least disturbed"
         print(f"  [{d.case.name}] WARNING: other processes used {load:.2f} cores while this "
               f"case was timed; {again}", flush=True)
-    results, load = min(attempts, key=lambda a: a[1] or 0.0)
-    return results, load, [a[1] for a in attempts]
+    kept, load = min(attempts, key=lambda a: a[1] or 0.0)
+    return kept, load, [a[1] for a in attempts]
 
 
 # ---- derived numbers and targets ------------------------------------------------
@@ -694,16 +707,19 @@ def _time(r: dict) -> float:
 
 
 def add_derived(cases: dict, defs: Sequence[Case], gbs: float) -> None:
-    """Floors (at bandwidth `gbs`), time/floor per implementation, and TF/clipops ratios."""
+    """Floors, time/floor per implementation, and TF/clipops ratios. A case's
+    floors use the bandwidth measured around its own timing (the higher of
+    before and after: the stricter floor), or `gbs` where it has none."""
     for case in defs:
         c = cases[case.name]
         results = c.get("results")
         if not results:
             continue
+        gbs_case = c.get("bandwidth", {}).get("gbs", gbs)
         for r in results.values():
-            r["floor_s"] = floor_bytes(case, r["role"]) / (gbs * 1e9)
+            r["floor_s"] = floor_bytes(case, r["role"]) / (gbs_case * 1e9)
             r["floor_ratio"] = _time(r) / r["floor_s"]
-        c["floor_s"] = floor_bytes(case, "clip") / (gbs * 1e9)
+        c["floor_s"] = floor_bytes(case, "clip") / (gbs_case * 1e9)
         c["ratios"] = {key: _time(results[a]) / _time(results[b])
                        for key, a, b in RATIOS if a in results and b in results}
         if "tf_function_fwd" in results and "clipops_function_fwd" in results:
@@ -839,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = [c for c in build_cases(args.smoke) if not args.cases or c.name in args.cases]
     cases = {c.name: run_case(c, s) for c in selected}
     bandwidth_end = copy_bandwidth_gbs()
-    # the floors use the higher of the two measurements: the stricter floor
+    # where a case has no bandwidth of its own (not timed), the higher of these two
     gbs = max(bandwidth_start["gbs"], bandwidth_end["gbs"])
     add_derived(cases, selected, gbs)
     payload = {
@@ -851,7 +867,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "budget_s": s.budget_s, "rewarm_below_s": REWARM_BELOW_S,
                      "forward_chain": FORWARD_CHAIN,
                      "forward_chain_below_bytes": FORWARD_CHAIN_BELOW_BYTES,
-                     "min_repeats": MIN_REPEATS, "seed": s.seed, "data_scale": DATA_SCALE},
+                     "min_repeats": MIN_REPEATS, "seed": s.seed, "data_scale": DATA_SCALE,
+                     "case_bandwidth_repeats": CASE_BANDWIDTH_REPEATS},
         "bandwidth": {"gbs": gbs, "start": bandwidth_start, "end": bandwidth_end},
         "cases": cases, "targets": evaluate_targets(cases),
         "wall_s": time.perf_counter() - started,

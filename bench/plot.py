@@ -7,10 +7,13 @@ What the numbers mean (bench/micro.py writes them):
   - times are medians of repeated calls, with p10 and p90; the first call
     (tracing, compiling) is timed apart and left out;
   - "x floor" is time / floor, where the floor is the bytes the work must move
-    at the copy bandwidth measured in the same run (common.copy_bandwidth_gbs,
-    bytes read + written): 3x the list's bytes when clipping (read
-    for the norm, read and write for the scale; 12 bytes per float32 element),
-    1x when no clipping is needed and the buffers are forwarded;
+    at the copy bandwidth (common.copy_bandwidth_gbs, bytes read + written)
+    measured right before and right after that case was timed, the higher of
+    the two (the VM's speed drifts over a run; the Cases table has both; runs
+    with no bandwidth there measured it at their start and end only): 3x
+    the list's bytes when clipping (read for the norm, read and write for the
+    scale; 12 bytes per float32 element), 1x when no clipping is needed and
+    the buffers are forwarded;
   - ratios are TF's time / clipops' time in the same run (> 1: clipops faster);
   - *_fwd rows (no-clip cases) compute stand-in gradients (x * one) inside the
     same tf.function so their buffers can be forwarded; their "net" time is
@@ -96,6 +99,21 @@ def _cell(r: dict | None) -> str:
     return f"{core} ({r['floor_ratio']:.2f}x)"
 
 
+def _case_gbs_range(p: dict) -> str:
+    """"lo to hi" of the cases' own copy bandwidths, or "" where a run has none
+    (runs before each case measured its own)."""
+    values = [c["bandwidth"]["gbs"] for c in p["cases"].values() if c.get("bandwidth")]
+    if not values:
+        return ""
+    return f"{min(values):.1f}" if min(values) == max(values) else \
+        f"{min(values):.1f} to {max(values):.1f}"
+
+
+def _case_gbs(c: dict) -> str:
+    bw = c.get("bandwidth")
+    return "-" if not bw else f"**{bw['gbs']:.1f}** ({bw['before']:.1f}, {bw['after']:.1f})"
+
+
 def header_section(p: dict) -> list[str]:
     m, bw = p["machine"], p["bandwidth"]
     lines = [f"# clipops microbenchmark{' (SMOKE: toy sizes, not meaningful)' if p['smoke'] else ''}",
@@ -110,7 +128,10 @@ def header_section(p: dict) -> list[str]:
              f"Copy bandwidth (read + written; common.copy_bandwidth_gbs, the faster of 1 "
              f"thread and one per core): {bw['start']['gbs']:.1f} GB/s at the start, "
              f"{bw['end']['gbs']:.1f} GB/s at the end; "
-             f"floors use the higher, **{bw['gbs']:.1f} GB/s**. Run time {p['wall_s']:.0f} s.",
+             + (f"each case's floors use its own, measured around its timing "
+                f"({_case_gbs_range(p)} GB/s; Cases table)."
+                if _case_gbs_range(p) else f"floors use the higher, **{bw['gbs']:.1f} GB/s**.")
+             + f" Run time {p['wall_s']:.0f} s.",
              "",
              f"CPU taken by other processes (or the hypervisor) during the run: "
              f"{_cores(p.get('background_cores'))} cores on average; per case in the last table.",
@@ -206,11 +227,11 @@ def validation_section(p: dict) -> list[str]:
 def cases_section(p: dict) -> list[str]:
     rows = [[n, c["description"], str(c["num_tensors"]), f"{c['numel']:,}",
              ", ".join(f"{k} x{v}" for k, v in c["dtypes"].items()),
-             f"{c['clip_norm']:.4g}", f"{c['norm_f64']:.4g}", _load(c)]
+             f"{c['clip_norm']:.4g}", f"{c['norm_f64']:.4g}", _case_gbs(c), _load(c)]
             for n, c in p["cases"].items()]
     return ["## Cases", ""] + _table(
         ["case", "list", "tensors", "elements", "dtypes", "clip_norm", "norm",
-         "other load, cores (attempts)"], rows) + [""]
+         "copy GB/s (before, after)", "other load, cores (attempts)"], rows) + [""]
 
 
 def _bullets(text: str) -> list[str]:

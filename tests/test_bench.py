@@ -166,3 +166,20 @@ def test_micro_route_bound_needs_its_rows():
     case = _micro_case({"tf_function": 200.0, "clipops_function": 300.0,
                         "numpy_inplace": 4.0}, 1.0)
     assert micro.route_bound(case, "ratio", "function") is None
+
+
+def test_micro_floors_use_each_cases_own_bandwidth():
+    pytest.importorskip("tensorflow")
+    import micro
+
+    mnist, resnet = (next(c for c in micro.build_cases(smoke=True) if c.name == n)
+                     for n in ("mnist", "resnet50"))
+    row = {"median_s": 1e-3, "role": "clip"}
+    cases = {"mnist": {"results": {"numpy": dict(row)},
+                       "bandwidth": {"gbs": 10.0, "before": 10.0, "after": 8.0}},
+             "resnet50": {"results": {"numpy": dict(row)}}}  # an older run: none of its own
+    micro.add_derived(cases, [mnist, resnet], gbs=20.0)
+    assert cases["mnist"]["floor_s"] == pytest.approx(3 * mnist.nbytes / 10e9)
+    assert cases["resnet50"]["floor_s"] == pytest.approx(3 * resnet.nbytes / 20e9)
+    assert cases["mnist"]["results"]["numpy"]["floor_ratio"] == pytest.approx(
+        1e-3 / cases["mnist"]["floor_s"])
