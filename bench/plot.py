@@ -32,8 +32,10 @@ What the numbers mean (bench/micro.py writes them):
     NumPy time (numpy_inplace) in the same run: (route + in place) / floor for
     a floor target, TF's time / (route + in place) for a speed-up. A miss
     where that misses too is the route's: the kernel would have to beat its
-    own in-place time. Copying NumPy (no route row) and net forwarded rows
-    have none;
+    own in-place time. The bound is optimistic (the route row runs with TF's
+    runtime warm in the caches, and numpy_inplace's untimed restore leaves the
+    end of the list in them), so a miss where it meets is not proven to be
+    the op's. Copying NumPy (no route row) and net forwarded rows have none;
   - the scale pass is clip time minus norm time; times under 1x floor are
     possible here: the floor is measured copying 2 x 256 MiB, while this VM
     reports a 480 MiB L3 that can hold smaller lists;
