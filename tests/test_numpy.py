@@ -51,6 +51,29 @@ def test_bitwise_equal_to_documented_order(rng, dtype):
         assert o.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=lambda d: np.dtype(d).name)
+def test_lists_past_the_streaming_threshold_keep_their_bits(rng, dtype):
+    """A list of more than 64 MiB is scaled with streaming stores into fresh
+    outputs (clip_cpu.cc, kStreamBytes): the same bits as the model, every
+    element written, and the groups of 8 halves with a NaN product (redone by
+    the software path, with ordinary stores) among streamed ones."""
+    big = (68 << 20) // np.dtype(dtype).itemsize + 5  # not a whole number of groups
+    arrays = [random_array(rng, (n,), dtype, 0.05) for n in (big, 1, 7, CHUNK + 3, 1000)]
+    bad = rng.choice(big, 40, replace=False)
+    arrays[0][bad[:20]] = np.nan
+    arrays[0][bad[20:]] = np.inf
+    arrays[0][-1] = np.nan  # in the tail after the last whole group
+    # use_norm: a finite scale, so the NaN groups stay few and local
+    out, _ = cn.clip_by_global_norm(arrays, 1.0, use_norm=3.0)
+    scale = model_scale(np.asarray(3.0).astype(dtype), 1.0, dtype)
+    assert 0 < scale < 1
+    for i, (o, a) in enumerate(zip(out, arrays)):
+        want = (a.astype(np.float32) * np.float32(scale)).astype(dtype)
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(o), nan), i
+        assert o[~nan].tobytes() == want[~nan].tobytes(), i  # NaN payloads aside
+
+
 def test_more_partials_than_threads_and_many_tensors(rng):
     # 5,000 tensors, and more work items than one block has threads (256), so
     # the final fold wraps around several times.

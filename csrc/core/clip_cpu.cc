@@ -59,11 +59,14 @@ CLIPOPS_SIMD_CLONES void add_rows_bf16(const unsigned short* x, int64_t rows, fl
 // ScopedIeeeSubnormals), as half_to_float / float_to_half do, so the bits are
 // the software path's. The one difference is a NaN's payload: F16C keeps it,
 // float_to_half writes the canonical 0x7e00. A group of 8 with a NaN product
-// is therefore redone by the software path.
+// is therefore redone by the software path. With `Streamed`, the groups go
+// around the cache as in scale_chunk<kFloat32> (out 16-byte aligned, so is
+// every group of 8 halves).
 #define CLIPOPS_F16C 1
-__attribute__((target("avx2,f16c"))) void scale_f16_f16c(const unsigned short* in,
-                                                          unsigned short* out, int64_t count,
-                                                          float s) {
+template <bool Streamed>
+__attribute__((target("avx2,f16c"))) void scale_f16_f16c_loop(const unsigned short* in,
+                                                               unsigned short* out,
+                                                               int64_t count, float s) {
   const __m256 vs = _mm256_set1_ps(s);
   const Scaler<kFloat16> scalar(s);
   int64_t i = 0;
@@ -74,10 +77,20 @@ __attribute__((target("avx2,f16c"))) void scale_f16_f16c(const unsigned short* i
       for (int k = 0; k < 8; ++k) out[i + k] = scalar(in[i + k]);
       continue;
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                     _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m128i h = _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if constexpr (Streamed) _mm_stream_si128(reinterpret_cast<__m128i*>(out + i), h);
+    else _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
   }
   for (; i < count; ++i) out[i] = scalar(in[i]);
+  if constexpr (Streamed) _mm_sfence();  // weakly ordered: publish before returning
+}
+
+void scale_f16_f16c(const unsigned short* in, unsigned short* out, int64_t count, float s,
+                    bool stream) {
+  if (stream && out != in && (reinterpret_cast<uintptr_t>(out) & 15) == 0)
+    scale_f16_f16c_loop<true>(in, out, count, s);
+  else
+    scale_f16_f16c_loop<false>(in, out, count, s);
 }
 
 // add_rows<kFloat16> with F16C: the same order and the same two roundings per
@@ -159,10 +172,10 @@ CLIPOPS_SIMD_CLONES void scale_bf16(const unsigned short* in, unsigned short* ou
 
 template <int DT>
 void scale_chunk(const typename Storage<DT>::type* in, typename Storage<DT>::type* out,
-                 int64_t count, const Scaler<DT>& scaler, bool /*stream*/) {
+                 int64_t count, const Scaler<DT>& scaler, [[maybe_unused]] bool stream) {
 #if defined(CLIPOPS_F16C)
   if constexpr (DT == kFloat16)
-    if (has_f16c()) return scale_f16_f16c(in, out, count, scaler.s);
+    if (has_f16c()) return scale_f16_f16c(in, out, count, scaler.s, stream);
 #endif
   if constexpr (DT == kFloat16) scale_f16(in, out, count, scaler.s);  // s is already a half value
   else if constexpr (DT == kBFloat16) scale_bf16(in, out, count, scaler.s);
@@ -224,8 +237,12 @@ void scale_chunk<kFloat32>(const float* in, float* out, int64_t count,
 // 0.01 ms inline, for the 535,818-element MNIST gradients).
 constexpr int64_t kParallelMinElements = int64_t(1) << 20;
 
-// Outputs beyond this many bytes go around the cache (see scale_chunk).
-constexpr int64_t kStreamBytes = int64_t(64) << 20;
+// Outputs beyond this many bytes go around the cache (see scale_chunk): the
+// list's inputs and outputs together are then at least twice a 32 MiB L3. At
+// 64 MiB the mixed float16/float32 list of bench/micro.py (51 MB) did not
+// stream; its copying scale pass now takes 0.86 of its old time
+// (bench/results/stream_f16_ab, 2-core AMD EPYC).
+constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
 // A fresh output (TF's allocator hands large ones out unfaulted) costs a page
 // fault per 4 KiB page when the scale pass first writes it: where transparent
