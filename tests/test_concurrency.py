@@ -56,25 +56,6 @@ def test_numpy_front_end_from_eight_threads(rng):
                 assert r == serial[k], f"list {k}: clip"
 
 
-def test_numpy_outputs_made_beside_the_kernel_from_eight_threads(rng):
-    # lists of many tensors: each copying call runs its kernel on the shared pool
-    # while its thread makes the arrays, and waits by working on queued pieces,
-    # other threads' among them (BackgroundTask in csrc/core/clip_common.cc)
-    many = cn._common.load_core().OVERLAP_MIN_ARRAYS + 50
-    lists = [[random_array(rng, (n,), np.float32)
-              for n in [1_100_000] + list(rng.integers(1, 2000, size=many))]
-             for _ in range(THREADS)]
-    serial = [_bits(cn.clip_by_global_norm(a, 1.0)) for a in lists]
-
-    def worker(k):
-        return [_bits(cn.clip_by_global_norm(lists[k], 1.0)) for _ in range(CALLS_PER_THREAD)]
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        results = list(pool.map(worker, range(THREADS)))
-    for k, got in enumerate(results):
-        assert all(r == serial[k] for r in got), f"list {k}"
-
-
 def test_numpy_in_place_from_eight_threads(rng):
     # each thread clips its own arrays in place, repeatedly, with use_norm so
     # every call applies the same scale: the result is known in advance

@@ -74,31 +74,6 @@ def test_lists_past_the_streaming_threshold_keep_their_bits(rng, dtype):
         assert o[~nan].tobytes() == want[~nan].tobytes(), i  # NaN payloads aside
 
 
-@pytest.mark.parametrize("extra", [-1, 0], ids=["made-first", "made-beside-the-kernel"])
-def test_outputs_made_beside_the_kernel_hold_its_bits(rng, extra):
-    """From OVERLAP_MIN_ARRAYS outputs on, a copying call runs the kernel on the
-    pool while it makes the output arrays (module.cc, NumpyBatch::run); one
-    fewer, and it makes them first. Either way every output holds the model's
-    bits: small ones in one shared block, a large one (over 2^20 elements, so
-    the kernel's own parallel_for runs) in a block of its own, and a None kept."""
-    core = cn._common.load_core()
-    count = core.OVERLAP_MIN_ARRAYS + extra
-    # an odd large size: its freed block must not serve another test's request
-    sizes = [(1 << 20) + 5000] + list(rng.integers(1, 3000, size=count - 1))
-    arrays = scaled_list(rng, sizes, np.float32)
-    clip = float(np.float32(ref_norm(arrays) * 0.3))
-    out, norm = cn.clip_by_global_norm(arrays[:5] + [None] + arrays[5:], clip)
-    assert out[5] is None
-    out = out[:5] + out[6:]
-    want_norm = model_norm(arrays, np.float32)
-    assert norm.tobytes() == want_norm.tobytes()
-    scale = np.float32(model_scale(want_norm, clip, np.float32))
-    for i, (o, a) in enumerate(zip(out, arrays)):
-        assert o.shape == a.shape and o.flags.c_contiguous and o.flags.writeable, i
-        assert o.tobytes() == (a * scale).tobytes(), i
-        assert not np.shares_memory(o, a), i
-
-
 def test_more_partials_than_threads_and_many_tensors(rng):
     # 5,000 tensors, and more work items than one block has threads (256), so
     # the final fold wraps around several times.

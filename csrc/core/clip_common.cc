@@ -191,7 +191,7 @@ class WorkerPool {
   // Runs fn(k) for every k in [0, pieces), on the caller and up to
   // pieces - 1 workers, and returns when all have run.
   void run(int pieces, const std::function<void(int)>& fn) {
-    auto call = std::make_shared<Call>(pieces, fn, nullptr);
+    auto call = std::make_shared<Call>(pieces, fn);
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (int k = 1; k < pieces; ++k) tickets_.push_back(call);
@@ -202,70 +202,24 @@ class WorkerPool {
     call->finished.wait(lock, [&] { return call->done == call->pieces; });
   }
 
-  struct Call;
-
-  // fn(0) for a worker to take (BackgroundTask); finish() waits for it. With
-  // no workers (one core) nothing is queued, and finish() runs it.
-  std::shared_ptr<Call> submit(const std::function<void(int)>& fn) {
-    auto call = std::make_shared<Call>(1, fn, this);
-    if (threads_.empty()) return call;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      tickets_.push_back(call);
-    }
-    ready_.notify_one();
-    return call;
-  }
-
-  // Runs the call's piece here if no worker has claimed it, then works on
-  // queued tickets (the piece's own parallel_for among them, which its worker
-  // would otherwise run alone) until the call is done.
-  void finish(const std::shared_ptr<Call>& call) {
-    call->work();
-    std::unique_lock<std::mutex> lock(mu_);
-    for (;;) {
-      ready_.wait(lock, [&] { return call->complete.load() || !tickets_.empty(); });
-      if (call->complete.load()) return;
-      std::shared_ptr<Call> other = std::move(tickets_.front());
-      tickets_.pop_front();
-      lock.unlock();
-      other->work();
-      lock.lock();
-    }
-  }
-
+ private:
   struct Call {
-    Call(int n, const std::function<void(int)>& f, WorkerPool* w)
-        : pieces(n), fn(f), waker(w) {}
+    Call(int n, const std::function<void(int)>& f) : pieces(n), fn(f) {}
     const int pieces;
     const std::function<void(int)>& fn;  // the caller waits, so the reference stays valid
-    WorkerPool* const waker;             // a submitted call: its finish() waits on ready_
     std::atomic<int> next{0};
     std::mutex mu;
     std::condition_variable finished;
     int done = 0;  // guarded by mu
-    std::atomic<bool> complete{false};
 
     void work() {
       for (int k; (k = next.fetch_add(1)) < pieces;) {
         fn(k);
-        {
-          std::lock_guard<std::mutex> lock(mu);
-          if (++done < pieces) continue;
-          complete.store(true);
-          finished.notify_all();
-        }
-        if (waker != nullptr) {
-          // taking the pool's lock orders this after finish()'s check of the
-          // predicate, so the wakeup cannot fall between its check and its wait
-          { std::lock_guard<std::mutex> lock(waker->mu_); }
-          waker->ready_.notify_all();
-        }
+        std::lock_guard<std::mutex> lock(mu);
+        if (++done == pieces) finished.notify_all();
       }
     }
   };
-
- private:
 
   explicit WorkerPool(int n) {
     for (int i = 0; i < n; ++i) threads_.emplace_back([this] { loop(); });
@@ -291,19 +245,6 @@ class WorkerPool {
 };
 
 }  // namespace
-
-BackgroundTask::BackgroundTask(std::function<void()> fn) : fn_(std::move(fn)) {
-  piece_ = [this](int) { fn_(); };
-  call_ = WorkerPool::instance().submit(piece_);
-}
-
-void BackgroundTask::wait() {
-  if (!call_) return;
-  WorkerPool::instance().finish(std::static_pointer_cast<WorkerPool::Call>(call_));
-  call_.reset();
-}
-
-BackgroundTask::~BackgroundTask() { wait(); }
 
 ParallelFor default_parallel_for() {
   return [](int64_t n, int64_t cost_per_item,

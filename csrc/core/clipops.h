@@ -9,7 +9,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -113,25 +112,6 @@ using ParallelFor =
 // started at first use and shared by concurrent callers; the calling thread
 // works too, so a call never waits for a busy pool to free up.
 ParallelFor default_parallel_for();
-
-// fn run by a worker of default_parallel_for's pool while the calling thread
-// does other work until wait() (the NumPy front end makes its output arrays
-// while the kernel fills them). wait() runs fn on the caller if no worker has
-// started it, then works on the pool's queued pieces (fn's own parallel_for
-// among them) until fn is done. The destructor waits too. fn must not throw.
-class BackgroundTask {
- public:
-  explicit BackgroundTask(std::function<void()> fn);
-  ~BackgroundTask();
-  BackgroundTask(const BackgroundTask&) = delete;
-  BackgroundTask& operator=(const BackgroundTask&) = delete;
-  void wait();
-
- private:
-  std::function<void()> fn_;
-  std::function<void(int)> piece_;  // fn_, as the pool's one piece
-  std::shared_ptr<void> call_;      // the pool's record of it; null once waited for
-};
 
 // While alive, this thread computes with IEEE subnormals: FTZ and DAZ cleared
 // (x86), the previous mode restored after. TensorFlow runs its CPU kernels with

@@ -7,7 +7,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <new>
 #include <optional>
 #include <string>
@@ -104,96 +103,58 @@ std::pair<char*, py::object> host_block(size_t bytes) {
   return {static_cast<char*>(data), std::move(owner)};
 }
 
-// A call's fresh outputs, planned before any of their array objects exists so
-// that the kernel can fill the memory while the arrays are made (NumpyBatch::run).
+// A fresh array like `like`: NumPy's own below kCachedOutputBytes, else in a
+// block of the host cache.
+py::array fresh_like(const py::array& like) {
+  const size_t bytes = static_cast<size_t>(like.nbytes());
+  if (bytes < clipops::kCachedOutputBytes) return array_like(like, nullptr, py::none());
+  auto [data, owner] = host_block(bytes);
+  return array_like(like, data, owner);
+}
+
 // Small outputs (under kCachedOutputBytes) of one call share one block of the
 // host cache, each a C-contiguous view at a 64-byte boundary whose base is the
 // block's capsule; the block goes back to the cache when the last of them is
 // freed. Why: allocating 10,000 small arrays one by one (NumPy's malloc, then
 // free) cost more than the clip itself (bench/micro.py, small_10k:
 // numpy_empty_like alone 6x the floor). Used where at least kMinShared
-// outputs are small; fewer are NumPy's own arrays, made here at once. Large
-// outputs have a host-cache block each.
+// outputs are small; fewer take fresh_like.
 constexpr size_t kViewAlign = 64;  // a cache line: views never share one
 constexpr int kMinShared = 2;
 
 size_t aligned_bytes(size_t bytes) { return (bytes + kViewAlign - 1) / kViewAlign * kViewAlign; }
 
-class FreshOutputs {
- public:
-  FreshOutputs(const py::list& arrays, const std::vector<int>& positions)
-      : arrays_(arrays), positions_(positions) {
-    const size_t n = positions.size();
-    size_t shared_bytes = 0;
-    int small = 0;
-    for (size_t k = 0; k < n; ++k) {
-      const size_t bytes = static_cast<size_t>(like(k).nbytes());
-      if (bytes < clipops::kCachedOutputBytes) {
-        shared_bytes += aligned_bytes(bytes);
-        ++small;
-      }
-    }
-    char* base = nullptr;
-    if (small >= kMinShared) {  // owners_[0]: the shared block, page-aligned
-      owners_.emplace_back();
-      std::tie(base, owners_.back()) = host_block(shared_bytes);
-    }
-    data_.resize(n);
-    owner_.assign(n, -1);
-    made_.resize(n);
-    size_t offset = 0;
-    for (size_t k = 0; k < n; ++k) {
-      const py::array a = like(k);
-      const size_t bytes = static_cast<size_t>(a.nbytes());
-      if (bytes >= clipops::kCachedOutputBytes) {
-        owners_.emplace_back();
-        std::tie(data_[k], owners_.back()) = host_block(bytes);
-        owner_[k] = static_cast<int>(owners_.size()) - 1;
-      } else if (base != nullptr) {
-        data_[k] = base + offset;
-        owner_[k] = 0;
-        offset += aligned_bytes(bytes);
-      } else {
-        py::array own = array_like(a, nullptr, py::none());
-        data_[k] = static_cast<char*>(own.mutable_data());
-        made_[k] = std::move(own);
-      }
+std::vector<py::array> fresh_outputs(const py::list& arrays, const std::vector<int>& positions) {
+  const auto item = [&](size_t k) {
+    return py::reinterpret_borrow<py::array>(PyList_GET_ITEM(arrays.ptr(), positions[k]));
+  };
+  size_t shared_bytes = 0;
+  int small = 0;
+  for (size_t k = 0; k < positions.size(); ++k) {
+    const size_t bytes = static_cast<size_t>(item(k).nbytes());
+    if (bytes < clipops::kCachedOutputBytes) {
+      shared_bytes += aligned_bytes(bytes);
+      ++small;
     }
   }
-
-  void* data(size_t k) const { return data_[k]; }
-  size_t to_make() const {
-    return static_cast<size_t>(std::count_if(owner_.begin(), owner_.end(),
-                                             [](int o) { return o >= 0; }));
+  py::object owner;
+  char* base = nullptr;
+  if (small >= kMinShared) std::tie(base, owner) = host_block(shared_bytes);  // page-aligned
+  std::vector<py::array> outs;
+  outs.reserve(positions.size());
+  size_t offset = 0;
+  for (size_t k = 0; k < positions.size(); ++k) {
+    const py::array like = item(k);
+    const size_t bytes = static_cast<size_t>(like.nbytes());
+    if (base == nullptr || bytes >= clipops::kCachedOutputBytes) {
+      outs.push_back(fresh_like(like));
+      continue;
+    }
+    outs.push_back(array_like(like, base + offset, owner));
+    offset += aligned_bytes(bytes);
   }
-
-  // The output arrays, each over its planned memory.
-  std::vector<py::array> make() {
-    std::vector<py::array> outs;
-    outs.reserve(data_.size());
-    for (size_t k = 0; k < data_.size(); ++k)
-      outs.push_back(owner_[k] < 0 ? py::reinterpret_steal<py::array>(made_[k].release())
-                                   : array_like(like(k), data_[k], owners_[owner_[k]]));
-    return outs;
-  }
-
- private:
-  py::array like(size_t k) const {
-    return py::reinterpret_borrow<py::array>(PyList_GET_ITEM(arrays_.ptr(), positions_[k]));
-  }
-
-  const py::list& arrays_;
-  const std::vector<int>& positions_;
-  std::vector<char*> data_;
-  std::vector<int> owner_;              // index into owners_, or -1: made_[k] is the array
-  std::vector<py::object> owners_;      // the blocks' capsules
-  std::vector<py::object> made_;        // null handles but for NumPy's own arrays
-};
-
-// A copying call with at least this many arrays to make runs the kernel on the
-// pool while this thread makes them: on 10,000 small tensors the arrays took
-// about as long as the kernel (bench/results/overlap_ab).
-constexpr size_t kOverlapMinArrays = 64;
+  return outs;
+}
 
 class NumpyBatch {
  public:
@@ -244,7 +205,12 @@ class NumpyBatch {
                uintptr_t norm_out, uintptr_t tensor_norms, bool skip_nonfinite, int mode,
                double clip_min, double clip_max, double unscale) {
     std::vector<clipops::TensorDesc> descs = descs_;
-    // Copying, the outputs are fresh (below) and the inputs only read: nothing
+    std::vector<py::array> outs;
+    if (scale && !in_place) {
+      outs = fresh_outputs(arrays_, positions_);
+      for (size_t k = 0; k < descs.size(); ++k) descs[k].out = outs[k].mutable_data();
+    }
+    // Copying, the outputs are fresh (above) and the inputs only read: nothing
     // can overlap anything written, and sorting 2n ranges to show it took
     // ~5% of a perf profile's samples on 10,000 small arrays. In place, the
     // check stays.
@@ -253,35 +219,10 @@ class NumpyBatch {
                                           check_overlap, tensor_norms, skip_nonfinite, mode,
                                           clip_min, 0, clip_max, 0, unscale, 0);
     clipops::Status s;
-    const auto kernel = [&] {
-      try {
-        s = clipops::clip_by_global_norm_cpu(descs.data(), static_cast<int>(descs.size()), args,
-                                             clipops::default_parallel_for());
-      } catch (const std::bad_alloc&) {
-        s = clipops::Status::Runtime("out of memory in the CPU kernel");
-      }
-    };
-    std::vector<py::array> outs;
-    bool ran = false;
-    if (scale && !in_place) {
-      FreshOutputs fresh(arrays_, positions_);
-      for (size_t k = 0; k < descs.size(); ++k) descs[k].out = fresh.data(k);
-      if (fresh.to_make() >= kOverlapMinArrays) {
-        // the kernel fills the memory on the pool while this thread makes the
-        // arrays; should that throw, the task's destructor waits for the kernel
-        // before the memory can go
-        clipops::BackgroundTask task(kernel);
-        outs = fresh.make();
-        py::gil_scoped_release release;
-        task.wait();
-        ran = true;
-      } else {
-        outs = fresh.make();
-      }
-    }
-    if (!ran) {
+    {
       py::gil_scoped_release release;
-      kernel();
+      s = clipops::clip_by_global_norm_cpu(descs.data(), static_cast<int>(descs.size()), args,
+                                           clipops::default_parallel_for());
     }
     raise_if_error(s);  // the fresh outputs are freed (their blocks cached) on the way out
     py::list result(scale ? length_ : 0);
@@ -324,7 +265,6 @@ PYBIND11_MODULE(_core, m) {
   m.attr("CHUNK") = clipops::detail::kChunk;
   m.attr("LANES") = clipops::detail::kLanes;
   m.attr("THREADS") = clipops::detail::kThreads;
-  m.attr("OVERLAP_MIN_ARRAYS") = kOverlapMinArrays;
   m.attr("MODES") = py::dict(py::arg("global_norm") = int(clipops::kClipByGlobalNorm),
                              py::arg("norm") = int(clipops::kClipByNorm),
                              py::arg("value") = int(clipops::kClipByValue));
