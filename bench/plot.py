@@ -124,7 +124,7 @@ def _case_gbs(c: dict) -> str:
 
 
 def header_section(p: dict) -> list[str]:
-    m, bw = p["machine"], p["bandwidth"]
+    m, bw, case_gbs = p["machine"], p["bandwidth"], _case_gbs_range(p)
     lines = [f"# clipops microbenchmark{' (SMOKE: toy sizes, not meaningful)' if p['smoke'] else ''}",
              "",
              f"{m.get('date')}, {m.get('cpu')} x {m.get('cpu_count')}, Python {m.get('python')}, "
@@ -138,8 +138,8 @@ def header_section(p: dict) -> list[str]:
              f"thread and one per core): {bw['start']['gbs']:.1f} GB/s at the start, "
              f"{bw['end']['gbs']:.1f} GB/s at the end; "
              + (f"each case's floors use its own, measured around its timing "
-                f"({_case_gbs_range(p)} GB/s; Cases table)."
-                if _case_gbs_range(p) else f"floors use the higher, **{bw['gbs']:.1f} GB/s**.")
+                f"({case_gbs} GB/s; Cases table)."
+                if case_gbs else f"floors use the higher, **{bw['gbs']:.1f} GB/s**.")
              + f" Run time {p['wall_s']:.0f} s.",
              "",
              f"CPU taken by other processes (or the hypervisor) during the run: "
