@@ -53,10 +53,11 @@ def test_bitwise_equal_to_documented_order(rng, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=lambda d: np.dtype(d).name)
 def test_lists_past_the_streaming_threshold_keep_their_bits(rng, dtype):
-    """A list of more than 64 MiB is scaled with streaming stores into fresh
-    outputs (clip_cpu.cc, kStreamBytes): the same bits as the model, every
-    element written, and the groups of 8 halves with a NaN product (redone by
-    the software path, with ordinary stores) among streamed ones."""
+    """A list past kStreamBytes (clip_cpu.cc: 32 MiB of inputs; 68 MiB here, past
+    the old 64 too) is scaled with streaming stores into fresh outputs: the
+    same bits as the model, every element written, and the groups of 8 halves
+    with a NaN product (redone by the software path, with ordinary stores)
+    among streamed ones."""
     big = (68 << 20) // np.dtype(dtype).itemsize + 5  # not a whole number of groups
     arrays = [random_array(rng, (n,), dtype, 0.05) for n in (big, 1, 7, CHUNK + 3, 1000)]
     bad = rng.choice(big, 40, replace=False)

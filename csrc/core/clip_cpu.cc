@@ -53,6 +53,13 @@ CLIPOPS_SIMD_CLONES void add_rows_f16(const unsigned short* x, int64_t rows, flo
 CLIPOPS_SIMD_CLONES void add_rows_bf16(const unsigned short* x, int64_t rows, float* lanes) {
   add_rows<kBFloat16>(x, rows, lanes);
 }
+
+// Whether a scale loop may write `out` with streaming stores: asked to (a large
+// list), a fresh output (in place, the lines were just read), 16-byte aligned.
+inline bool can_stream(bool stream, const void* in, const void* out) {
+  return stream && out != in && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // float16 with F16C (every x86 CPU with AVX2 has it): the hardware conversions
 // round to nearest even and keep subnormals (MXCSR's FTZ/DAZ are cleared by
@@ -87,7 +94,7 @@ __attribute__((target("avx2,f16c"))) void scale_f16_f16c_loop(const unsigned sho
 
 void scale_f16_f16c(const unsigned short* in, unsigned short* out, int64_t count, float s,
                     bool stream) {
-  if (stream && out != in && (reinterpret_cast<uintptr_t>(out) & 15) == 0)
+  if (can_stream(stream, in, out))
     scale_f16_f16c_loop<true>(in, out, count, s);
   else
     scale_f16_f16c_loop<false>(in, out, count, s);
@@ -222,7 +229,7 @@ template <>
 void scale_chunk<kFloat32>(const float* in, float* out, int64_t count,
                            const Scaler<kFloat32>& scaler, bool stream) {
   int64_t i = 0;
-  if (stream && out != in && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+  if (can_stream(stream, in, out)) {
     const __m128 s = _mm_set1_ps(scaler.s);
     for (; i + 4 <= count; i += 4) _mm_stream_ps(out + i, _mm_mul_ps(_mm_loadu_ps(in + i), s));
     _mm_sfence();  // streamed stores are weakly ordered: publish before returning
