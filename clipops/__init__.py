@@ -11,6 +11,7 @@ Front ends, one core (csrc/core):
   - clipops.clip_by_global_norm / clipops.global_norm: TensorFlow op (clipops.tensorflow)
   - clipops.numpy: NumPy arrays on the CPU
   - clipops.cupy: CuPy (and any __cuda_array_interface__ / DLPack) arrays on a GPU
+  - clipops.keras: Keras 3 optimizers that clip with the fused op (``fused(optimizer)``)
 
 TensorFlow and CuPy are imported only when their front end is used; but once
 both clipops and TensorFlow are imported, in either order, clipops' op is
@@ -242,14 +243,21 @@ def build_info() -> dict:
     return info
 
 
+_SUBMODULES = ("numpy", "cupy", "tensorflow", "keras")
+
+
 def __getattr__(name: str):
-    # `clipops.numpy`, `clipops.cupy`, `clipops.tensorflow` load on first use, so
-    # `import clipops` needs neither TensorFlow nor CuPy.
-    if name in ("numpy", "cupy", "tensorflow"):
+    # The front ends load on first use (`clipops.numpy`, `help(clipops.keras)`), so
+    # `import clipops` imports neither TensorFlow, Keras nor CuPy.
+    if name in _SUBMODULES:
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))
 
 
 def _register_tf_op() -> None:

@@ -156,3 +156,26 @@ def test_build_info_reports_the_gpu_route():
     release = re.search(r"release (\d+\.\d+)", subprocess.run(
         [nvcc, "--version"], capture_output=True, text=True).stdout).group(1)
     assert info["cuda_version"].startswith(release + "."), (info, release)
+
+
+def test_front_ends_are_attributes_loaded_on_first_use(tmp_path):
+    # `import clipops; help(clipops.keras)` must work, and `import clipops` alone must not
+    # import TensorFlow, Keras or CuPy (the NumPy front end needs none of them)
+    code = textwrap.dedent("""
+        import sys, clipops
+        heavy = [m for m in ("tensorflow", "keras", "cupy") if m in sys.modules]
+        assert not heavy, heavy
+        assert {"numpy", "cupy", "tensorflow", "keras"} <= set(dir(clipops))
+        assert callable(clipops.keras.fused) and "keras" in sys.modules
+        assert callable(clipops.numpy.clip_by_global_norm)
+        try:
+            clipops.no_such_thing
+        except AttributeError as e:
+            assert "no_such_thing" in str(e)
+        else:
+            raise AssertionError("clipops.no_such_thing did not raise")
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
