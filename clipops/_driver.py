@@ -14,7 +14,8 @@ importing CuPy or TensorFlow:
     CUDA toolkit ($CUDA_HOME, $CUDA_PATH, /usr/local/cuda);
   - the kernel sources: clipops/kernels (csrc/core in a source checkout);
   - the cache of compiled kernels: $CLIPOPS_CACHE_DIR, else
-    $XDG_CACHE_HOME/clipops, else ~/.cache/clipops. Delete it freely.
+    $XDG_CACHE_HOME/clipops, else ~/.cache/clipops (csrc/core/kernel_cache.h
+    resolves it and checks it before use). Delete it freely.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-KERNEL_FILES = ("clip_kernel.cuh", "clip_math.h")
+from . import _build_info, _common
+
+# The kernel sources, as the build lists and installs them (CMakeLists.txt).
+KERNEL_FILES: tuple[str, ...] = tuple(_build_info.KERNEL_FILES)
 # (folder inside a site-packages, the header that folder must hold)
 _WHEEL_HEADERS = ((Path("nvidia", "cuda_runtime", "include"), "cooperative_groups.h"),
                   (Path("nvidia", "cuda_cccl", "include"), "nv/target"))
@@ -33,11 +37,13 @@ _WHEEL_NVRTC = Path("nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.12")
 
 @dataclass(frozen=True)
 class Config:
+    """What the route opens; the cache folder is not here: the library that
+    runs the route resolves it (kernel_cache::default_dir, or cache_dir())."""
+
     nvrtc_library: str
     cuda_library: str
     include_dirs: tuple[str, ...]
     kernel_dir: str
-    cache_dir: str
 
 
 def _site_roots() -> list[Path]:
@@ -82,16 +88,16 @@ def include_dirs() -> tuple[str, ...]:
 
 
 def cache_dir() -> str:
-    env = os.environ.get("CLIPOPS_CACHE_DIR")
-    if env:
-        return env
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "clipops")
+    """The compiled-kernel cache folder of both NVRTC routes, as
+    csrc/core/kernel_cache.h resolves it (through clipops._core: the TF op
+    resolves it with its own copy of the core, and never loads _core)."""
+    return _common.load_core().kernel_cache_dir()
 
 
 def config() -> Config:
+    """Where the driver route finds NVRTC, libcuda ($CLIPOPS_LIBCUDA, else the
+    system's libcuda.so.1), the CUDA headers and the kernel sources."""
     kdir = kernel_dir()
     return Config(nvrtc_library=nvrtc_library(),
                   cuda_library=os.environ.get("CLIPOPS_LIBCUDA", "libcuda.so.1"),
-                  include_dirs=include_dirs(), kernel_dir=str(kdir) if kdir else "",
-                  cache_dir=cache_dir())
+                  include_dirs=include_dirs(), kernel_dir=str(kdir) if kdir else "")
