@@ -10,6 +10,8 @@ driver API. Tested here without a GPU:
   - the disk cache of compiled kernels (csrc/core/kernel_cache.h) loads only
     what this user compiled: a planted, linked, foreign or damaged entry, or
     one in a folder others can write, is never loaded;
+  - where the route finds NVRTC, the CUDA headers and libcuda: never in the
+    current directory, the script's folder or beside the package;
   - with CUDA 12's real NVRTC (CLIPOPS_CUDA12_SITE, as in tests/test_nvrtc12.py)
     the C++ compile path makes real cubins and PTX;
   - no library the TF op loads holds CUDA code or a CUDA runtime.
@@ -611,8 +613,9 @@ def test_a_kernel_source_in_the_working_directory_is_not_compiled(fakes, tmp_pat
 
 # ---- the TF op brings no CUDA of its own -----------------------------------------------
 
-def elf_sections_and_needed(path: Path) -> tuple[set[str], list[str]]:
-    """Section names and DT_NEEDED entries of a 64-bit little-endian ELF."""
+def elf_sections_and_needed(path: Path, tags=(1,)) -> tuple[set[str], list[str]]:
+    """Section names and DT_NEEDED entries (or the string entries of other
+    dynamic `tags`: 15 DT_RPATH, 29 DT_RUNPATH) of a 64-bit little-endian ELF."""
     data = path.read_bytes()
     assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, path
     shoff, = struct.unpack_from("<Q", data, 0x28)
@@ -630,7 +633,7 @@ def elf_sections_and_needed(path: Path) -> tuple[set[str], list[str]]:
             strtab = sections[s[6]][4]
             for off in range(s[4], s[4] + s[5], 16):
                 tag, val = struct.unpack_from("<qQ", data, off)
-                if tag == 1:  # DT_NEEDED
+                if tag in tags:
                     needed.append(cstr(strtab, val))
     return names, needed
 
@@ -658,22 +661,98 @@ def test_the_tf_op_library_holds_no_cuda_code_or_runtime():
 
 # ---- where the route looks --------------------------------------------------------------
 
+def run_config(cwd: Path, env: dict, script: str | None = None) -> list:
+    """_driver.config()'s NVRTC, include folders and cache folder, from a fresh
+    process in `cwd` (with `script`: run as that file, else with -c)."""
+    code = ("import json; from clipops import _driver; c = _driver.config(); "
+            "print(json.dumps([c.nvrtc_library, c.include_dirs, _driver.cache_dir()]))")
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("CLIPOPS_NVRTC", "CLIPOPS_CUDA_INCLUDE", "CLIPOPS_CACHE_DIR", "CUDA_HOME",
+                          "CUDA_PATH")}
+    if script is not None:
+        Path(script).write_text(code)
+    argv = [sys.executable, script] if script is not None else [sys.executable, "-c", code]
+    return json.loads(subprocess.run(argv, env={**clean, **env}, cwd=cwd, capture_output=True,
+                                     text=True, check=True).stdout)
+
+
 @needs_nvrtc12
 def test_config_finds_tensorflow_s_cuda12_wheels(tmp_path):
-    site = cuda12_site()
-    script = ("import json; from clipops import _driver; c = _driver.config(); "
-              "print(json.dumps([c.nvrtc_library, c.include_dirs, _driver.cache_dir()]))")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CLIPOPS_NVRTC", "CLIPOPS_CUDA_INCLUDE", "CLIPOPS_CACHE_DIR")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-    env["XDG_CACHE_HOME"] = str(tmp_path)
-    nvrtc, include, cache = json.loads(subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-        check=True).stdout)
-    assert nvrtc == str(site / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12")
-    assert include[:2] == [str(site / "nvidia" / "cuda_runtime" / "include"),
-                           str(site / "nvidia" / "cuda_cccl" / "include")]
+    # The wheels as pip installs them into a package folder of the interpreter:
+    # here the user site, made a link to the folder they were installed in.
+    site_dir = cuda12_site()
+    user_base = tmp_path / "userbase"
+    user_site = subprocess.run(
+        [sys.executable, "-c", "import site; print(site.getusersitepackages())"], check=True,
+        env={**os.environ, "PYTHONUSERBASE": str(user_base)}, capture_output=True,
+        text=True).stdout.strip()
+    Path(user_site).parent.mkdir(parents=True)
+    Path(user_site).symlink_to(site_dir)
+    nvrtc, include, cache = run_config(tmp_path, {"PYTHONUSERBASE": str(user_base),
+                                                  "XDG_CACHE_HOME": str(tmp_path)})
+    assert Path(nvrtc).resolve() == (site_dir / "nvidia" / "cuda_nvrtc" / "lib" /
+                                     "libnvrtc.so.12").resolve()
+    assert [Path(d).resolve() for d in include[:2]] == [
+        (site_dir / "nvidia" / "cuda_runtime" / "include").resolve(),
+        (site_dir / "nvidia" / "cuda_cccl" / "include").resolve()]
     assert cache == str(tmp_path / "clipops")
+
+
+def plant_wheels(root: Path) -> None:
+    """What the CUDA 12 wheels install, as a stranger's files: libraries,
+    headers and the distributions' metadata."""
+    files = {"nvidia-cuda-nvrtc-cu12": "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
+             "nvidia-cuda-runtime-cu12": "nvidia/cuda_runtime/include/cooperative_groups.h",
+             "nvidia-cuda-cccl-cu12": "nvidia/cuda_cccl/include/nv/target"}
+    for dist, rel in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("planted\n")
+        info = root / f"{dist.replace('-', '_')}-12.9.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 12.9.0\n")
+        (info / "RECORD").write_text(f"{rel},,\n{info.name}/METADATA,,\n")
+
+
+def test_wheels_in_the_working_directory_or_the_script_s_folder_are_not_used(tmp_path):
+    # sys.path[0] is the current directory (python -c) or the script's folder:
+    # a libnvrtc or header found there would become code in the CUDA context
+    cwd, scripts = tmp_path / "cwd", tmp_path / "scripts"
+    for d in (cwd, scripts):
+        d.mkdir()
+        plant_wheels(d)
+    env = {"PYTHONNOUSERSITE": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    for found in (run_config(cwd, env), run_config(cwd, env, script=str(scripts / "run.py"))):
+        nvrtc, include, _ = found
+        assert not nvrtc.startswith(str(tmp_path)), nvrtc
+        assert not [d for d in include if d.startswith(str(tmp_path))], include
+
+
+def test_wheels_are_found_as_installed_distributions(tmp_path, monkeypatch):
+    site_dir = tmp_path / "site-packages"
+    site_dir.mkdir()
+    plant_wheels(site_dir)
+    monkeypatch.delenv("CLIPOPS_NVRTC", raising=False)
+    monkeypatch.delenv("CLIPOPS_CUDA_INCLUDE", raising=False)
+    monkeypatch.setattr(_driver, "site_dirs", lambda: [str(site_dir)])
+    assert _driver.nvrtc_library() == str(site_dir / "nvidia/cuda_nvrtc/lib/libnvrtc.so.12")
+    assert _driver.include_dirs()[:2] == (str(site_dir / "nvidia/cuda_runtime/include"),
+                                          str(site_dir / "nvidia/cuda_cccl/include"))
+    # the files alone, without the distribution that installed them, are not used
+    for info in site_dir.glob("*.dist-info"):
+        shutil.rmtree(info)
+    assert _driver.nvrtc_library() == "libnvrtc.so.12"
+    assert not [d for d in _driver.include_dirs() if d.startswith(str(site_dir))]
+
+
+def test_site_dirs_are_the_interpreter_s_package_folders():
+    import site
+    import sysconfig
+
+    dirs = _driver.site_dirs()
+    assert dirs and all(os.path.isabs(d) for d in dirs)
+    assert os.getcwd() not in dirs and "" not in dirs
+    expected = set(site.getsitepackages()) | {sysconfig.get_paths()["purelib"]}
+    assert {d for d in expected if os.path.isdir(d)} <= set(dirs)
 
 
 def test_the_tf_op_does_not_load_the_cuda13_core(tmp_path):
@@ -688,6 +767,72 @@ def test_the_tf_op_does_not_load_the_cuda13_core(tmp_path):
                           text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "False", "False"]
+
+
+def test_no_library_that_opens_libcuda_searches_beside_itself():
+    # dlopen("libcuda.so.1") from a library with RUNPATH $ORIGIN would look in
+    # the package folder first; the driver route lives in libclipops_core.so
+    # (the NumPy/CuPy core) and _clipops_tf.so (the TF op's own copy).
+    pkg = Path(clipops.__file__).parent
+    libs = [pkg / "libclipops_core.so"]
+    if clipops.build_info()["with_tf"]:
+        libs.append(pkg / "_clipops_tf.so")
+    for lib in libs:
+        _, paths = elf_sections_and_needed(lib, tags=(15, 29))
+        assert paths == [], (lib.name, paths)
+    # the check can fail: _core finds libclipops_core.so beside itself
+    [core] = pkg.glob("_core*.so")
+    assert elf_sections_and_needed(core, tags=(15, 29))[1] == ["$ORIGIN"]
+
+
+PLANTED_LIBCUDA = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from clipops import _core
+
+    _core.configure_driver("libnvrtc.so.12", "libcuda.so.1", [], "", "")
+    x = np.ones(4, np.float32)
+    descs = [(x.ctypes.data, x.ctypes.data, 4, 2)]
+    need = _core.cuda_workspace_bytes(descs)
+    ws = np.zeros(need + 16, np.uint8)
+    try:
+        _core.clip_driver(descs, 2, True, 1.0, 0, None, 0, 0,
+                          ws.ctypes.data + (-ws.ctypes.data) % 16, need, 0x100)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    maps = open("/proc/self/maps").read()
+    print(json.dumps({"error": error, "loaded": [p for p in sys.argv[1:] if p in maps]}))
+""")
+
+
+def test_a_libcuda_beside_the_package_or_in_the_working_directory_is_not_loaded(fakes, tmp_path):
+    # A copy of the installed package, with a libcuda.so.1 planted beside its
+    # libraries and in the working directory: the route asks for the bare name
+    # and must get the system's driver (on a machine without one: an error).
+    pkg = Path(clipops.__file__).parent
+    copy = tmp_path / "site" / "clipops"
+    copy.mkdir(parents=True)
+    for f in [*pkg.glob("*.py"), *pkg.glob("_core*.so"), pkg / "libclipops_core.so"]:
+        shutil.copy2(f, copy / f.name)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    planted = [copy / "libcuda.so.1", cwd / "libcuda.so.1"]
+    for p in planted:
+        build_fake(fakes["cc"], "libcuda", p, ["-DFAKE_MARKER=666"])
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["PYTHONPATH"] = str(copy.parent)
+
+    def loaded(extra_env: dict) -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", PLANTED_LIBCUDA, *map(str, planted)],
+                              env={**env, **extra_env}, cwd=cwd, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["loaded"]
+
+    assert loaded({}) == []
+    # the check can fail: a folder the user names in LD_LIBRARY_PATH is searched
+    assert loaded({"LD_LIBRARY_PATH": str(copy)}) == [str(planted[0])]
 
 
 def test_config_follows_the_environment(tmp_path, monkeypatch):
