@@ -16,17 +16,18 @@ NVRTC compilation it caches. That turns __fmul_rn/__fadd_rn/__fdiv_rn into
 their flush-to-zero forms, so squares, sums and scaled values below 2^-126
 would become 0 here but not in the nvcc build (-ftz=false) nor on the CPU.
 This module therefore drives NVRTC itself (cupy.cuda.nvrtc) with the options
-of the nvcc build, caches the binary on disk next to CuPy's kernel cache, and
-loads it with cupy.cuda.function.Module, once per device and process.
+of the nvcc build and loads the binary with cupy.cuda.function.Module, once
+per device and process. The options, the program, the disk cache (folder,
+key, trust checks) and what happens to a cached binary the driver refuses
+are the driver route's (csrc/core/kernel_cache.h, through clipops._core): the
+two NVRTC routes share one implementation and one cache folder.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
-import hashlib
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,7 @@ __all__ = ["CudaUnavailableError", "LaunchError", "TENSOR_ENTRY", "build_table",
            "cuda_workspace_bytes", "clip_cuda", "grid_size", "select_target",
            "cuda_include_dirs", "compile_kernel", "get_kernel"]
 
-KERNEL_NAME = "clipops_clip_kernel"
 KERNEL_FILES = _driver.KERNEL_FILES
-# Bump when the way binaries are produced changes without the sources changing.
-_CACHE_FORMAT = b"clipops-nvrtc-1"
 
 
 class CudaUnavailableError(RuntimeError):
@@ -206,33 +204,20 @@ def select_target(cc: int, supported: tuple[int, ...]) -> tuple[str, str]:
 
 
 def nvrtc_options(arch_option: str, include_dirs: list[str] | None = None) -> tuple[str, ...]:
-    """The NVRTC options. They reproduce the nvcc build's code generation
-    (CMakeLists.txt: --fmad=false, nvcc's defaults for the rest); every one
-    that changes floating-point results is spelled out. include_dirs: the CUDA
-    header folders (default: cuda_include_dirs(), those of CuPy's CUDA)."""
+    """The NVRTC options, the driver route's own (kernel_cache.h): the nvcc
+    build's code generation (CMakeLists.txt: --fmad=false, nvcc's defaults for
+    the rest), every option that changes floating-point results spelled out.
+    include_dirs: the CUDA header folders (default: cuda_include_dirs(), those
+    of CuPy's CUDA)."""
     if include_dirs is None:
         include_dirs = cuda_include_dirs()
-    return ("-std=c++17", f"-I{kernel_dir()}", *(f"-I{d}" for d in include_dirs),
-            arch_option, "--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true")
-
-
-def _cache_dir() -> Path:
-    # CuPy's kernel cache folder, so that clearing CuPy's cache clears ours
-    return Path(os.environ.get("CUPY_CACHE_DIR") or Path.home() / ".cupy" / "kernel_cache")
-
-
-def _cache_key(options: tuple[str, ...], nvrtc_version: tuple[int, int]) -> str:
-    h = hashlib.sha256(_CACHE_FORMAT)
-    for name in KERNEL_FILES:
-        h.update(name.encode() + b"\0" + (kernel_dir() / name).read_bytes() + b"\0")
-    h.update("\0".join(options).encode())
-    h.update(repr(tuple(nvrtc_version)).encode())
-    return h.hexdigest()[:40]
+    return tuple(_common.load_core().nvrtc_options(arch_option, str(kernel_dir()),
+                                                   [str(d) for d in include_dirs]))
 
 
 def _compile(nvrtc, options: tuple[str, ...], kind: str) -> bytes:
-    source = '#include "clip_kernel.cuh"\n'
-    prog = nvrtc.createProgram(source, "clipops_kernel.cu", [], [])
+    core = _common.load_core()
+    prog = nvrtc.createProgram(core.KERNEL_PROGRAM, core.KERNEL_PROGRAM_NAME, [], [])
     try:
         try:
             nvrtc.compileProgram(prog, list(options))
@@ -251,42 +236,37 @@ def _compile(nvrtc, options: tuple[str, ...], kind: str) -> bytes:
     return binary
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Writes a cache file whole or not at all; an unwritable cache only costs
-    a compilation per process."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass
-
-
-def compile_kernel(arch_option: str, kind: str, *, refresh: bool = False) -> bytes:
+def compile_kernel(arch_option: str, kind: str, load=None) -> bytes:
     """The kernel as a cubin or PTX for arch_option; needs NVRTC but no GPU.
 
-    Binaries are cached under $CUPY_CACHE_DIR (default ~/.cupy/kernel_cache) as
-    clipops_<hash>.<kind>; the hash covers the kernel sources, every option
-    (include folders too) and the NVRTC version. Files are written atomically,
-    so concurrent processes at worst compile twice. refresh=True ignores and
-    replaces the cached file."""
+    Through the cache of both NVRTC routes (csrc/core/kernel_cache.h): the
+    folder _driver.cache_dir(), used only when it and the entry pass the
+    trust checks; the key covers the kernel sources and CUDA headers it
+    includes (their contents), the options and the NVRTC version.
+
+    Args:
+      arch_option: "-arch=sm_XX" (kind "cubin") or "-arch=compute_XX" ("ptx").
+      kind: "cubin" or "ptx".
+      load: None, or a callable that loads a binary and raises if the driver
+        refuses it: a cached binary it refuses is compiled afresh (once), and
+        only what it raises for a fresh binary propagates.
+
+    Returns:
+      The binary (the one `load` accepted).
+
+    Raises:
+      CudaUnavailableError: no NVRTC, a kernel source missing, or NVRTC failed.
+    """
     nvrtc = _nvrtc()
     options = nvrtc_options(arch_option)
-    path = _cache_dir() / f"clipops_{_cache_key(options, nvrtc.getVersion())}.{kind}"
-    if not refresh:
-        try:
-            return path.read_bytes()
-        except OSError:
-            pass
-    binary = _compile(nvrtc, options, kind)
-    _write_atomically(path, binary)
-    return binary
+    core = _common.load_core()
+    try:
+        key = core.kernel_cache_key(core.KERNEL_PROGRAM, list(options),
+                                    tuple(nvrtc.getVersion()))
+    except RuntimeError as exc:
+        raise CudaUnavailableError(str(exc)) from exc
+    return core.kernel_cache_get(_driver.cache_dir(), core.kernel_cache_entry(key, kind),
+                                 lambda: _compile(nvrtc, options, kind), load)
 
 
 # ---- loading, per device -----------------------------------------------------
@@ -305,6 +285,26 @@ _kernels: dict[int, Kernel] = {}
 _kernels_lock = threading.Lock()
 
 
+def _load_module(arch: str, kind: str):
+    """The kernel loaded into the current device as a cupy.cuda.function.Module."""
+    module = None
+
+    def load(binary: bytes) -> None:
+        nonlocal module
+        fresh = function.Module()
+        fresh.load(binary)
+        module = fresh
+
+    try:
+        compile_kernel(arch, kind, load=load)
+    except driver.CUDADriverError as exc:
+        raise CudaUnavailableError(
+            f"the driver cannot load the kernel NVRTC {_nvrtc().getVersion()} built for "
+            f"{arch[6:]} ({exc}); the driver may be older than this NVRTC: update it, or "
+            "install the NVRTC of the driver's CUDA version") from exc
+    return module
+
+
 def _load(device: int) -> Kernel:
     _, threads = _constants()
     if not runtime.deviceGetAttribute(runtime.cudaDevAttrCooperativeLaunch, device):
@@ -312,20 +312,8 @@ def _load(device: int) -> Kernel:
                                    "clipops' single-launch kernel needs")
     cc = int(cupy.cuda.Device(device).compute_capability)
     arch, kind = select_target(cc, tuple(_nvrtc().getSupportedArchs()))
-    module = function.Module()
-    try:
-        module.load(compile_kernel(arch, kind))
-    except driver.CUDADriverError:
-        # a stale or foreign cache entry: build afresh once
-        module = function.Module()
-        try:
-            module.load(compile_kernel(arch, kind, refresh=True))
-        except driver.CUDADriverError as exc:
-            raise CudaUnavailableError(
-                f"the driver cannot load the kernel NVRTC {_nvrtc().getVersion()} built for "
-                f"{arch[6:]} ({exc}); the driver may be older than this NVRTC: update it, or "
-                "install the NVRTC of the driver's CUDA version") from exc
-    fn = module.get_function(KERNEL_NAME)
+    module = _load_module(arch, kind)
+    fn = module.get_function(_common.load_core().KERNEL_NAME)
     # The occupancy calculator accounts for registers (the kernel uses about 70
     # per thread) and its 2 KiB of static shared memory; no guessed bound needed.
     per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)

@@ -53,11 +53,13 @@ def _load_op_library():
     ops = tf.load_op_library(path)
     lib = ctypes.CDLL(path)  # the same library, for its plain C entry points
     # Where the GPU kernel (the driver route) finds NVRTC, the CUDA headers and
-    # its cache; it opens them only when it first runs on a GPU.
+    # the kernel sources; it opens them only when it first runs on a GPU. The
+    # cache folder (None) is resolved by the op's own core: clipops._core,
+    # which holds CUDA 13 code, is not loaded into TensorFlow's process.
     c = _driver.config()
     lib.clipops_tf_configure_driver(
         c.nvrtc_library.encode(), c.cuda_library.encode(), "\n".join(c.include_dirs).encode(),
-        c.kernel_dir.encode(), c.cache_dir.encode())
+        c.kernel_dir.encode(), None)
     return ops, lib
 
 

@@ -668,7 +668,7 @@ def test_nvrtc_compiles_without_flush_to_zero_or_fma(tmp_path, monkeypatch):
     """The guard for bit-equality with the nvcc build and the CPU: no
     flush-to-zero and no fused multiply-add in the generated code (CuPy's own
     RawModule would add -ftz=true). Also checks the disk cache."""
-    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CLIPOPS_CACHE_DIR", str(tmp_path))
     ptx = _nvrtc.compile_kernel("-arch=compute_75", "ptx").decode(errors="replace")
     assert ".entry clipops_clip_kernel" in ptx
     ops = [ln.split()[0] for ln in ptx.splitlines() if ln.startswith("\t") and ln.split()]
@@ -687,8 +687,105 @@ def test_nvrtc_compiles_without_flush_to_zero_or_fma(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(NVRTC_SKIP is not None, reason=str(NVRTC_SKIP))
 def test_nvrtc_cubin(tmp_path, monkeypatch):
-    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CLIPOPS_CACHE_DIR", str(tmp_path))
     assert _nvrtc.compile_kernel("-arch=sm_90", "cubin")[:4] == b"\x7fELF"
+
+
+# The NVRTC route's disk cache is the driver route's (csrc/core/kernel_cache.h,
+# tested in full in tests/test_driver.py): these check that the route uses it,
+# with CuPy's NVRTC and module loading replaced, so they run without a GPU.
+
+@pytest.fixture
+def fake_compiler(tmp_path, monkeypatch):
+    """_nvrtc with a stand-in NVRTC 13.0 (each compilation returns a new
+    'fresh' ELF image) and stand-in headers; the cache in tmp_path/cache."""
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    (inc / "cooperative_groups.h").write_text("// stand-in\n")
+    compiled = []
+
+    def compile_(nvrtc, options, kind):
+        compiled.append(options)
+        return b"\x7fELF fresh %d" % len(compiled)
+
+    monkeypatch.setattr(_nvrtc, "_nvrtc", lambda: SimpleNamespace(getVersion=lambda: (13, 0)))
+    monkeypatch.setattr(_nvrtc, "cuda_include_dirs", lambda: [str(inc)])
+    monkeypatch.setattr(_nvrtc, "_compile", compile_)
+    monkeypatch.setenv("CLIPOPS_CACHE_DIR", str(tmp_path / "cache"))
+    return SimpleNamespace(compiled=compiled, cache=tmp_path / "cache")
+
+
+def _entry(arch: str, kind: str):
+    core = _core()
+    key = core.kernel_cache_key(core.KERNEL_PROGRAM, list(_nvrtc.nvrtc_options(arch)), (13, 0))
+    return core.kernel_cache_entry(key, kind)
+
+
+@needs_cupy
+def test_nvrtc_route_caches_in_the_driver_route_s_folder_under_its_key(fake_compiler):
+    first = _nvrtc.compile_kernel("-arch=sm_90", "cubin")
+    assert _nvrtc.compile_kernel("-arch=sm_90", "cubin") == first == b"\x7fELF fresh 1"
+    assert len(fake_compiler.compiled) == 1
+    entry = fake_compiler.cache / _entry("-arch=sm_90", "cubin")
+    assert entry.read_bytes() == first
+    assert os.stat(entry).st_mode & 0o777 == 0o600
+    assert os.stat(fake_compiler.cache).st_mode & 0o777 == 0o700
+    assert [p.name for p in fake_compiler.cache.iterdir()] == [entry.name]
+
+
+@needs_cupy
+def test_nvrtc_route_ignores_a_kernel_planted_in_a_shared_folder(fake_compiler):
+    cache = fake_compiler.cache
+    cache.mkdir()
+    planted = cache / _entry("-arch=sm_90", "cubin")
+    planted.write_bytes(b"\x7fELF planted")
+    os.chmod(planted, 0o600)
+    os.chmod(cache, 0o777)  # anyone may have written it
+    assert _nvrtc.compile_kernel("-arch=sm_90", "cubin") == b"\x7fELF fresh 1"
+    assert planted.read_bytes() == b"\x7fELF planted"  # and nothing written there
+
+
+class _FakeDriverError(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_modules(monkeypatch):
+    """cupy.cuda.function.Module replaced: load() refuses anything but a fresh
+    image (or everything, with refuse_all), as the driver refuses a damaged one."""
+    state = SimpleNamespace(refuse_all=False, loads=[])
+
+    class Module:
+        def load(self, binary):
+            state.loads.append(bytes(binary))
+            if state.refuse_all or not bytes(binary).startswith(b"\x7fELF fresh"):
+                raise _FakeDriverError("CUDA_ERROR_INVALID_IMAGE")
+            self.binary = bytes(binary)
+
+    monkeypatch.setattr(_nvrtc, "function", SimpleNamespace(Module=Module))
+    monkeypatch.setattr(_nvrtc, "driver", SimpleNamespace(CUDADriverError=_FakeDriverError))
+    return state
+
+
+@needs_cupy
+def test_nvrtc_route_compiles_a_refused_cached_kernel_again_once(fake_compiler, fake_modules):
+    fake_compiler.cache.mkdir(mode=0o700)
+    entry = fake_compiler.cache / _entry("-arch=sm_90", "cubin")
+    entry.write_bytes(b"\0damaged")
+    os.chmod(entry, 0o600)
+    module = _nvrtc._load_module("-arch=sm_90", "cubin")
+    assert module.binary == b"\x7fELF fresh 1" and len(fake_compiler.compiled) == 1
+    assert fake_modules.loads == [b"\0damaged", b"\x7fELF fresh 1"]
+    assert entry.read_bytes() == b"\x7fELF fresh 1"  # rewritten
+
+
+@needs_cupy
+def test_nvrtc_route_reports_a_fresh_kernel_the_driver_refuses(fake_compiler, fake_modules):
+    fake_modules.refuse_all = True
+    with pytest.raises(_nvrtc.CudaUnavailableError, match="the driver cannot load.*update it"):
+        _nvrtc._load_module("-arch=sm_90", "cubin")
+    assert len(fake_compiler.compiled) == 1
+    assert not fake_compiler.cache.exists() or list(fake_compiler.cache.iterdir()) == []
 
 
 # =============================================================================

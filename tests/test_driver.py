@@ -7,6 +7,11 @@ driver API. Tested here without a GPU:
     it copies, the grid, the kernel parameters, the stream, the contexts;
   - every way the route cannot run gives one clear error naming the cause and
     the fix, never a crash;
+  - the disk cache of compiled kernels (csrc/core/kernel_cache.h) loads only
+    what this user compiled: a planted, linked, foreign or damaged entry, or
+    one in a folder others can write, is never loaded;
+  - where the route finds NVRTC, the CUDA headers and libcuda: never in the
+    current directory, the script's folder or beside the package;
   - with CUDA 12's real NVRTC (CLIPOPS_CUDA12_SITE, as in tests/test_nvrtc12.py)
     the C++ compile path makes real cubins and PTX;
   - no library the TF op loads holds CUDA code or a CUDA runtime.
@@ -22,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -57,7 +63,9 @@ RUNNER = textwrap.dedent("""
     off = (-raw.ctypes.data) % 16
     norm = np.zeros(1, np.float32)
     calls = []
-    for stream in a["streams"]:
+    for i, stream in enumerate(a["streams"]):
+        if i in a["recreate_before"]:  # the contexts destroyed and made anew, same addresses
+            ctypes.CDLL(a["cuda"]).fake_recreate_contexts()
         try:
             _core.clip_driver(descs, 2, True, 1.5, 0, None, 0, norm.ctypes.data,
                               raw.ctypes.data + off, need if a["workspace"] else 8, stream)
@@ -69,19 +77,20 @@ RUNNER = textwrap.dedent("""
     if a["fake_cuda"]:
         f = ctypes.CDLL(a["cuda"])
         for name in ("fake_init_calls", "fake_module_loads", "fake_copies", "fake_launches",
-                     "fake_ctx_depth", "fake_max_depth"):
+                     "fake_ctx_depth", "fake_max_depth", "fake_host_allocs"):
             out[name] = ctypes.c_int.in_dll(f, name).value
         for name in ("fake_grid", "fake_block"):
             out[name] = list((ctypes.c_uint * 3).in_dll(f, name))
         out["fake_shared"] = ctypes.c_uint.in_dll(f, "fake_shared").value
         out["fake_launch_stream"] = ctypes.c_size_t.in_dll(f, "fake_launch_stream").value
+        out["fake_launch_function"] = ctypes.c_size_t.in_dll(f, "fake_launch_function").value
         out["fake_params"] = bytes((ctypes.c_ubyte * 168).in_dll(f, "fake_params")).hex()
         out["fake_loaded_head"] = bytes((ctypes.c_ubyte * 64).in_dll(f, "fake_loaded_head")).hex()
     if a["fake_nvrtc"]:
         n = ctypes.CDLL(a["nvrtc"])
         out["fake_nvrtc_compiles"] = ctypes.c_int.in_dll(n, "fake_nvrtc_compiles").value
-        out["fake_nvrtc_options"] = ctypes.c_char_p(
-            ctypes.addressof(ctypes.c_char.in_dll(n, "fake_nvrtc_options"))).value.decode()
+        for name in ("fake_nvrtc_options", "fake_nvrtc_source"):
+            out[name] = ctypes.c_char_p(ctypes.addressof(ctypes.c_char.in_dll(n, name))).value.decode()
     print(json.dumps(out))
 """)
 
@@ -93,12 +102,19 @@ def fakes(tmp_path_factory) -> dict[str, str]:
         pytest.skip("no C compiler to build the fake libcuda/libnvrtc with")
     out = tmp_path_factory.mktemp("fakes")
     built = {}
-    for name in ("libcuda", "libnvrtc"):
-        lib = out / f"fake_{name}.so"
-        subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(lib),
-                        str(FAKES / f"fake_{name}.c")], check=True)
-        built[name] = str(lib)
+    # (key, source, extra flags): libcuda11 lacks cuCtxGetId, as a CUDA 11 driver does
+    for key, name, flags in (("libcuda", "libcuda", []), ("libnvrtc", "libnvrtc", []),
+                             ("libcuda11", "libcuda", ["-DFAKE_CUDA_11"])):
+        lib = out / f"fake_{key}.so"
+        build_fake(cc, name, lib, flags)
+        built[key] = str(lib)
+    built["cc"] = cc
     return built
+
+
+def build_fake(cc: str, name: str, out: Path, flags: list[str]) -> None:
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", *flags, "-o", str(out),
+                    str(FAKES / f"fake_{name}.c")], check=True)
 
 
 def headers_dir(tmp_path: Path) -> list[str]:
@@ -112,13 +128,16 @@ def headers_dir(tmp_path: Path) -> list[str]:
 
 def run_route(fakes, tmp_path, *, env=None, sizes=(5, CHUNK + 1, 0, 3 * CHUNK), streams=(0x100,),
               nvrtc=None, cuda=None, include=None, kernel_dir=None, cache=None,
-              workspace=True) -> dict:
+              workspace=True, recreate_before=()) -> dict:
+    """Runs RUNNER in a fresh process (cwd: tmp_path) and returns its JSON,
+    with the arguments' include folders and kernel_dir, and its stderr."""
     args = {"nvrtc": nvrtc or fakes["libnvrtc"], "cuda": cuda or fakes["libcuda"],
             "include": headers_dir(tmp_path) if include is None else include,
             "kernel_dir": kernel_dir or str(_driver.kernel_dir()),
             "cache": str(tmp_path / "cache") if cache is None else cache,
-            "sizes": list(sizes), "streams": list(streams), "workspace": workspace}
-    args["fake_cuda"] = args["cuda"] == fakes["libcuda"]
+            "sizes": list(sizes), "streams": list(streams), "workspace": workspace,
+            "recreate_before": list(recreate_before)}
+    args["fake_cuda"] = args["cuda"] in (fakes["libcuda"], fakes["libcuda11"])
     args["fake_nvrtc"] = args["nvrtc"] == fakes["libnvrtc"]
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(args)], capture_output=True,
@@ -127,6 +146,7 @@ def run_route(fakes, tmp_path, *, env=None, sizes=(5, CHUNK + 1, 0, 3 * CHUNK), 
     out = json.loads(proc.stdout)
     out["include"] = args["include"]
     out["kernel_dir"] = args["kernel_dir"]
+    out["stderr"] = proc.stderr
     return out
 
 
@@ -173,19 +193,25 @@ def test_one_cooperative_launch_with_the_table_the_kernel_expects(fakes, tmp_pat
     assert struct.unpack("<Q", p[20])[0] == 0                         # unscale on the host
 
 
+NVCC_CODEGEN = ["--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
+
+
 def test_compile_options_are_the_nvcc_build_s_code_generation(fakes, tmp_path):
     out = run_route(fakes, tmp_path, env={"FAKE_CUDA_CC": "86"})
-    assert out["fake_nvrtc_options"].splitlines() == [
+    options = out["fake_nvrtc_options"].splitlines()
+    assert options == [
         "-std=c++17", f"-I{out['kernel_dir']}", *(f"-I{d}" for d in out["include"]),
-        "-arch=sm_86", "--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
-    # the same options as the CuPy route's NVRTC (clipops/_nvrtc.py), when CuPy is here
-    try:
-        from clipops import _nvrtc
-    except ImportError:
-        return
-    assert _nvrtc.nvrtc_options("-arch=sm_86", out["include"])[2:] == \
-        tuple(out["fake_nvrtc_options"].splitlines()[2:])
-    assert bytes.fromhex(out["fake_loaded_head"]).startswith(b"\x7fELF")
+        "-arch=sm_86", *NVCC_CODEGEN]
+    # the one list both NVRTC routes compile with (kernel_cache.h)
+    assert options == _core.nvrtc_options("-arch=sm_86", out["kernel_dir"], out["include"])
+    assert bytes.fromhex(out["fake_loaded_head"]).startswith(b"\x7fELF fake cubin")
+
+
+def test_the_program_includes_the_kernel_from_the_include_folders_only(fakes, tmp_path):
+    # NVRTC looks for a quoted include of the program itself in the current
+    # directory (test_a_kernel_source_in_the_working_directory_is_not_compiled)
+    out = run_route(fakes, tmp_path)
+    assert out["fake_nvrtc_source"] == _core.KERNEL_PROGRAM == "#include <clip_kernel.cuh>\n"
 
 
 def test_grid_is_capped_at_the_resident_blocks(fakes, tmp_path):
@@ -222,6 +248,261 @@ def test_a_cubin_runs_on_an_older_driver_of_the_same_major_version(fakes, tmp_pa
     # CUDA's minor-version compatibility: NVRTC 12.5's sm_80 cubin on a 12.0 driver (525)
     out = run_route(fakes, tmp_path, env={"FAKE_CUDA_DRIVER_VERSION": "12000"})
     assert out["calls"] == [None] and out["fake_launches"] == 1
+
+
+def test_a_context_made_where_a_destroyed_one_was_gets_its_own_kernel_and_staging(fakes, tmp_path):
+    # The driver reuses a destroyed context's address for the next one; the
+    # kernel loaded in the old one is gone with it. cuCtxGetId tells them apart.
+    out = run_route(fakes, tmp_path, streams=(0x100, 0x100, 0x100), recreate_before=(2,))
+    assert out["calls"] == [None] * 3 and out["fake_launches"] == 3
+    assert out["fake_module_loads"] == 2  # loaded again in the new context
+    assert out["fake_launch_function"] == 0x5000 + 0x10000 + 0x1000  # the new module's function
+    assert out["fake_host_allocs"] == 2  # the old context's pinned block is not reused
+    assert out["fake_nvrtc_compiles"] == 1  # the binary itself comes from the disk cache
+
+
+def test_a_driver_without_context_ids_is_told_to_update(fakes, tmp_path):
+    out = run_route(fakes, tmp_path, cuda=fakes["libcuda11"], streams=(0x100, 0x100),
+                    env={"FAKE_CUDA_DRIVER_VERSION": "11080"})
+    for call in out["calls"]:
+        assert call[0] == "RuntimeError"
+        assert re.search(r"driver supports CUDA 11\.8, older than the CUDA 12 that clipops' GPU "
+                         r"kernel needs.*Update the NVIDIA driver \(CUDA 12 needs 525 or newer\)",
+                         call[1]), call[1]
+    assert out["fake_launches"] == 0 and out["fake_ctx_depth"] == 0
+
+
+# A first compilation (held inside the fake NVRTC) on one context, and launches
+# on another context meanwhile, from another thread.
+CONCURRENT = textwrap.dedent("""
+    import ctypes, json, sys, threading, time
+    import numpy as np
+    from clipops import _core
+
+    a = json.loads(sys.argv[1])
+    _core.configure_driver(a["nvrtc"], a["cuda"], a["include"], a["kernel_dir"], "")
+    nv = ctypes.CDLL(a["nvrtc"])
+    hold = ctypes.c_int.in_dll(nv, "fake_nvrtc_hold")
+    in_compile = ctypes.c_int.in_dll(nv, "fake_nvrtc_in_compile")
+    x = np.ones(100, np.float32)
+    descs = [(x.ctypes.data, x.ctypes.data, x.size, 2)]
+    need = _core.cuda_workspace_bytes(descs)
+    ws = np.zeros(need + 16, np.uint8)
+    norm = np.zeros(1, np.float32)
+    def launch(stream):
+        _core.clip_driver(descs, 2, True, 1.5, 0, None, 0, norm.ctypes.data,
+                          ws.ctypes.data + (-ws.ctypes.data) % 16, need, stream)
+    launch(0x200)  # the second GPU's kernel: compiled and loaded
+    hold.value = 1
+    first = threading.Thread(target=launch, args=(0x100,))  # the first GPU's first launch
+    first.start()
+    while not in_compile.value:
+        time.sleep(0.001)
+    other = threading.Thread(target=launch, args=(0x200,))
+    other.start()
+    other.join(timeout=20)
+    result = {"other_done_during_compile": not other.is_alive() and in_compile.value == 1}
+    hold.value = 0
+    first.join()
+    other.join()
+    print(json.dumps(result))
+""")
+
+
+def test_a_first_compilation_does_not_hold_up_launches_on_other_gpus(fakes, tmp_path):
+    args = {"nvrtc": fakes["libnvrtc"], "cuda": fakes["libcuda"], "include": headers_dir(tmp_path),
+            "kernel_dir": str(_driver.kernel_dir())}
+    proc = subprocess.run([sys.executable, "-c", CONCURRENT, json.dumps(args)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"other_done_during_compile": True}
+
+
+# ---- the disk cache: only what this user compiled is loaded ----------------------------
+
+FRESH = b"\x7fELF fake cubin"         # what the fake NVRTC makes
+PLANTED = b"\x7fELF planted" + b"\0" * 52  # a valid-looking image someone else wrote
+
+
+def entry_name(fakes, tmp_path: Path) -> str:
+    """The cache entry's file name for run_route's defaults (learned from a run
+    into a scratch folder: the key covers the headers' contents, not paths)."""
+    scratch = tmp_path / "scratch"
+    run_route(fakes, tmp_path, cache=str(scratch))
+    [entry] = scratch.iterdir()
+    return entry.name
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_the_cache_folder_and_its_entries_are_private(fakes, tmp_path):
+    cache = tmp_path / "a" / "b" / "cache"  # missing parents are made too
+    out = run_route(fakes, tmp_path, cache=str(cache), env={"FAKE_CUDA_CC": "90"})
+    assert out["calls"] == [None]
+    assert mode(cache) == 0o700 and mode(tmp_path / "a") == 0o700
+    [entry] = cache.iterdir()  # no temporary file left beside it
+    assert entry.name.startswith("clipops_") and entry.suffix == ".cubin"
+    assert mode(entry) == 0o600 and entry.stat().st_uid == os.geteuid()
+    assert entry.read_bytes()[:len(FRESH)] == FRESH
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="making a file owned by another user "
+                                "needs root")
+
+
+def plant_folder_writable_by_others(cache: Path, name: str) -> None:
+    cache.mkdir()
+    (cache / name).write_bytes(PLANTED)
+    os.chmod(cache / name, 0o600)
+    os.chmod(cache, 0o777)
+
+
+def plant_folder_of_another_user(cache: Path, name: str) -> None:
+    cache.mkdir(mode=0o700)
+    (cache / name).write_bytes(PLANTED)
+    os.chmod(cache / name, 0o600)
+    os.chown(cache / name, 65534, 65534)
+    os.chown(cache, 65534, 65534)
+
+
+@pytest.mark.parametrize("plant", [plant_folder_writable_by_others,
+                                   pytest.param(plant_folder_of_another_user, marks=needs_root)])
+def test_an_untrusted_folder_is_neither_read_nor_written(fakes, tmp_path, plant):
+    name = entry_name(fakes, tmp_path)
+    cache = tmp_path / "cache"
+    plant(cache, name)
+    before = sorted(p.name for p in cache.iterdir())
+    out = run_route(fakes, tmp_path, streams=(0x100, 0x200))  # two contexts: two cache lookups
+    assert out["calls"] == [None, None]
+    assert bytes.fromhex(out["fake_loaded_head"]).startswith(FRESH)  # compiled, not the planted
+    assert out["fake_nvrtc_compiles"] == 2  # each context compiles in memory
+    assert sorted(p.name for p in cache.iterdir()) == before  # nothing written
+    assert (cache / name).read_bytes() == PLANTED
+    # one warning that says which folder and why
+    assert out["stderr"].count("clipops: not using the kernel cache folder") == 1, out["stderr"]
+    assert str(cache) in out["stderr"]
+
+
+def plant_entry_writable_by_others(cache: Path, name: str) -> None:
+    (cache / name).write_bytes(PLANTED)
+    os.chmod(cache / name, 0o666)
+
+
+def plant_entry_readable_by_others(cache: Path, name: str) -> None:
+    # mode 0644: a copy or a checkout, not a file this cache wrote (0600)
+    (cache / name).write_bytes(PLANTED)
+    os.chmod(cache / name, 0o644)
+
+
+def plant_entry_of_another_user(cache: Path, name: str) -> None:
+    (cache / name).write_bytes(PLANTED)
+    os.chmod(cache / name, 0o600)
+    os.chown(cache / name, 65534, 65534)
+
+
+def plant_entry_as_a_link(cache: Path, name: str) -> None:
+    target = cache.parent / "elsewhere.cubin"  # a file of ours, named through a link
+    target.write_bytes(PLANTED)
+    os.chmod(target, 0o600)
+    (cache / name).symlink_to(target)
+
+
+@pytest.mark.parametrize("plant", [plant_entry_writable_by_others, plant_entry_readable_by_others,
+                                   pytest.param(plant_entry_of_another_user, marks=needs_root),
+                                   plant_entry_as_a_link])
+def test_an_untrusted_entry_is_not_loaded_but_replaced(fakes, tmp_path, plant):
+    name = entry_name(fakes, tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    plant(cache, name)
+    out = run_route(fakes, tmp_path)
+    assert out["calls"] == [None] and out["fake_nvrtc_compiles"] == 1
+    assert bytes.fromhex(out["fake_loaded_head"]).startswith(FRESH)
+    entry = cache / name  # replaced by our own file (a link is replaced, not followed)
+    assert not entry.is_symlink() and mode(entry) == 0o600 and entry.stat().st_uid == os.geteuid()
+    assert entry.read_bytes()[:len(FRESH)] == FRESH
+    if (tmp_path / "elsewhere.cubin").exists():
+        assert (tmp_path / "elsewhere.cubin").read_bytes() == PLANTED
+    assert sorted(p.name for p in cache.iterdir()) == [name]
+
+
+def test_a_relative_cache_folder_is_not_used(fakes, tmp_path):
+    # it would name a folder under whatever the current directory is
+    out = run_route(fakes, tmp_path, cache="relative/cache")
+    assert out["calls"] == [None] and out["fake_nvrtc_compiles"] == 1
+    assert not (tmp_path / "relative").exists()
+    assert "not an absolute path" in out["stderr"]
+
+
+def test_a_damaged_entry_is_compiled_again_once_and_rewritten(fakes, tmp_path):
+    name = entry_name(fakes, tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    (cache / name).write_bytes(b"\0damaged")  # e.g. a disk error: the driver refuses it
+    os.chmod(cache / name, 0o600)
+    out = run_route(fakes, tmp_path, streams=(0x100, 0x200))
+    assert out["calls"] == [None, None]
+    assert out["fake_nvrtc_compiles"] == 1  # once, then the second context reads the new entry
+    assert out["fake_module_loads"] == 3  # the damaged one, the fresh one, the second context's
+    assert (cache / name).read_bytes()[:len(FRESH)] == FRESH
+
+
+def test_a_binary_the_driver_refuses_is_not_cached(fakes, tmp_path):
+    out = run_route(fakes, tmp_path, streams=(0x100, 0x100), env={"FAKE_CUDA_LOAD_ERROR": "222"})
+    assert all(c is not None and "Update the NVIDIA driver" in c[1] for c in out["calls"])
+    assert out["fake_nvrtc_compiles"] == 2 and list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_cache_key_follows_the_headers_contents_not_their_paths(fakes, tmp_path):
+    first = run_route(fakes, tmp_path)
+    assert first["fake_nvrtc_compiles"] == 1
+    # the same headers in another folder: the same key, no compilation
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "inc", moved)
+    again = run_route(fakes, tmp_path, include=[str(moved)])
+    assert again["calls"] == [None] and again["fake_nvrtc_compiles"] == 0
+    # a header that cooperative_groups.h includes changes: a new key
+    (moved / "cooperative_groups.h").write_text('#include "cg_detail.h"\n')
+    (moved / "cg_detail.h").write_text("// one version\n")
+    changed = run_route(fakes, tmp_path, include=[str(moved)])
+    assert changed["fake_nvrtc_compiles"] == 1
+    (moved / "cg_detail.h").write_text("// another version\n")
+    assert run_route(fakes, tmp_path, include=[str(moved)])["fake_nvrtc_compiles"] == 1
+    # a file nothing includes does not enter the key
+    (moved / "unrelated.h").write_text("// not included\n")
+    assert run_route(fakes, tmp_path, include=[str(moved)])["fake_nvrtc_compiles"] == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_the_cache_key(tmp_path):
+    inc = Path(headers_dir(tmp_path)[0])
+    kdir = str(_driver.kernel_dir())
+
+    def key(include=inc, arch="-arch=sm_80", version=(12, 5), k=kdir):
+        return _core.kernel_cache_key(_core.KERNEL_PROGRAM,
+                                      _core.nvrtc_options(arch, k, [str(include)]), version)
+
+    base = key()
+    assert re.fullmatch(r"[0-9a-f]{64}", base)
+    assert key(version=(12, 6)) != base and key(arch="-arch=sm_90") != base
+    # the kernel sources' contents count, their folder does not
+    copy = tmp_path / "kernels"
+    shutil.copytree(kdir, copy)
+    assert key(k=str(copy)) == base
+    (copy / "clip_math.h").write_text((copy / "clip_math.h").read_text() + "\n// edited\n")
+    assert key(k=str(copy)) != base
+    with pytest.raises(RuntimeError, match=r"clip_kernel\.cuh is missing.*reinstall clipops"):
+        key(k=str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("size", [0, 1, 55, 56, 63, 64, 65, 1000, 1 << 20])
+def test_sha256_is_sha256(size):
+    import hashlib
+
+    data = os.urandom(size)
+    assert _core.sha256_hex(data) == hashlib.sha256(data).hexdigest()
 
 
 # ---- every way it cannot run: one clear error, no crash -----------------------------
@@ -315,10 +596,26 @@ def test_real_nvrtc12_makes_a_cubin_for_the_gpu(fakes, tmp_path, cc):
     assert cached.read_bytes()[:64] == head
 
 
+@needs_nvrtc12
+def test_a_kernel_source_in_the_working_directory_is_not_compiled(fakes, tmp_path):
+    # NVRTC resolves a quoted include of the program itself in the current
+    # directory; the program includes <clip_kernel.cuh>, from -I folders only.
+    site = cuda12_site()
+    (tmp_path / "clip_kernel.cuh").write_text("#error planted in the working directory\n")
+    include = [str(site / "nvidia" / "cuda_runtime" / "include"),
+               str(site / "nvidia" / "cuda_cccl" / "include")]
+    out = run_route(fakes, tmp_path, nvrtc=str(site / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"),
+                    include=include, env={"FAKE_CUDA_CC": "80"})
+    assert out["calls"] == [None], out["calls"]
+    [cached] = (tmp_path / "cache").iterdir()
+    assert b"clipops_clip_kernel" in cached.read_bytes()
+
+
 # ---- the TF op brings no CUDA of its own -----------------------------------------------
 
-def elf_sections_and_needed(path: Path) -> tuple[set[str], list[str]]:
-    """Section names and DT_NEEDED entries of a 64-bit little-endian ELF."""
+def elf_sections_and_needed(path: Path, tags=(1,)) -> tuple[set[str], list[str]]:
+    """Section names and DT_NEEDED entries (or the string entries of other
+    dynamic `tags`: 15 DT_RPATH, 29 DT_RUNPATH) of a 64-bit little-endian ELF."""
     data = path.read_bytes()
     assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, path
     shoff, = struct.unpack_from("<Q", data, 0x28)
@@ -336,7 +633,7 @@ def elf_sections_and_needed(path: Path) -> tuple[set[str], list[str]]:
             strtab = sections[s[6]][4]
             for off in range(s[4], s[4] + s[5], 16):
                 tag, val = struct.unpack_from("<qQ", data, off)
-                if tag == 1:  # DT_NEEDED
+                if tag in tags:
                     needed.append(cstr(strtab, val))
     return names, needed
 
@@ -364,22 +661,178 @@ def test_the_tf_op_library_holds_no_cuda_code_or_runtime():
 
 # ---- where the route looks --------------------------------------------------------------
 
+def run_config(cwd: Path, env: dict, script: str | None = None) -> list:
+    """_driver.config()'s NVRTC, include folders and cache folder, from a fresh
+    process in `cwd` (with `script`: run as that file, else with -c)."""
+    code = ("import json; from clipops import _driver; c = _driver.config(); "
+            "print(json.dumps([c.nvrtc_library, c.include_dirs, _driver.cache_dir()]))")
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("CLIPOPS_NVRTC", "CLIPOPS_CUDA_INCLUDE", "CLIPOPS_CACHE_DIR", "CUDA_HOME",
+                          "CUDA_PATH")}
+    if script is not None:
+        Path(script).write_text(code)
+    argv = [sys.executable, script] if script is not None else [sys.executable, "-c", code]
+    return json.loads(subprocess.run(argv, env={**clean, **env}, cwd=cwd, capture_output=True,
+                                     text=True, check=True).stdout)
+
+
 @needs_nvrtc12
 def test_config_finds_tensorflow_s_cuda12_wheels(tmp_path):
-    site = cuda12_site()
-    script = ("import json; from clipops import _driver; c = _driver.config(); "
-              "print(json.dumps([c.nvrtc_library, c.include_dirs, c.cache_dir]))")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CLIPOPS_NVRTC", "CLIPOPS_CUDA_INCLUDE", "CLIPOPS_CACHE_DIR")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-    env["XDG_CACHE_HOME"] = str(tmp_path)
-    nvrtc, include, cache = json.loads(subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-        check=True).stdout)
-    assert nvrtc == str(site / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12")
-    assert include[:2] == [str(site / "nvidia" / "cuda_runtime" / "include"),
-                           str(site / "nvidia" / "cuda_cccl" / "include")]
+    # The wheels as pip installs them into a package folder of the interpreter:
+    # here the user site, made a link to the folder they were installed in.
+    site_dir = cuda12_site()
+    user_base = tmp_path / "userbase"
+    user_site = subprocess.run(
+        [sys.executable, "-c", "import site; print(site.getusersitepackages())"], check=True,
+        env={**os.environ, "PYTHONUSERBASE": str(user_base)}, capture_output=True,
+        text=True).stdout.strip()
+    Path(user_site).parent.mkdir(parents=True)
+    Path(user_site).symlink_to(site_dir)
+    nvrtc, include, cache = run_config(tmp_path, {"PYTHONUSERBASE": str(user_base),
+                                                  "XDG_CACHE_HOME": str(tmp_path)})
+    assert Path(nvrtc).resolve() == (site_dir / "nvidia" / "cuda_nvrtc" / "lib" /
+                                     "libnvrtc.so.12").resolve()
+    assert [Path(d).resolve() for d in include[:2]] == [
+        (site_dir / "nvidia" / "cuda_runtime" / "include").resolve(),
+        (site_dir / "nvidia" / "cuda_cccl" / "include").resolve()]
     assert cache == str(tmp_path / "clipops")
+
+
+def plant_wheels(root: Path) -> None:
+    """What the CUDA 12 wheels install, as a stranger's files: libraries,
+    headers and the distributions' metadata."""
+    files = {"nvidia-cuda-nvrtc-cu12": "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
+             "nvidia-cuda-runtime-cu12": "nvidia/cuda_runtime/include/cooperative_groups.h",
+             "nvidia-cuda-cccl-cu12": "nvidia/cuda_cccl/include/nv/target"}
+    for dist, rel in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("planted\n")
+        info = root / f"{dist.replace('-', '_')}-12.9.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 12.9.0\n")
+        (info / "RECORD").write_text(f"{rel},,\n{info.name}/METADATA,,\n")
+
+
+def test_wheels_in_the_working_directory_or_the_script_s_folder_are_not_used(tmp_path):
+    # sys.path[0] is the current directory (python -c) or the script's folder:
+    # a libnvrtc or header found there would become code in the CUDA context
+    cwd, scripts = tmp_path / "cwd", tmp_path / "scripts"
+    for d in (cwd, scripts):
+        d.mkdir()
+        plant_wheels(d)
+    env = {"PYTHONNOUSERSITE": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    for found in (run_config(cwd, env), run_config(cwd, env, script=str(scripts / "run.py"))):
+        nvrtc, include, _ = found
+        assert not nvrtc.startswith(str(tmp_path)), nvrtc
+        assert not [d for d in include if d.startswith(str(tmp_path))], include
+
+
+def test_wheels_are_found_as_installed_distributions(tmp_path, monkeypatch):
+    site_dir = tmp_path / "site-packages"
+    site_dir.mkdir()
+    plant_wheels(site_dir)
+    monkeypatch.delenv("CLIPOPS_NVRTC", raising=False)
+    monkeypatch.delenv("CLIPOPS_CUDA_INCLUDE", raising=False)
+    monkeypatch.setattr(_driver, "site_dirs", lambda: [str(site_dir)])
+    assert _driver.nvrtc_library() == str(site_dir / "nvidia/cuda_nvrtc/lib/libnvrtc.so.12")
+    assert _driver.include_dirs()[:2] == (str(site_dir / "nvidia/cuda_runtime/include"),
+                                          str(site_dir / "nvidia/cuda_cccl/include"))
+    # the files alone, without the distribution that installed them, are not used
+    for info in site_dir.glob("*.dist-info"):
+        shutil.rmtree(info)
+    assert _driver.nvrtc_library() == "libnvrtc.so.12"
+    assert not [d for d in _driver.include_dirs() if d.startswith(str(site_dir))]
+
+
+def test_site_dirs_are_the_interpreter_s_package_folders():
+    import site
+    import sysconfig
+
+    dirs = _driver.site_dirs()
+    assert dirs and all(os.path.isabs(d) for d in dirs)
+    assert os.getcwd() not in dirs and "" not in dirs
+    expected = set(site.getsitepackages()) | {sysconfig.get_paths()["purelib"]}
+    assert {d for d in expected if os.path.isdir(d)} <= set(dirs)
+
+
+def test_the_tf_op_does_not_load_the_cuda13_core(tmp_path):
+    # the op resolves its cache folder with its own copy of the core: importing
+    # clipops.tensorflow loads no libclipops_core.so (CUDA 13 code) into TF's process
+    if not clipops.build_info()["with_tf"]:
+        pytest.skip("this build has no TensorFlow op")
+    code = ("import clipops.tensorflow, sys; maps = open('/proc/self/maps').read(); "
+            "print('_clipops_tf.so' in maps, 'libclipops_core.so' in maps, "
+            "'clipops._core' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False", "False"]
+
+
+def test_no_library_that_opens_libcuda_searches_beside_itself():
+    # dlopen("libcuda.so.1") from a library with RUNPATH $ORIGIN would look in
+    # the package folder first; the driver route lives in libclipops_core.so
+    # (the NumPy/CuPy core) and _clipops_tf.so (the TF op's own copy).
+    pkg = Path(clipops.__file__).parent
+    libs = [pkg / "libclipops_core.so"]
+    if clipops.build_info()["with_tf"]:
+        libs.append(pkg / "_clipops_tf.so")
+    for lib in libs:
+        _, paths = elf_sections_and_needed(lib, tags=(15, 29))
+        assert paths == [], (lib.name, paths)
+    # the check can fail: _core finds libclipops_core.so beside itself
+    [core] = pkg.glob("_core*.so")
+    assert elf_sections_and_needed(core, tags=(15, 29))[1] == ["$ORIGIN"]
+
+
+PLANTED_LIBCUDA = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from clipops import _core
+
+    _core.configure_driver("libnvrtc.so.12", "libcuda.so.1", [], "", "")
+    x = np.ones(4, np.float32)
+    descs = [(x.ctypes.data, x.ctypes.data, 4, 2)]
+    need = _core.cuda_workspace_bytes(descs)
+    ws = np.zeros(need + 16, np.uint8)
+    try:
+        _core.clip_driver(descs, 2, True, 1.0, 0, None, 0, 0,
+                          ws.ctypes.data + (-ws.ctypes.data) % 16, need, 0x100)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    maps = open("/proc/self/maps").read()
+    print(json.dumps({"error": error, "loaded": [p for p in sys.argv[1:] if p in maps]}))
+""")
+
+
+def test_a_libcuda_beside_the_package_or_in_the_working_directory_is_not_loaded(fakes, tmp_path):
+    # A copy of the installed package, with a libcuda.so.1 planted beside its
+    # libraries and in the working directory: the route asks for the bare name
+    # and must get the system's driver (on a machine without one: an error).
+    pkg = Path(clipops.__file__).parent
+    copy = tmp_path / "site" / "clipops"
+    copy.mkdir(parents=True)
+    for f in [*pkg.glob("*.py"), *pkg.glob("_core*.so"), pkg / "libclipops_core.so"]:
+        shutil.copy2(f, copy / f.name)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    planted = [copy / "libcuda.so.1", cwd / "libcuda.so.1"]
+    for p in planted:
+        build_fake(fakes["cc"], "libcuda", p, ["-DFAKE_MARKER=666"])
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["PYTHONPATH"] = str(copy.parent)
+
+    def loaded(extra_env: dict) -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", PLANTED_LIBCUDA, *map(str, planted)],
+                              env={**env, **extra_env}, cwd=cwd, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["loaded"]
+
+    assert loaded({}) == []
+    # the check can fail: a folder the user names in LD_LIBRARY_PATH is searched
+    assert loaded({"LD_LIBRARY_PATH": str(copy)}) == [str(planted[0])]
 
 
 def test_config_follows_the_environment(tmp_path, monkeypatch):
@@ -390,8 +843,14 @@ def test_config_follows_the_environment(tmp_path, monkeypatch):
     c = _driver.config()
     assert c.nvrtc_library == "/opt/x/libnvrtc.so.12"
     assert c.include_dirs == (inc,)  # both headers in one folder: listed once
-    assert c.cache_dir == str(tmp_path / "c")
+    assert _driver.cache_dir() == str(tmp_path / "c")
     assert Path(c.kernel_dir, "clip_kernel.cuh").is_file()
+    monkeypatch.delenv("CLIPOPS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert _driver.cache_dir() == str(tmp_path / "x" / "clipops")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # the XDG spec: ignored
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _driver.cache_dir() == str(tmp_path / "home" / ".cache" / "clipops")
 
 
 # ---- on a GPU ---------------------------------------------------------------------------

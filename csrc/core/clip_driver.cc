@@ -7,28 +7,27 @@
 // libnvrtc are opened with dlopen at the first launch, so the op brings no CUDA
 // runtime of its own into the framework's process and runs with any driver
 // that the NVRTC's CUDA major version supports. Per CUDA context (a GPU, as the
-// framework set it up) the kernel is compiled once, cached on disk, loaded,
-// and its largest cooperative grid found. A launch then stages the tensor
-// table in pinned memory, copies it on the caller's stream and makes one
-// cooperative launch there, as clip_cuda.cu does with the runtime API.
+// framework set it up) the kernel is compiled once (or read from the disk
+// cache of kernel_cache.h, shared with the CuPy route), loaded, and its
+// largest cooperative grid found. A launch then stages the tensor table in
+// pinned memory, copies it on the caller's stream and makes one cooperative
+// launch there, as clip_cuda.cu does with the runtime API.
 #include <dlfcn.h>
-#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
+#include <memory>
 #include <mutex>
-#include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "clip_launch.h"
 #include "clipops.h"
+#include "kernel_cache.h"
 
 namespace clipops {
 namespace {
@@ -54,11 +53,7 @@ constexpr int kAttrComputeCapabilityMinor = 76;
 constexpr int kAttrCooperativeLaunch = 95;
 constexpr unsigned kEventDisableTiming = 0x2;
 
-constexpr const char* kKernelName = "clipops_clip_kernel";
-constexpr const char* kKernelFiles[] = {"clip_kernel.cuh", "clip_math.h"};
 constexpr int kOldestArch = 60;  // grid-wide sync, and TensorFlow's oldest GPU
-// Bump when the way binaries are made changes without the sources changing.
-constexpr const char* kCacheFormat = "clipops-driver-1";
 
 struct CudaApi {
   CUresult (*Init)(unsigned);
@@ -68,6 +63,7 @@ struct CudaApi {
   CUresult (*CtxPushCurrent)(CUcontext);
   CUresult (*CtxPopCurrent)(CUcontext*);
   CUresult (*CtxGetDevice)(CUdevice*);
+  CUresult (*CtxGetId)(CUcontext, unsigned long long*);  // CUDA 12.0
   CUresult (*DeviceGetAttribute)(int*, int, CUdevice);
   CUresult (*ModuleLoadData)(CUmodule*, const void*);
   CUresult (*ModuleGetFunction)(CUfunction*, CUmodule, const char*);
@@ -101,25 +97,38 @@ struct NvrtcApi {
   std::vector<int> archs;  // the sm_XX it can make cubins for, ascending
 };
 
-// ---- state: one per process, guarded by mu ---------------------------------------
+// ---- state: one per process ---------------------------------------------------------
 struct Kernel {
   CUfunction function = nullptr;
   int resident_blocks = 0;  // the largest cooperative grid on this GPU
 };
 
+// A context's kernel. Its own mutex is held while it is compiled and loaded,
+// so a first compilation (seconds) holds up launches on that context only.
+struct ContextKernel {
+  std::mutex mu;
+  std::atomic<bool> ready{false};
+  Kernel kernel;  // written once, before ready
+};
+
 struct PinnedBlock {
-  CUcontext context;
+  unsigned long long context;  // cuCtxGetId's id
   void* ptr;
   size_t bytes;
   CUevent done;  // recorded after the block's last copy
 };
 
-std::mutex mu;
+// Contexts are told apart by cuCtxGetId, unique for the life of the process:
+// a CUcontext address is reused by the next context created after one is
+// destroyed, and a kernel or pinned block of the dead one must not be taken
+// for the new one's. (A dead context's entries stay: a few bytes each.)
+std::mutex mu;  // guards config, cuda, kernels and pinned; never held while compiling
 DriverConfig config;
 CudaApi* cuda = nullptr;    // loaded once, never unloaded
-NvrtcApi* nvrtc = nullptr;  // loaded at the first compilation
-std::map<CUcontext, Kernel> kernels;
+std::map<unsigned long long, std::unique_ptr<ContextKernel>> kernels;  // entries never erased
 std::vector<PinnedBlock> pinned;  // reused for the life of the process
+std::mutex nvrtc_mu;        // guards nvrtc
+NvrtcApi* nvrtc = nullptr;  // loaded at the first compilation
 
 std::string cuda_error_text(CUresult err) {
   const char* text = nullptr;
@@ -175,6 +184,7 @@ Status load_cuda() {
       bind(lib, "cuEventRecord", &api->EventRecord) &&
       bind(lib, "cuEventQuery", &api->EventQuery) &&
       bind(lib, "cuLaunchCooperativeKernel", &api->LaunchCooperativeKernel);
+  const bool has_ctx_id = bind(lib, "cuCtxGetId", &api->CtxGetId);
   if (!ok) {
     delete api;
     return Status::Unavailable(config.cuda_library + " lacks a function (" + last_dl_error() + ")" +
@@ -187,16 +197,24 @@ Status load_cuda() {
     return Status::Unavailable("the CUDA driver could not be initialised (CUDA error " +
                                std::to_string(err) + ")");
   }
+  if (!has_ctx_id) {
+    const int v = api->version;
+    delete api;
+    return Status::Unavailable("the CUDA driver supports CUDA " + version_text(v) + ", older than "
+                               "the CUDA 12 that clipops' GPU kernel needs (TensorFlow's CUDA). "
+                               "Update the NVIDIA driver (CUDA 12 needs 525 or newer).");
+  }
   cuda = api;
   return Status::Ok();
 }
 
-Status load_nvrtc() {
+Status load_nvrtc(const DriverConfig& cfg) {
+  std::lock_guard<std::mutex> lock(nvrtc_mu);
   if (nvrtc != nullptr) return Status::Ok();
-  void* lib = dlopen(config.nvrtc_library.c_str(), RTLD_NOW | RTLD_LOCAL);
+  void* lib = dlopen(cfg.nvrtc_library.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr)
     return Status::Unavailable(
-        "clipops compiles its GPU kernel at first use with NVRTC, but " + config.nvrtc_library +
+        "clipops compiles its GPU kernel at first use with NVRTC, but " + cfg.nvrtc_library +
         " could not be loaded (" + last_dl_error() + "). Install TensorFlow's CUDA libraries with "
         "`pip install tensorflow[and-cuda]` (or `pip install nvidia-cuda-nvrtc-cu12`), or point "
         "CLIPOPS_NVRTC at a libnvrtc.so.12.");
@@ -218,7 +236,7 @@ Status load_nvrtc() {
   if (!ok || api->Version(&api->major, &api->minor) != 0 ||
       api->GetNumSupportedArchs(&count) != 0 || count <= 0) {
     delete api;
-    return Status::Unavailable(config.nvrtc_library +
+    return Status::Unavailable(cfg.nvrtc_library +
                                " is not a usable NVRTC (CUDA 11.2 or newer is needed)");
   }
   api->archs.resize(count);
@@ -228,48 +246,6 @@ Status load_nvrtc() {
 }
 
 // ---- compiling ----------------------------------------------------------------------
-bool read_file(const std::string& path, std::string* out) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return false;
-  std::ostringstream s;
-  s << f.rdbuf();
-  *out = s.str();
-  return static_cast<bool>(f) || f.eof();
-}
-
-// Written whole or not at all; an unwritable cache costs a compilation per process.
-void write_atomically(const std::string& path, const std::string& data) {
-  std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
-  std::ostringstream tmp;
-  tmp << path << "." << getpid() << "." << std::hash<std::thread::id>()(std::this_thread::get_id())
-      << ".tmp";
-  {
-    std::ofstream f(tmp.str(), std::ios::binary);
-    if (!f || !f.write(data.data(), static_cast<std::streamsize>(data.size()))) {
-      std::filesystem::remove(tmp.str(), ec);
-      return;
-    }
-  }
-  std::filesystem::rename(tmp.str(), path, ec);
-  if (ec) std::filesystem::remove(tmp.str(), ec);
-}
-
-// 128-bit FNV-1a (two 64-bit lanes with different offsets): a cache key, not a MAC.
-std::string cache_key(const std::vector<std::string>& parts) {
-  uint64_t a = 0xcbf29ce484222325ull, b = 0x84222325cbf29ce4ull;
-  for (const std::string& p : parts) {
-    for (unsigned char c : p + '\0') {
-      a = (a ^ c) * 0x100000001b3ull;
-      b = (b ^ c) * 0x100000001b3ull;
-    }
-  }
-  char out[33];
-  std::snprintf(out, sizeof(out), "%016llx%016llx", static_cast<unsigned long long>(a),
-                static_cast<unsigned long long>(b));
-  return out;
-}
-
 bool any_dir_has(const std::vector<std::string>& dirs, const char* header) {
   std::error_code ec;
   for (const std::string& d : dirs)
@@ -277,66 +253,12 @@ bool any_dir_has(const std::vector<std::string>& dirs, const char* header) {
   return false;
 }
 
-// The kernel for compute capability cc as a cubin (cc known to this NVRTC) or
-// as PTX of the newest older architecture, which the driver compiles.
-Status compile_kernel(int cc, std::string* binary, bool* is_ptx) {
-  Status status = load_nvrtc();
-  if (!status.ok()) return status;
-  const std::vector<int>& archs = nvrtc->archs;
-  const int nvrtc_version = nvrtc->major * 1000 + nvrtc->minor * 10;
-  int target = 0;
-  for (int a : archs)
-    if (a <= cc) target = a;
-  if (target == 0)
-    return Status::Unavailable("this GPU (compute capability " + std::to_string(cc / 10) + "." +
-                               std::to_string(cc % 10) + ") is older than the oldest architecture "
-                               "NVRTC " + version_text(nvrtc_version) + " compiles for (sm_" +
-                               std::to_string(archs.front()) + ")");
-  *is_ptx = target != cc;
-  // Cubins run on any driver of NVRTC's major version (CUDA's minor-version
-  // compatibility); PTX needs a driver at least as new as the NVRTC.
-  if (cuda->version / 1000 < nvrtc->major || (*is_ptx && cuda->version < nvrtc_version))
-    return Status::Unavailable(
-        "the CUDA driver supports CUDA " + version_text(cuda->version) + ", older than the NVRTC "
-        "that compiles clipops' kernel (CUDA " + version_text(nvrtc_version) + ", " +
-        config.nvrtc_library + "). Update the NVIDIA driver (CUDA 12 needs 525 or newer), or "
-        "install an nvidia-cuda-nvrtc-cu12 no newer than CUDA " + version_text(cuda->version) + ".");
-
-  for (const char* header : {"cooperative_groups.h", "nv/target"})
-    if (!any_dir_has(config.include_dirs, header))
-      return Status::Unavailable(
-          std::string("NVRTC needs the CUDA header <") + header + "> to compile clipops' kernel, "
-          "and no include folder holds it. Install them with `pip install "
-          "nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12` (or `pip install clipops[tf-gpu]`), or "
-          "point CLIPOPS_CUDA_INCLUDE at the folders that hold them.");
-
-  // The nvcc build's code generation (CMakeLists.txt: --fmad=false); every
-  // option that changes floating-point results is spelled out.
-  std::vector<std::string> options = {"-std=c++17", "-I" + config.kernel_dir};
-  for (const std::string& d : config.include_dirs) options.push_back("-I" + d);
-  options.push_back((*is_ptx ? "-arch=compute_" : "-arch=sm_") + std::to_string(target));
-  for (const char* o : {"--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"})
-    options.push_back(o);
-
-  std::vector<std::string> key_parts = {kCacheFormat, version_text(nvrtc_version)};
-  for (const char* name : kKernelFiles) {
-    std::string text;
-    if (!read_file(config.kernel_dir + "/" + name, &text))
-      return Status::Unavailable(std::string("clipops' kernel source ") + name + " is missing from '" +
-                                 config.kernel_dir + "'; reinstall clipops");
-    key_parts.push_back(name);
-    key_parts.push_back(text);
-  }
-  key_parts.insert(key_parts.end(), options.begin(), options.end());
-  const std::string cache_path = config.cache_dir.empty() ? std::string() :
-      config.cache_dir + "/clipops_" + cache_key(key_parts) + (*is_ptx ? ".ptx" : ".cubin");
-  if (!cache_path.empty() && read_file(cache_path, binary) && !binary->empty())
-    return Status::Ok();
-
+// NVRTC's compilation of `options`: a cubin, or PTX (is_ptx) with its NUL.
+Status run_nvrtc(const std::vector<std::string>& options, bool is_ptx, std::string* binary) {
   std::vector<const char*> argv;
   for (const std::string& o : options) argv.push_back(o.c_str());
   nvrtcProgram prog = nullptr;
-  if (int rc = nvrtc->CreateProgram(&prog, "#include \"clip_kernel.cuh\"\n", "clipops_kernel.cu", 0,
+  if (int rc = nvrtc->CreateProgram(&prog, kernel_cache::kProgram, kernel_cache::kProgramName, 0,
                                     nullptr, nullptr))
     return Status::Runtime(std::string("nvrtcCreateProgram: ") + nvrtc->GetErrorString(rc));
   int rc = nvrtc->CompileProgram(prog, static_cast<int>(argv.size()), argv.data());
@@ -354,15 +276,72 @@ Status compile_kernel(int cc, std::string* binary, bool* is_ptx) {
                                nvrtc->GetErrorString(rc) + "); options" + joined + ":\n" + log);
   }
   size_t size = 0;
-  rc = *is_ptx ? nvrtc->GetPTXSize(prog, &size) : nvrtc->GetCUBINSize(prog, &size);
+  rc = is_ptx ? nvrtc->GetPTXSize(prog, &size) : nvrtc->GetCUBINSize(prog, &size);
   if (rc == 0) {
     binary->assign(size, '\0');  // PTX: the size counts its terminating NUL
-    rc = *is_ptx ? nvrtc->GetPTX(prog, &(*binary)[0]) : nvrtc->GetCUBIN(prog, &(*binary)[0]);
+    rc = is_ptx ? nvrtc->GetPTX(prog, &(*binary)[0]) : nvrtc->GetCUBIN(prog, &(*binary)[0]);
   }
   nvrtc->DestroyProgram(&prog);
   if (rc != 0) return Status::Runtime(std::string("NVRTC: ") + nvrtc->GetErrorString(rc));
-  if (!cache_path.empty()) write_atomically(cache_path, *binary);
   return Status::Ok();
+}
+
+// The kernel for compute capability cc, loaded into the current context: a
+// cubin (cc known to this NVRTC) or PTX of the newest older architecture,
+// which the driver compiles; from the disk cache, or compiled by NVRTC.
+Status load_module(const DriverConfig& cfg, int cc, CUmodule* module) {
+  Status status = load_nvrtc(cfg);
+  if (!status.ok()) return status;
+  const std::vector<int>& archs = nvrtc->archs;
+  const int nvrtc_version = nvrtc->major * 1000 + nvrtc->minor * 10;
+  int target = 0;
+  for (int a : archs)
+    if (a <= cc) target = a;
+  if (target == 0)
+    return Status::Unavailable("this GPU (compute capability " + std::to_string(cc / 10) + "." +
+                               std::to_string(cc % 10) + ") is older than the oldest architecture "
+                               "NVRTC " + version_text(nvrtc_version) + " compiles for (sm_" +
+                               std::to_string(archs.front()) + ")");
+  const bool is_ptx = target != cc;
+  // Cubins run on any driver of NVRTC's major version (CUDA's minor-version
+  // compatibility); PTX needs a driver at least as new as the NVRTC.
+  if (cuda->version / 1000 < nvrtc->major || (is_ptx && cuda->version < nvrtc_version))
+    return Status::Unavailable(
+        "the CUDA driver supports CUDA " + version_text(cuda->version) + ", older than the NVRTC "
+        "that compiles clipops' kernel (CUDA " + version_text(nvrtc_version) + ", " +
+        cfg.nvrtc_library + "). Update the NVIDIA driver (CUDA 12 needs 525 or newer), or "
+        "install an nvidia-cuda-nvrtc-cu12 no newer than CUDA " + version_text(cuda->version) + ".");
+
+  for (const char* header : {"cooperative_groups.h", "nv/target"})
+    if (!any_dir_has(cfg.include_dirs, header))
+      return Status::Unavailable(
+          std::string("NVRTC needs the CUDA header <") + header + "> to compile clipops' kernel, "
+          "and no include folder holds it. Install them with `pip install "
+          "nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12` (or `pip install clipops[tf-gpu]`), or "
+          "point CLIPOPS_CUDA_INCLUDE at the folders that hold them.");
+
+  const std::vector<std::string> options = kernel_cache::nvrtc_options(
+      (is_ptx ? "-arch=compute_" : "-arch=sm_") + std::to_string(target), cfg.kernel_dir,
+      cfg.include_dirs);
+  std::string key;
+  status = kernel_cache::key(kernel_cache::kProgram, options, nvrtc->major, nvrtc->minor, &key);
+  if (!status.ok()) return status;
+  auto compile = [&](std::string* binary) { return run_nvrtc(options, is_ptx, binary); };
+  auto load = [&](const std::string& binary) {
+    const CUresult err = cuda->ModuleLoadData(module, binary.data());
+    if (err == kErrorUnsupportedPtxVersion || err == kErrorNoBinaryForGpu)
+      return Status::Unavailable(
+          "the CUDA driver (CUDA " + version_text(cuda->version) + ") cannot load clipops' kernel "
+          "compiled by NVRTC " + version_text(nvrtc_version) + " (" + cuda_error_text(err) + "). "
+          "Update the NVIDIA driver, or install an nvidia-cuda-nvrtc-cu12 no newer than the "
+          "driver's CUDA.");
+    if (err != kSuccess) return cuda_failure("loading clipops' kernel (cuModuleLoadData)", err);
+    return Status::Ok();
+  };
+  std::string binary;
+  return kernel_cache::get(cfg.cache_dir,
+                           kernel_cache::entry_name(key, is_ptx ? "ptx" : "cubin"), compile, load,
+                           &binary);
 }
 
 // ---- per context --------------------------------------------------------------------
@@ -375,25 +354,44 @@ class ScopedContext {
     if ((err = cuda->CtxPushCurrent(context_)) != kSuccess)
       return cuda_failure("cuCtxPushCurrent", err);
     pushed_ = true;
+    if ((err = cuda->CtxGetId(context_, &id_)) != kSuccess) return cuda_failure("cuCtxGetId", err);
     return Status::Ok();
   }
   ~ScopedContext() {
     CUcontext popped;
     if (pushed_) cuda->CtxPopCurrent(&popped);
   }
-  CUcontext context() const { return context_; }
+  unsigned long long id() const { return id_; }
 
  private:
   CUcontext context_ = nullptr;
+  unsigned long long id_ = 0;
   bool pushed_ = false;
 };
 
-// The kernel loaded in the current context (compiled, or read from the cache).
-Status get_kernel(CUcontext context, Kernel* kernel) {
-  auto it = kernels.find(context);
-  if (it != kernels.end()) {
-    *kernel = it->second;
+// The kernel of the current context, whose id is context_id (compiled, or
+// read from the cache, at its first launch).
+Status get_kernel(unsigned long long context_id, Kernel* kernel) {
+  ContextKernel* entry = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    std::unique_ptr<ContextKernel>& slot = kernels[context_id];
+    if (!slot) slot.reset(new ContextKernel);
+    entry = slot.get();
+  }
+  if (entry->ready.load(std::memory_order_acquire)) {
+    *kernel = entry->kernel;
     return Status::Ok();
+  }
+  std::lock_guard<std::mutex> compiling(entry->mu);  // this context's launches wait; others go on
+  if (entry->ready.load(std::memory_order_acquire)) {
+    *kernel = entry->kernel;
+    return Status::Ok();
+  }
+  DriverConfig cfg;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    cfg = config;
   }
   CUdevice device = 0;
   int major = 0, minor = 0, coop = 0, sms = 0;
@@ -412,42 +410,35 @@ Status get_kernel(CUcontext context, Kernel* kernel) {
     return Status::Unavailable("this GPU does not support cooperative launches, which clipops' "
                                "kernel needs (one launch for norm and scale). Run the op on the CPU.");
 
-  std::string binary;
-  bool is_ptx = false;
-  Status status = compile_kernel(cc, &binary, &is_ptx);
-  if (!status.ok()) return status;
   CUmodule module = nullptr;
-  err = cuda->ModuleLoadData(&module, binary.data());
-  if (err == kErrorUnsupportedPtxVersion || err == kErrorNoBinaryForGpu)
-    return Status::Unavailable(
-        "the CUDA driver (CUDA " + version_text(cuda->version) + ") cannot load clipops' kernel "
-        "compiled by NVRTC " + version_text(nvrtc->major * 1000 + nvrtc->minor * 10) + " (" +
-        cuda_error_text(err) + "). Update the NVIDIA driver, or install an nvidia-cuda-nvrtc-cu12 "
-        "no newer than the driver's CUDA.");
-  if (err != kSuccess) return cuda_failure("loading clipops' kernel (cuModuleLoadData)", err);
+  Status status = load_module(cfg, cc, &module);
+  if (!status.ok()) return status;
   Kernel k;
   int per_sm = 0;
-  err = cuda->ModuleGetFunction(&k.function, module, kKernelName);
+  err = cuda->ModuleGetFunction(&k.function, module, kernel_cache::kKernelName);
   if (err == kSuccess)
     err = cuda->OccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.function, detail::kThreads, 0);
   if (err != kSuccess) return cuda_failure("preparing clipops' kernel", err);
   k.resident_blocks = std::max(1, sms * per_sm);
-  kernels[context] = k;  // the module stays loaded for the life of the context
+  entry->kernel = k;  // the module stays loaded for the life of the context
+  entry->ready.store(true, std::memory_order_release);
   *kernel = k;
   return Status::Ok();
 }
 
-// Copies the table to the device on `stream` through a pinned block that no
-// copy in flight uses (cuEventQuery never blocks, so the host never waits).
-Status stage_table(CUcontext context, void* dst, const void* src, size_t bytes, CUstream stream) {
+// Copies the table to the device on `stream` through a pinned block of this
+// context that no copy in flight uses (cuEventQuery never blocks, so the host
+// never waits). Called with mu held.
+Status stage_table(unsigned long long context_id, void* dst, const void* src, size_t bytes,
+                   CUstream stream) {
   PinnedBlock* block = nullptr;
   for (PinnedBlock& b : pinned)
-    if (b.context == context && b.bytes >= bytes && cuda->EventQuery(b.done) == kSuccess) {
+    if (b.context == context_id && b.bytes >= bytes && cuda->EventQuery(b.done) == kSuccess) {
       block = &b;
       break;
     }
   if (block == nullptr) {
-    PinnedBlock b{context, nullptr, std::max<size_t>(bytes, 64 << 10), nullptr};
+    PinnedBlock b{context_id, nullptr, std::max<size_t>(bytes, 64 << 10), nullptr};
     CUresult err = cuda->MemHostAlloc(&b.ptr, b.bytes, 0);
     if (err != kSuccess) return cuda_failure("allocating pinned memory for the tensor table", err);
     if ((err = cuda->EventCreate(&b.done, kEventDisableTiming)) != kSuccess)
@@ -479,15 +470,18 @@ Status clip_by_global_norm_driver(const TensorDesc* tensors, int num_tensors,
                                          &table, &items);
   if (!status.ok()) return status;
 
-  std::lock_guard<std::mutex> lock(mu);  // launches are microseconds; compiling happens once
-  if (!(status = load_cuda()).ok()) return status;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!(status = load_cuda()).ok()) return status;
+  }
   ScopedContext scope;
   if (!(status = scope.push(stream)).ok()) return status;
   Kernel kernel;
-  if (!(status = get_kernel(scope.context(), &kernel)).ok()) return status;
+  if (!(status = get_kernel(scope.id(), &kernel)).ok()) return status;
   if (num_tensors > 0) {
-    status = stage_table(scope.context(), workspace, table.data(),
-                         sizeof(TensorEntry) * num_tensors, stream);
+    std::lock_guard<std::mutex> lock(mu);  // the pinned blocks; microseconds
+    status = stage_table(scope.id(), workspace, table.data(), sizeof(TensorEntry) * num_tensors,
+                         stream);
     if (!status.ok()) return status;
   }
   detail::KernelArgs kernel_args(workspace, num_tensors, items, args);

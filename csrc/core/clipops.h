@@ -183,16 +183,23 @@ Status clip_by_global_norm_cuda(const TensorDesc* tensors, int num_tensors,
 // ---- CUDA through the driver API (clip_driver.cc) ---------------------------
 // The TF op's GPU route. Nothing of CUDA is linked: at the first launch,
 // libcuda.so.1 and the NVRTC named below are opened with dlopen, the shipped
-// kernel source is compiled for the GPU present (cached on disk), and the
+// kernel source is compiled for the GPU present (cached on disk: the folder,
+// key and trust checks of kernel_cache.h, shared with the CuPy route), and the
 // launch is one cuLaunchCooperativeKernel on the caller's stream, in the
 // stream's own context. So the kernel runs with the CUDA the framework loaded
-// (TensorFlow 2.21: CUDA 12, any driver from 525, sm_60 and newer).
+// (TensorFlow 2.21: CUDA 12, any driver from 525, sm_60 and newer). A context's
+// first launch compiles while launches on other contexts (GPUs) go on.
 struct DriverConfig {
-  std::string nvrtc_library = "libnvrtc.so.12";  // a path, or a name dlopen searches
+  // A path, or a bare name that dlopen looks up in the system's library path:
+  // the libraries that hold this route (libclipops_core.so, _clipops_tf.so)
+  // have no RUNPATH, so a name never resolves to a file beside them.
+  std::string nvrtc_library = "libnvrtc.so.12";
   std::string cuda_library = "libcuda.so.1";
   std::vector<std::string> include_dirs;  // <cooperative_groups.h> and CCCL's <nv/target>
-  std::string kernel_dir;                 // clip_kernel.cuh and clip_math.h
-  std::string cache_dir;                  // compiled kernels; empty: no disk cache
+  std::string kernel_dir;                 // clip_kernel.cuh and what it includes
+  // Compiled kernels (kernel_cache::default_dir()); used only if it passes
+  // kernel_cache.h's trust checks. Empty: no disk cache.
+  std::string cache_dir;
 };
 
 // Sets where the route finds its libraries, headers and cache. Takes effect

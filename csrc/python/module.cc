@@ -16,6 +16,7 @@
 
 #include "clipops.h"
 #include "core_args.h"
+#include "kernel_cache.h"
 
 namespace py = pybind11;
 
@@ -251,6 +252,88 @@ class NumpyBatch {
 
 }  // namespace
 
+// ---- the compiled-kernel cache (kernel_cache.h), for the CuPy route ----------
+// clipops/_nvrtc.py compiles with CuPy's NVRTC and loads with CuPy, but takes
+// the folder, the key, the options, the trust checks and the recovery rule
+// from here, so that both NVRTC routes share one implementation.
+namespace {
+
+// kernel_cache::get over Python callables: compile() -> bytes, load(bytes)
+// raising on refusal (or None). A failure caused by a Python exception raises
+// that exception again, as it was; an exception of `load` on a cached binary
+// only leads to a fresh compilation, and is dropped.
+py::bytes kernel_cache_get(const std::string& dir, const std::string& name,
+                           const py::function& compile, const py::object& load) {
+  std::optional<py::error_already_set> raised;
+  auto compile_fn = [&](std::string* out) {
+    try {
+      *out = compile().cast<std::string>();
+      return clipops::Status::Ok();
+    } catch (py::error_already_set& e) {
+      raised = e;
+      return clipops::Status::Runtime("compile() raised");
+    }
+  };
+  std::function<clipops::Status(const std::string&)> load_fn;
+  if (!load.is_none())
+    load_fn = [&](const std::string& binary) {
+      try {
+        load(py::bytes(binary));
+        return clipops::Status::Ok();
+      } catch (py::error_already_set& e) {
+        raised = e;
+        return clipops::Status::Runtime("load() raised");
+      }
+    };
+  std::string binary;
+  const clipops::Status s = clipops::kernel_cache::get(dir, name, compile_fn, load_fn, &binary);
+  if (!s.ok() && raised) throw *raised;
+  raise_if_error(s);
+  return py::bytes(binary);
+}
+
+void add_kernel_cache_bindings(py::module_& m) {
+  namespace kc = clipops::kernel_cache;
+  m.attr("KERNEL_PROGRAM") = kc::kProgram;
+  m.attr("KERNEL_PROGRAM_NAME") = kc::kProgramName;
+  m.attr("KERNEL_NAME") = kc::kKernelName;
+  m.def("nvrtc_options", &kc::nvrtc_options, py::arg("arch_option"), py::arg("kernel_dir"),
+        py::arg("include_dirs"),
+        "The NVRTC options of both NVRTC routes (the nvcc build's code generation).");
+  m.def("kernel_cache_dir", &kc::default_dir,
+        "The cache folder: $CLIPOPS_CACHE_DIR, else $XDG_CACHE_HOME/clipops, else "
+        "~/.cache/clipops.");
+  m.def(
+      "kernel_cache_key",
+      [](const std::string& program, const std::vector<std::string>& options,
+         std::pair<int, int> nvrtc_version) {
+        std::string key;
+        clipops::Status s;
+        {
+          py::gil_scoped_release release;  // reads and hashes a few MB of headers
+          s = kc::key(program, options, nvrtc_version.first, nvrtc_version.second, &key);
+        }
+        raise_if_error(s);
+        return key;
+      },
+      py::arg("program"), py::arg("options"), py::arg("nvrtc_version"),
+      "SHA-256 over the program, the options without include paths, the contents of every "
+      "file it can include from the -I folders, and the NVRTC (major, minor). RuntimeError "
+      "when an include of the program itself is in no folder.");
+  m.def("kernel_cache_entry", &kc::entry_name, py::arg("key"), py::arg("kind"),
+        "The cached file's name: clipops_<key>.<kind> (kind 'cubin' or 'ptx').");
+  m.def("kernel_cache_get", &kernel_cache_get, py::arg("dir"), py::arg("name"),
+        py::arg("compile"), py::arg("load") = py::none(),
+        "The binary from the cache folder `dir` if it and the entry `name` pass the trust "
+        "checks and load(binary) accepts it; else compile(), load()ed, then written to the "
+        "cache. Raises what compile() or load() raised on a fresh binary.");
+  m.def(
+      "sha256_hex", [](const py::bytes& data) { return kc::sha256_hex(data.cast<std::string>()); },
+      py::arg("data"), "SHA-256 of data, hex (the cache key's hash).");
+}
+
+}  // namespace
+
 #define LAUNCH_ARGS                                                                            \
   py::arg("descs"), py::arg("norm_dtype"), py::arg("scale"), py::arg("clip_norm"),             \
       py::arg("clip_ptr"), py::arg("use_norm"), py::arg("use_ptr"), py::arg("norm_out"),       \
@@ -371,4 +454,6 @@ PYBIND11_MODULE(_core, m) {
         LAUNCH_ARGS,
         "clip_cuda through the driver route (NVRTC at first use, the driver API): the TF op's "
         "GPU route. Raises ValueError on invalid input, RuntimeError otherwise.");
+
+  add_kernel_cache_bindings(m);
 }

@@ -11,6 +11,7 @@
 #include "xla/stream_executor/stream.h"
 
 #include "clipops.h"
+#include "kernel_cache.h"
 
 namespace {
 
@@ -236,7 +237,8 @@ CLIPOPS_REGISTER_BOTH(double)
 
 // Called once by clipops/tensorflow.py (ctypes) when it loads the op: where the
 // GPU route finds NVRTC, the driver, the CUDA headers (include_dirs: one per
-// line), the kernel sources and its disk cache.
+// line), the kernel sources and its disk cache (null: the default folder,
+// kernel_cache::default_dir()).
 extern "C" __attribute__((visibility("default"))) void clipops_tf_configure_driver(
     const char* nvrtc_library, const char* cuda_library, const char* include_dirs,
     const char* kernel_dir, const char* cache_dir) {
@@ -251,7 +253,7 @@ extern "C" __attribute__((visibility("default"))) void clipops_tf_configure_driv
     start = end + 1;
   }
   c.kernel_dir = kernel_dir;
-  c.cache_dir = cache_dir;
+  c.cache_dir = cache_dir != nullptr ? cache_dir : clipops::kernel_cache::default_dir();
   clipops::configure_driver_route(c);
 }
 

@@ -2,7 +2,15 @@
  * csrc/core/clip_driver.cc, with no GPU. "Device" memory is host memory, so a
  * copy really copies and the test can read the tensor table back. What the GPU
  * is like comes from environment variables read at each call; what the
- * launcher did is recorded in the fake_* globals, read through ctypes. */
+ * launcher did is recorded in the fake_* globals, read through ctypes.
+ *
+ * Contexts: each stream is its own context, at the address stream + 1.
+ * fake_recreate_contexts() destroys them all and makes new ones at the same
+ * addresses (as the driver reuses a freed context's address): cuCtxGetId then
+ * gives new ids, and modules loaded before are gone. Built with
+ * -DFAKE_CUDA_11, it lacks cuCtxGetId (CUDA 12.0), as a CUDA 11 driver does.
+ * Built with -DFAKE_MARKER=n, cuInit sets fake_marker to n (which copy of
+ * the library a process loaded). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,8 +23,14 @@ static int env_int(const char* name, int fallback) {
   return v && *v ? atoi(v) : fallback;
 }
 
+#ifndef FAKE_MARKER
+#define FAKE_MARKER 1
+#endif
+
 /* what the launcher did */
 int fake_init_calls, fake_module_loads, fake_copies, fake_launches, fake_ctx_depth, fake_max_depth;
+int fake_host_allocs, fake_marker;
+unsigned fake_generation; /* how many times the contexts were recreated */
 unsigned fake_grid[3], fake_block[3], fake_shared;
 uintptr_t fake_launch_stream, fake_launch_function;
 unsigned char fake_params[21][8]; /* the first 8 bytes behind each kernel parameter */
@@ -25,6 +39,7 @@ unsigned char fake_loaded_head[64];  /* the first bytes of the last module image
 CUresult cuInit(unsigned flags) {
   (void)flags;
   ++fake_init_calls;
+  fake_marker = FAKE_MARKER;
   return env_int("FAKE_CUDA_INIT_ERROR", 0);
 }
 CUresult cuDriverGetVersion(int* v) { *v = env_int("FAKE_CUDA_DRIVER_VERSION", 12020); return 0; }
@@ -43,6 +58,13 @@ CUresult cuCtxPushCurrent_v2(void* ctx) {
 }
 CUresult cuCtxPopCurrent_v2(void** ctx) { *ctx = 0; --fake_ctx_depth; return 0; }
 CUresult cuCtxGetDevice(int* dev) { *dev = 0; return 0; }
+void fake_recreate_contexts(void) { ++fake_generation; }
+#ifndef FAKE_CUDA_11
+CUresult cuCtxGetId(void* ctx, unsigned long long* id) {
+  *id = ((unsigned long long)(uintptr_t)ctx << 16) | fake_generation;  /* unique per context */
+  return 0;
+}
+#endif
 CUresult cuDeviceGetAttribute(int* value, int attr, int dev) {
   (void)dev;
   const int cc = env_int("FAKE_CUDA_CC", 80);
@@ -54,21 +76,25 @@ CUresult cuDeviceGetAttribute(int* value, int attr, int dev) {
     default: return 1;
   }
 }
+/* Loads an ELF image (a 64-byte header) or PTX (a C string); anything else
+ * is refused as a damaged image would be (CUDA_ERROR_INVALID_IMAGE). */
 CUresult cuModuleLoadData(void** module, const void* image) {
   ++fake_module_loads;
-  /* an ELF image has a 64-byte header; PTX is a C string */
   const char* text = (const char*)image;
-  const size_t n = memcmp(image, "\x7f" "ELF", 4) == 0 ? sizeof fake_loaded_head
-                                                   : strnlen(text, sizeof fake_loaded_head - 1) + 1;
+  const int elf = memcmp(image, "\x7f" "ELF", 4) == 0;
+  const size_t n = elf ? sizeof fake_loaded_head : strnlen(text, sizeof fake_loaded_head - 1) + 1;
   memset(fake_loaded_head, 0, sizeof fake_loaded_head);
   memcpy(fake_loaded_head, image, n);
-  *module = (void*)0x5000;
+  if (!elf && strncmp(text, "//", 2) != 0) return 200;
+  *module = (void*)(uintptr_t)(0x5000 + 0x10000 * fake_generation);
   return env_int("FAKE_CUDA_LOAD_ERROR", 0);
 }
+/* The function of a module loaded in this generation of contexts; a module of
+ * a destroyed context is gone (CUDA_ERROR_INVALID_HANDLE). */
 CUresult cuModuleGetFunction(void** fn, void* module, const char* name) {
-  (void)module;
   if (strcmp(name, "clipops_clip_kernel") != 0) return 500; /* not found */
-  *fn = (void*)0x6000;
+  if ((uintptr_t)module != 0x5000 + 0x10000 * fake_generation) return 400;
+  *fn = (void*)((uintptr_t)module + 0x1000);
   return 0;
 }
 CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void* fn, int threads, size_t smem) {
@@ -78,6 +104,7 @@ CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void* fn, int 
 }
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
   (void)flags;
+  ++fake_host_allocs;
   *p = malloc(bytes);
   return *p ? 0 : 2;
 }
