@@ -91,8 +91,8 @@ def caption(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) -> lis
             "steps per run, data: " + mnist.get("data", {}).get("source", "?") + ".",
             "Medians of repeated calls (clip) or steps (training); speed-up = TF's time / "
             "clipops' time in the same run (> 1: clipops faster); a step's verdict is the paired "
-            "difference of the two runs' step times, with its 95% interval "
-            "([docs/benchmarks.md](../../docs/benchmarks.md) says how to read them)."]
+            "difference of the two runs' step times, with its 95% interval ([how to read "
+            "them](../../docs/benchmarks.md#how-to-read-the-numbers))."]
 
 
 def _rel(path: Path) -> str:
@@ -149,7 +149,7 @@ def results_block(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) 
              "edit the script, not this block -->", ""]
     body = headline_md(micro, mnist, micro_path, mnist_path).split("\n", 2)[2]
     lines += [body.replace("](headline.png)", "](../bench/results/headline.png)")
-              .replace("](../../docs/benchmarks.md)", "](#how-to-read-the-numbers)")
+              .replace("](../../docs/benchmarks.md#", "](#")
               .rstrip(), ""]
     lines += [f"#### The clip alone: every list (`{_rel(micro_path)}`)", ""]
     rows = []
@@ -169,10 +169,11 @@ def results_block(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) 
             continue
         why = "" if t["met"] or t.get("route_bound_met") is not False else \
             "; the route alone misses too"
-        rows.append([t["target"], f"{t['value']:.2f}", f"{t['op']} {t['threshold']:g}",
+        rows.append([t["target"], t["case"], f"{t['value']:.2f}", f"{t['op']} {t['threshold']:g}",
                      "-" if t.get("route_bound") is None else f"{t['route_bound']:.2f}",
                      ("met" if t["met"] else "missed") + why])
-    lines += table(["target", "value", "needed", "route + in place", "verdict"], rows, "lrrrl")
+    lines += table(["target", "list", "value", "needed", "route + in place", "verdict"], rows,
+                   "llrrrl")
     lines += ["", f"#### The training step (`{_rel(mnist_path)}`)", ""]
     rows = []
     for p in mnist.get("pairs", []):
