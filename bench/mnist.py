@@ -44,6 +44,7 @@ data is available.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -904,9 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "load": f"{load_start} / {load_average()}"}
     report_md = markdown(pairs, goals, fit_rows, header)
     out_dir = args.out or OUT
-    machine = machine_info()
     json_path = write_json("mnist", {
-        **machine, "device": device,
+        **machine_info(), "device": device,
         "config": {**vars(args), "out": str(out_dir), "probe_steps": sorted(probes),
                    "warmup_steps": WARMUP_STEPS,
                    "variants": {v.name: {"summary": v.summary, "clip_norm": v.clip_norm,
@@ -927,10 +927,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": time.perf_counter() - start}, out_dir)
     (out_dir / "mnist.md").write_text(report_md)
     print("\n" + report_md)
-    if not args.no_plot and pairs:
-        title = f"MNIST training step, TF against clipops: {device}, {machine_line(machine)}"
-        steps_png = plot_steps(step_rows(pairs, fit_rows), title, out_dir / "mnist_steps.png")
-        print(f"plots: {steps_png}, {plot_norms(pairs, out_dir / 'mnist_norms.png')}")
+    if not args.no_plot and pairs:  # drawn from the file just written, as a rerun would
+        saved = json.loads(json_path.read_text())
+        title = f"MNIST training step, TF against clipops: {device}, {machine_line(saved)}"
+        steps_png = plot_steps(step_rows(saved["pairs"], saved["fit_rows"]), title,
+                               out_dir / "mnist_steps.png")
+        print(f"plots: {steps_png}, {plot_norms(saved['pairs'], out_dir / 'mnist_norms.png')}")
     print(f"results: {json_path}, {out_dir / 'mnist.md'}")
 
     failed = [p for p in pairs if not p["agreement"]["passed"]]
