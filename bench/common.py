@@ -1,5 +1,7 @@
-"""Shared pieces of the clipops benchmarks: timing statistics, the machine's
-measured copy bandwidth, and result files.
+"""Shared pieces of the clipops benchmarks: a quiet TensorFlow import, timing
+statistics and paired intervals, the machine's measured copy bandwidth and
+description, and result files. (Tables and plots: report.py; gradient lists:
+cases.py.)
 
 A run writes to bench/out/ (git ignores it), so running a benchmark never
 rewrites the committed reference results in bench/results/: those change only
@@ -14,14 +16,69 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Sequence
 
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed reference results
 OUT = Path(__file__).resolve().parent / "out"          # a run's default output, untracked
+
+
+def import_tensorflow(verbose: bool = False) -> tuple[ModuleType, int]:
+    """Imports TensorFlow and lists its devices with its C++ start-up log hidden.
+
+    TF_CPP_MIN_LOG_LEVEL (set to 2 here unless the caller set it) does not
+    hide that log: TF 2.21 writes its start-up checks (oneDNN, CUDA drivers,
+    cuInit) through absl before absl::InitializeLog, which sends every message
+    to stderr whatever the level. Each one prints twice because two of TF's
+    libraries run the checks, each with its own static copy of TSL:
+    libtensorflow_framework.so.2 and the profiler plugin
+    (python/profiler/internal/_pywrap_profiler_plugin.so) that `import
+    tensorflow` loads. So file descriptor 2 points at a temporary file while
+    TF loads and finds its devices; if that fails, the file is printed.
+
+    Args:
+      verbose: leave TF's log alone (and TF_CPP_MIN_LOG_LEVEL as the caller set it).
+
+    Returns:
+      (the tensorflow module, how many lines of its log were hidden).
+
+    Raises:
+      whatever importing TensorFlow raises, after printing the hidden log.
+    """
+    if verbose or "tensorflow" in sys.modules:
+        import tensorflow as tf
+        return tf, 0
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            import tensorflow as tf
+            tf.config.list_physical_devices()  # cuInit and its complaint happen here
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        hidden = len(log.read().decode(errors="replace").splitlines())
+    return tf, hidden
+
+
+def wants_verbose(module_name: str) -> bool:
+    """Whether a script was run with --verbose, read before argparse runs
+    because TF's log must be hidden from its import on. False when the
+    script is imported as a module (by the tests)."""
+    return module_name == "__main__" and "--verbose" in sys.argv[1:]
 
 
 def summarize(times_s: Sequence[float]) -> dict:
@@ -51,6 +108,26 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20,
         sync(fn())
         times.append(time.perf_counter() - t0)
     return summarize(times)
+
+
+def paired_ci(diffs: Sequence[float], seed: int = 0, resamples: int = 2000) -> dict | None:
+    """Median of paired differences (seconds) and a bootstrap 95% interval of
+    that median; None without data. Pairs of runs in lockstep share the
+    machine's drift, so their differences show what unpaired medians hide."""
+    d = np.asarray([x for x in diffs if x is not None], dtype=np.float64)
+    if len(d) == 0:
+        return None
+    boot = np.median(np.random.default_rng(seed).choice(d, (resamples, len(d))), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median_s": float(np.median(d)), "ci95_s": [float(lo), float(hi)], "steps": len(d)}
+
+
+def load_average() -> str:
+    """The 1-minute load average: other work on the machine skews timings."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
 
 
 def copy_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 7) -> dict:

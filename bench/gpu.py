@@ -46,7 +46,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np
 
+from cases import Case, bert_shapes, mixed_dtypes, mnist_shapes, resnet50_shapes, small_shapes
+from cases import case as make_case
 from common import machine_info, write_json
+from report import pyplot, save, table
 
 try:
     import cupy
@@ -56,82 +59,25 @@ except ImportError:
 import clipops.cupy as ccp
 from clipops import _common, _nvrtc
 
-# ---- cases -------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    name: str
-    shapes: list[tuple[int, ...]]
-    dtypes: list[str]
-    note: str = ""
-
-    @property
-    def elements(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
-
-    @property
-    def bytes_moved(self) -> int:
-        """Two reads and one write of every element: the traffic of any clip."""
-        return sum(3 * math.prod(s) * np.dtype(d).itemsize for s, d in zip(self.shapes, self.dtypes))
-
-
-def mnist_mlp_shapes() -> list[tuple[int, ...]]:
-    """784-512-256-10 MLP: 6 tensors, 535,818 parameters."""
-    return [(784, 512), (512,), (512, 256), (256,), (256, 10), (10,)]
-
-
-def resnet50_shapes() -> list[tuple[int, ...]]:
-    """ResNet-50's parameters: conv weights, batch-norm scale and offset, fc;
-    161 tensors, 25,557,032 parameters."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    cin = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            shapes += [(width, cin, 1, 1), (width,), (width,),
-                       (width, width, 3, 3), (width,), (width,),
-                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
-            if b == 0:  # the projection shortcut
-                shapes += [(4 * width, cin, 1, 1), (4 * width,), (4 * width,)]
-            cin = 4 * width
-    return shapes + [(1000, 2048), (1000,)]
-
-
-def bert_base_shapes() -> list[tuple[int, ...]]:
-    """BERT-base's parameters: embeddings, 12 encoder layers, pooler;
-    199 tensors, 109,482,240 parameters."""
-    h, ff = 768, 3072
-    shapes: list[tuple[int, ...]] = [(30522, h), (512, h), (2, h), (h,), (h,)]
-    for _ in range(12):
-        shapes += [(h, h), (h,)] * 3  # query, key, value
-        shapes += [(h, h), (h,), (h,), (h,)]  # attention output, its layer norm
-        shapes += [(ff, h), (ff,), (h, ff), (h,), (h,), (h,)]  # feed-forward, its layer norm
-    return shapes + [(h, h), (h,)]
-
-
-def many_small_shapes(n: int) -> list[tuple[int, ...]]:
-    """n vectors of 16 to 1024 elements (biases, norms, small heads)."""
-    return [(16 * (1 + (i * 37) % 64),) for i in range(n)]
+# ---- cases (bench/cases.py's lists, as on the CPU) -------------------------------
 
 
 def cases(smoke: bool) -> list[Case]:
-    f32 = "float32"
+    """The full cases, or (smoke) the small ones: targets are not judged on those."""
     resnet = resnet50_shapes()
-    mixed = [("float16" if len(s) > 1 else f32) for s in resnet]
+    mixed = make_case("resnet50_mixed_fp16_fp32", "float16 weights, float32 batch-norm parameters",
+                 resnet, dtypes=mixed_dtypes(resnet))
     if smoke:
-        small = many_small_shapes(1000)
-        return [Case("mnist_mlp", mnist_mlp_shapes(), [f32] * 6),
-                Case("small_x1000", small, [f32] * len(small)),
-                Case("resnet50_mixed_fp16_fp32", resnet, mixed,
-                     "float16 weights, float32 batch-norm parameters")]
-    small = many_small_shapes(10_000)
-    bert = bert_base_shapes()
-    return [Case("mnist_mlp", mnist_mlp_shapes(), [f32] * 6),
-            Case("resnet50", resnet, [f32] * len(resnet)),
-            Case("bert_base", bert, [f32] * len(bert)),
-            Case("small_x10000", small, [f32] * len(small)),
-            Case("resnet50_mixed_fp16_fp32", resnet, mixed,
-                 "float16 weights, float32 batch-norm parameters")]
+        return [make_case("mnist_mlp", "", mnist_shapes()),
+                make_case("small_x1000", "", small_shapes(1000)), mixed]
+    return [make_case("mnist_mlp", "", mnist_shapes()), make_case("resnet50", "", resnet),
+            make_case("bert_base", "", bert_shapes()), make_case("small_x10000", "", small_shapes(10_000)),
+            mixed]
+
+
+def bytes_moved(c: Case) -> int:
+    """Two reads and one write of every element: the traffic of any clip."""
+    return 3 * c.nbytes
 
 
 # ---- measuring -----------------------------------------------------------------
@@ -378,7 +324,7 @@ def median_us(ts: list[float]) -> float:
 
 
 def run_case(case: Case, stream, args, routes: list[bool]) -> dict:
-    print(f"\n== {case.name}: {len(case.shapes)} tensors, {case.elements:,} elements", flush=True)
+    print(f"\n== {case.name}: {len(case.shapes)} tensors, {case.numel:,} elements", flush=True)
     rng = cupy.random.default_rng(0)
     with stream:
         # gradient-like magnitudes: float16 squares stay normal, norms stay finite
@@ -387,8 +333,8 @@ def run_case(case: Case, stream, args, routes: list[bool]) -> dict:
         ref_norm = math.sqrt(sum(float(cupy.sum(cupy.square(x.astype(cupy.float64)))) for x in xs))
         stream.synchronize()
     clip = float(np.float32(ref_norm / 2))  # every implementation really scales
-    record = {"case": case.name, "note": case.note, "tensors": len(case.shapes),
-              "elements": case.elements, "bytes_moved": case.bytes_moved,
+    record = {"case": case.name, "note": case.description, "tensors": len(case.shapes),
+              "elements": case.numel, "bytes_moved": bytes_moved(case),
               "dtypes": sorted(set(case.dtypes)), "ref_norm": ref_norm, "clip_norm": clip,
               "results": {}}
 
@@ -424,7 +370,7 @@ def run_case(case: Case, stream, args, routes: list[bool]) -> dict:
     for name, r in record["results"].items():
         for k in ("device_us", "pipelined_us"):
             if k in r:
-                r[k.replace("_us", "_gbs")] = case.bytes_moved / (r[k] * 1e-6) / 1e9
+                r[k.replace("_us", "_gbs")] = bytes_moved(case) / (r[k] * 1e-6) / 1e9
     return record
 
 
@@ -519,35 +465,32 @@ def device_info() -> dict:
 
 
 def write_markdown(path, payload: dict) -> None:
-    impls = []
-    for rec in payload["cases"]:
-        for name in rec["results"]:
-            if name not in impls:
-                impls.append(name)
-    lines = [f"# clipops GPU benchmark: {payload['device']['name']}, {payload['machine']['date']}",
-             "", f"Copy bandwidth (limit): {payload['copy_bandwidth']['gbs']:.0f} GB/s "
-             f"(memcpy {payload['copy_bandwidth']['memcpy_gbs']:.0f}, copy kernel "
-             f"{payload['copy_bandwidth']['copy_kernel_gbs']:.0f}).", "",
-             "Device time (CUDA events, median) / pipelined wall time per call, microseconds.", "",
-             "| case | tensors | elements | " + " | ".join(impls) + " |",
-             "|---|---:|---:|" + "---:|" * len(impls)]
+    """The results table and the targets, as markdown beside the JSON file."""
+    impls = list(dict.fromkeys(name for rec in payload["cases"] for name in rec["results"]))
+    rows = []
     for rec in payload["cases"]:
         cells = []
         for name in impls:
             r = rec["results"].get(name, {})
-            if "skipped" in r or "invalid" in r or not r:
-                cells.append(("invalid: " + r["invalid"]) if "invalid" in r else "skipped")
+            if "invalid" in r:
+                cells.append("invalid: " + r["invalid"])
+            elif "skipped" in r or not r:
+                cells.append("skipped")
             else:
                 dev = f"{r['device_us']:.1f}" if "device_us" in r else "n/a"
                 cells.append(f"{dev} / {r['pipelined_us']:.1f}")
-        lines.append(f"| {rec['case']} | {rec['tensors']:,} | {rec['elements']:,} | " +
-                     " | ".join(cells) + " |")
-    lines += ["", "## Targets", "", "| target | case | value | threshold | met | note |",
-              "|---|---|---:|---:|---|---|"]
-    for t in payload["targets"]:
-        met = {True: "met", False: "MISSED", None: "-"}[t["met"]]
-        val = "-" if t["value"] is None else f"{t['value']:.4g}"
-        lines.append(f"| {t['target']} | {t['case']} | {val} | {t['threshold']} | {met} | {t['note']} |")
+        rows.append([rec["case"], f"{rec['tensors']:,}", f"{rec['elements']:,}", *cells])
+    bw = payload["copy_bandwidth"]
+    lines = [f"# clipops GPU benchmark: {payload['device']['name']}, {payload['machine']['date']}",
+             "", f"Copy bandwidth (limit): {bw['gbs']:.0f} GB/s (memcpy {bw['memcpy_gbs']:.0f}, "
+             f"copy kernel {bw['copy_kernel_gbs']:.0f}).", "",
+             "Device time (CUDA events, median) / pipelined wall time per call, microseconds.", ""]
+    lines += table(["case", "tensors", "elements", *impls], rows)
+    targets = [[t["target"], t["case"], "-" if t["value"] is None else f"{t['value']:.4g}",
+                str(t["threshold"]), {True: "met", False: "MISSED", None: "-"}[t["met"]],
+                t["note"]] for t in payload["targets"]]
+    lines += ["", "## Targets", ""] + table(
+        ["target", "case", "value", "threshold", "met", "note"], targets, "llrrll")
     skipped = sorted({f"{n}: {r['skipped']}" for rec in payload["cases"]
                       for n, r in rec["results"].items() if "skipped" in r})
     if skipped:
@@ -556,11 +499,10 @@ def write_markdown(path, payload: dict) -> None:
 
 
 def write_plot(path, payload: dict) -> str | None:
+    """Time per clip per case and implementation, log scale, with the copy-bandwidth limit;
+    returns why there is no plot, or None."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError as exc:
         return f"no plot: matplotlib is not installed ({exc})"
     recs = payload["cases"]
@@ -582,9 +524,7 @@ def write_plot(path, payload: dict) -> str | None:
     ax.set_ylabel("microseconds per clip (device time; optax: pipelined wall)")
     ax.set_title(f"Global-norm clipping on {payload['device']['name']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
     return None
 
 

@@ -28,24 +28,25 @@ bandwidth (bytes its passes move: clip_by_norm reads the list twice and writes
 it once, clip_by_value reads and writes once, norms reads twice and writes once)
 against this machine's copy bandwidth. Results: bench/out/health.{json,md} (or
 --out DIR). Absolute times mean something only on the machine named in the JSON.
-``python bench/micro.py --health`` runs it after micro's own cases.
+``python bench/micro.py --health`` runs it after micro's own cases. TensorFlow's
+C++ start-up log is hidden unless --verbose.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from cases import mnist_shapes, resnet50_shapes
+from common import (OUT, copy_bandwidth_gbs, import_tensorflow, machine_info, time_calls,
+                    wants_verbose, write_json)
+from report import machine_line, table
 
+tf, _ = import_tensorflow(verbose=wants_verbose(__name__))
 import clipops  # noqa: E402
-from common import OUT, copy_bandwidth_gbs, machine_info, time_calls, write_json  # noqa: E402
-from micro import mnist_shapes, resnet50_shapes  # noqa: E402
 
 RTOL = 2e-6  # float32: tests/conftest.py TOL, ~5 roundings of u = 6e-8 plus the norm's error
 SCALE = 1e-3  # gradients ~ N(0, 1e-3)
@@ -141,19 +142,22 @@ def run(cases: dict, modes: Sequence[str], repeats: int, min_time: float) -> tup
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# Gradient health: clipops' fused list ops vs TF's per-tensor loops",
-             "", f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} logical CPUs; copy bandwidth "
-             f"{result['copy_bandwidth']['gbs']:.1f} GB/s. Medians; ratio = TF / clipops, same run.",
-             "", "| case | mode | op | TF ms | clipops ms | ratio | clipops GB/s (of copy) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    """The results as a markdown table, with the machine and its copy bandwidth."""
+    rows = []
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['mode']} | {r['op']} | validation failed: {r['error']} |||||")
+            rows.append([r["case"], r["mode"], r["op"], f"validation failed: {r['error']}",
+                         "", "", ""])
             continue
-        lines.append(f"| {r['case']} | {r['mode']} | {r['op']} | {r['tf']['median_s'] * 1e3:.3f} | "
-                     f"{r['clipops']['median_s'] * 1e3:.3f} | {r['ratio']:.2f}x | "
-                     f"{r['clipops_gbs']:.2f} ({r['of_copy']:.0%}) |")
+        rows.append([r["case"], r["mode"], r["op"], f"{r['tf']['median_s'] * 1e3:.3f}",
+                     f"{r['clipops']['median_s'] * 1e3:.3f}", f"{r['ratio']:.2f}x",
+                     f"{r['clipops_gbs']:.2f} ({r['of_copy']:.0%})"])
+    lines = ["# Gradient health: clipops' fused list ops vs TF's per-tensor loops", "",
+             f"{machine_line(result['machine'])}; copy bandwidth "
+             f"{result['copy_bandwidth']['gbs']:.1f} GB/s. Medians; ratio = TF / clipops, same "
+             "run.", ""]
+    lines += table(["case", "mode", "op", "TF ms", "clipops ms", "ratio",
+                    "clipops GB/s (of copy)"], rows, "lllrrrr")
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of calls per side and row")
     ap.add_argument("--out", default=str(OUT), help="folder for health.json and health.md")
+    ap.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ log")
     args = ap.parse_args(argv)
     cases = {"mnist": mnist_shapes()}
     if not args.smoke:

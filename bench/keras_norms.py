@@ -13,23 +13,23 @@ from that file, to keras_norms.png (bench/out/, or --out).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import json  # noqa: E402
+from common import OUT, import_tensorflow, machine_info, wants_verbose, write_json
+from report import pyplot, save
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+tf, _ = import_tensorflow(verbose=wants_verbose(__name__))
 import keras  # noqa: E402
 from tensorflow.core.util import event_pb2  # noqa: E402
 
 import clipops.keras as ck  # noqa: E402
 import mnist_data  # noqa: E402
-from common import OUT, machine_info, write_json  # noqa: E402
 
 CLIP = 1.0
 TAG = "global_gradient_norm"
@@ -58,11 +58,9 @@ def train(data: mnist_data.MnistData, epochs: int, seed: int, log_dir: str) -> N
 
 
 def plot(result: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The global norm over the steps with the clip line, and each layer's norm."""
     steps, norms = zip(*result["series"])
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, (ax, bx) = pyplot().subplots(2, 1, figsize=(7, 6), sharex=True)
     ax.semilogy(steps, norms, lw=1, label=f"{TAG} (GlobalNormLogger)")
     ax.axhline(result["clip"], color="k", ls="--", lw=1, label=f"global_clipnorm = {result['clip']:g}")
     ax.set_ylabel("global gradient norm")
@@ -74,9 +72,7 @@ def plot(result: dict, path: Path) -> Path:
     bx.set_xlabel("optimizer step")
     bx.set_ylabel("per-layer gradient norm")
     bx.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -85,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", choices=mnist_data.SOURCES, default="auto")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ log")
     args = ap.parse_args(argv)
     try:
         data = mnist_data.load(args.data, seed=args.seed)

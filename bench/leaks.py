@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common import OUT, machine_info, write_json  # noqa: E402
+from common import OUT, import_tensorflow, machine_info, write_json
+from report import Progress, table
 
 WARMUP = 2000
 
@@ -46,8 +45,7 @@ def front_ends() -> dict[str, Callable[[], object]]:
                                                               in_place=True),
              "numpy global_norm": lambda: cn.global_norm(arrays)}
     try:
-        import tensorflow as tf
-
+        tf, _ = import_tensorflow()
         import clipops
     except ImportError:
         return calls
@@ -63,12 +61,12 @@ def measure(name: str, call: Callable[[], object], calls: int) -> dict:
         call()
     before = rss_bytes()
     t0 = time.perf_counter()
+    progress = Progress(name, calls, unit="calls")
     for i in range(calls):
         call()
         if (i + 1) % max(calls // 10, 1) == 0:
-            print(f"\r  {name}: {i + 1}/{calls} calls", end="", flush=True)
+            progress.update(i + 1)
     after = rss_bytes()
-    print()
     return {"front_end": name, "calls": calls, "rss_before_bytes": before,
             "rss_after_bytes": after, "growth_fraction": (after - before) / before,
             "growth_bytes_per_call": (after - before) / calls,
@@ -81,12 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     rows = [measure(name, call, args.calls) for name, call in front_ends().items()]
-    print("| front end | calls | RSS before MB | RSS after MB | growth | bytes per call |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['front_end']} | {r['calls']} | {r['rss_before_bytes'] / 2**20:.1f} | "
-              f"{r['rss_after_bytes'] / 2**20:.1f} | {100 * r['growth_fraction']:+.2f}% | "
-              f"{r['growth_bytes_per_call']:+.1f} |")
+    print("\n".join(table(
+        ["front end", "calls", "RSS before MB", "RSS after MB", "growth", "bytes per call"],
+        [[r["front_end"], r["calls"], f"{r['rss_before_bytes'] / 2**20:.1f}",
+          f"{r['rss_after_bytes'] / 2**20:.1f}", f"{100 * r['growth_fraction']:+.2f}%",
+          f"{r['growth_bytes_per_call']:+.1f}"] for r in rows])))
     print(f"results: {write_json('leaks', {**machine_info(), 'rows': rows}, args.out)}")
     return 0
 

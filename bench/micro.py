@@ -77,17 +77,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from cases import Case, bert_shapes, mixed_dtypes, mnist_shapes, resnet50_shapes, small_shapes
+from cases import case as make_case
+from common import (OUT, copy_bandwidth_gbs, import_tensorflow, machine_info, summarize,
+                    wants_verbose, write_json)
 
+tf, _ = import_tensorflow(verbose=wants_verbose(__name__))
 import clipops  # noqa: E402
 import clipops.numpy as cnp  # noqa: E402
-import plot  # noqa: E402  (bench/plot.py)
-from common import OUT, copy_bandwidth_gbs, machine_info, summarize, write_json  # noqa: E402
+import plot  # noqa: E402  (bench/plot.py: micro.md and micro.png from micro.json)
 
-Shape = tuple[int, ...]
 ClipFn = Callable[[Sequence, object], tuple]
 
 DATA_SCALE = 1e-3        # gradients ~ N(0, 1e-3)
@@ -108,90 +109,7 @@ BUSY_WARNING_CORES = 0.15  # other processes' CPU use that makes a case's timing
 CASE_BANDWIDTH_REPEATS = 3  # copies timed (per thread count) right before and after each case
 
 
-# ---- gradient lists ------------------------------------------------------------
-
-def mnist_shapes() -> list[Shape]:
-    """The MNIST MLP 784-512-256-10: kernels and biases."""
-    return [(784, 512), (512,), (512, 256), (256,), (256, 10), (10,)]
-
-
-def _conv_bn(k: int, cin: int, cout: int) -> list[Shape]:
-    """A bias-free conv kernel (TF's HWIO layout) and its BatchNorm gamma, beta."""
-    return [(k, k, cin, cout), (cout,), (cout,)]
-
-
-def _bottleneck(cin: int, mid: int, cout: int, downsample: bool) -> list[Shape]:
-    shapes = _conv_bn(1, cin, mid) + _conv_bn(3, mid, mid) + _conv_bn(1, mid, cout)
-    return shapes + (_conv_bn(1, cin, cout) if downsample else [])
-
-
-def resnet50_shapes(width: int = 64, classes: int = 1000) -> list[Shape]:
-    """torchvision's ResNet-50 parameters in model order: 161 tensors,
-    25,557,032 elements at the default width (53 convs, 53 BatchNorms, fc)."""
-    shapes = _conv_bn(7, 3, width)
-    cin = width
-    for stage, blocks in enumerate((3, 4, 6, 3)):
-        mid = width * 2 ** stage
-        for block in range(blocks):
-            shapes += _bottleneck(cin, mid, 4 * mid, downsample=block == 0)
-            cin = 4 * mid
-    return shapes + [(cin, classes), (classes,)]
-
-
-def _dense(n_in: int, n_out: int) -> list[Shape]:
-    return [(n_in, n_out), (n_out,)]
-
-
-def bert_shapes(vocab: int = 30522, hidden: int = 768, layers: int = 12,
-                inner: int = 3072, positions: int = 512) -> list[Shape]:
-    """BERT-base's parameters (with pooler): 199 tensors, 109,482,240 elements
-    at the defaults: 3 embeddings and a LayerNorm, 16 tensors per layer."""
-    layer_norm = [(hidden,), (hidden,)]
-    shapes = [(vocab, hidden), (positions, hidden), (2, hidden)] + layer_norm
-    for _ in range(layers):
-        shapes += _dense(hidden, hidden) * 4 + layer_norm  # q, k, v, attention output
-        shapes += _dense(hidden, inner) + _dense(inner, hidden) + layer_norm
-    return shapes + _dense(hidden, hidden)
-
-
-def small_shapes(count: int = 10_000, max_size: int = 2048, seed: int = 1) -> list[Shape]:
-    """`count` 1-D tensors with log-uniform sizes in [1, max_size)."""
-    rng = np.random.default_rng(seed)
-    sizes = np.exp(rng.uniform(0.0, math.log(max_size), count)).astype(np.int64)
-    return [(int(s),) for s in sizes]
-
-
-def mixed_dtypes(shapes: Sequence[Shape]) -> tuple[str, ...]:
-    """float16 for kernels and weight matrices (rank >= 2), float32 otherwise."""
-    return tuple("float16" if len(s) >= 2 else "float32" for s in shapes)
-
-
-@dataclass(frozen=True)
-class Case:
-    """One gradient list and whether it needs clipping."""
-    name: str
-    description: str
-    shapes: tuple[Shape, ...]
-    dtypes: tuple[str, ...]
-    clipping: bool
-
-    @property
-    def numel(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(math.prod(s) * np.dtype(d).itemsize for s, d in zip(self.shapes, self.dtypes))
-
-    @property
-    def mixed(self) -> bool:
-        return len(set(self.dtypes)) > 1
-
-
-def _case(name: str, description: str, shapes: list[Shape], clipping: bool = True,
-          dtypes: tuple[str, ...] | None = None) -> Case:
-    return Case(name, description, tuple(shapes), dtypes or ("float32",) * len(shapes), clipping)
-
+# ---- the cases -------------------------------------------------------------------
 
 def build_cases(smoke: bool) -> list[Case]:
     """The full cases, or (smoke) the same kinds of list at toy sizes."""
@@ -200,16 +118,16 @@ def build_cases(smoke: bool) -> list[Case]:
     small = small_shapes(200 if smoke else 10_000)
     noclip = "; clip_norm far above the norm (a power of two, so the scale is exactly 1)"
     return [
-        _case("mnist", "MNIST MLP 784-512-256-10 gradients, float32", mnist_shapes()),
-        _case("mnist_noclip", "MNIST MLP gradients" + noclip, mnist_shapes(), clipping=False),
-        _case("small_10k", f"{len(small)} small 1-D float32 tensors, log-uniform sizes in "
+        make_case("mnist", "MNIST MLP 784-512-256-10 gradients, float32", mnist_shapes()),
+        make_case("mnist_noclip", "MNIST MLP gradients" + noclip, mnist_shapes(), clipping=False),
+        make_case("small_10k", f"{len(small)} small 1-D float32 tensors, log-uniform sizes in "
               "[1, 2047]", small),
-        _case("resnet50", "ResNet-50-like: torchvision ResNet-50 parameter shapes, float32",
+        make_case("resnet50", "ResNet-50-like: torchvision ResNet-50 parameter shapes, float32",
               resnet),
-        _case("resnet50_noclip", "ResNet-50-like list" + noclip, resnet, clipping=False),
-        _case("mixed_f16_f32", "ResNet-50 shapes; conv kernels and fc weight float16, "
+        make_case("resnet50_noclip", "ResNet-50-like list" + noclip, resnet, clipping=False),
+        make_case("mixed_f16_f32", "ResNet-50 shapes; conv kernels and fc weight float16, "
               "BatchNorm and fc bias float32", resnet, dtypes=mixed_dtypes(resnet)),
-        _case("bert_base", "BERT-base-like: BERT-base parameter shapes (with pooler), float32",
+        make_case("bert_base", "BERT-base-like: BERT-base parameter shapes (with pooler), float32",
               bert),
     ]
 
@@ -870,6 +788,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds of timed calls per implementation and case, roughly "
                         "(default 2.5; smoke 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gradients")
+    p.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ log")
     p.add_argument("--health", action="store_true",
                    help="then the gradient-health ops (clip_by_norm, clip_by_value, per-tensor "
                         "norms) against TF's per-tensor loops: bench/health.py, validated first, "

@@ -22,22 +22,29 @@ timing, step 0's clipped gradients of both are compared. Then a teacher-forced
 pass clips every step's gradients with both ops on one shared state (advanced
 with TF's clip) and judges each step with bench/agreement.py: steps that are
 not clipped must be bit-identical, clipped ones within the float32 rounding of
-the norm. Writes mnist.json, mnist.md and mnist_norms.png to bench/out/ (git
-ignores it), or to --out DIR (`--out bench/results` replaces the committed
-reference results).
+the norm. The verdict on speed is the paired difference of the step times (TF
+minus clipops, same steps, 95% bootstrap interval): "clipops faster by X ms",
+"no measurable difference" or "clipops slower by X ms". Writes mnist.json,
+mnist.md, mnist_steps.png (step times) and mnist_norms.png (the norms) to
+bench/out/ (git ignores it), or to --out DIR (`--out bench/results` replaces
+the committed reference results).
 
     python bench/mnist.py                      # everything, < 3 min on 2 CPU cores
     python bench/mnist.py --steps 5 --out /tmp/x --no-plot     # smoke test
     python bench/mnist.py --model classic-sgd --print-norms 50
 
-Exit status: 0 when the clips agree (a missed speed target and the drift are
-only reported), 1 when the first-step validation or the teacher-forced
-agreement fails, 2 when no data is available.
+TensorFlow's C++ start-up log is hidden unless --verbose; progress is a line
+redrawn on a terminal, a plain line per quarter of each phase on a pipe.
+
+Exit status: 0 when the clips agree (speed and drift are only reported), 1
+when the first-step validation or the teacher-forced agreement fails, 2 when no
+data is available.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -45,17 +52,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's start-up chatter out
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from common import (OUT, import_tensorflow, load_average, machine_info, paired_ci, summarize,
+                    time_calls, wants_verbose, write_json)
+
+tf, TF_LOG_LINES_HIDDEN = import_tensorflow(verbose=wants_verbose(__name__))
 import keras  # noqa: E402
 
 import agreement  # noqa: E402
 import clipops  # noqa: E402
 import clipops.keras as clipops_keras  # noqa: E402
 import mnist_data  # noqa: E402
-from common import OUT, machine_info, summarize, time_calls, write_json  # noqa: E402
+from report import (Progress, machine_line, ms, pct, pyplot, save, table, verdict,  # noqa: E402
+                    verdict_kind)
 
 ClipFn = Callable[..., tuple]
 IMPLS: dict[str, ClipFn] = {"tf": tf.clip_by_global_norm, "clipops": clipops.clip_by_global_norm}
@@ -351,15 +361,15 @@ def teacher_forced(variant: Variant, mode: str, data: mnist_data.MnistData,
     step_fn = tf.function(step, autograph=False) if mode == "function" else step
     print(f"{variant.name} / {mode}: teacher-forced agreement, both clips on the same "
           f"gradients every step", flush=True)
-    bar = keras.utils.Progbar(args.steps, stateful_metrics=["clipped", "failed"])
+    bar = Progress(f"{variant.name} / {mode}, agreement", args.steps)
     verdicts = []
     for i, (x, y) in enumerate(batches(data, variant.batch_size, args.steps, args.seed)):
         grads, tf_out, tf_norm, co_out, co_norm = step_fn(x, y)
         verdicts.append(agreement.compare_step(
             i, variant.clip_norm, [g.numpy() for g in grads], [t.numpy() for t in tf_out],
             float(tf_norm), [c.numpy() for c in co_out], float(co_norm)))
-        bar.update(i + 1, [("clipped", sum(v.clipped for v in verdicts)),
-                           ("failed", sum(not v.ok for v in verdicts))])
+        bar.update(i + 1, {"clipped": sum(v.clipped for v in verdicts),
+                           "failed": sum(not v.ok for v in verdicts)})
     return summarize_agreement(verdicts)
 
 
@@ -422,17 +432,11 @@ def step_stats(run: Run) -> dict | None:
     return summarize(timed) if timed else None
 
 
-def paired_difference(slow: Run, fast: Run, seed: int = 0, resamples: int = 2000) -> dict | None:
+def paired_difference(slow: Run, fast: Run, seed: int = 0) -> dict | None:
     """Per-step differences slow - fast over the steps timed in both runs (they ran in
     lockstep): the median and a bootstrap 95% confidence interval of it, in seconds."""
-    diffs = np.array([a - b for a, b in zip(slow.step_s, fast.step_s)
-                      if a is not None and b is not None])
-    if len(diffs) == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    boot = np.median(rng.choice(diffs, (resamples, len(diffs))), axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"median_s": float(np.median(diffs)), "ci95_s": [float(lo), float(hi)], "steps": len(diffs)}
+    return paired_ci([a - b for a, b in zip(slow.step_s, fast.step_s)
+                      if a is not None and b is not None], seed)
 
 
 # ---- the comparison ------------------------------------------------------------------
@@ -443,7 +447,7 @@ def compare(variant: Variant, mode: str, data: mnist_data.MnistData, init: list[
     runs = {impl: new_run(variant, impl, mode, init) for impl in RUNNERS}
     print(f"\n{variant.name} / {mode}: {args.steps} steps, batch {variant.batch_size}, "
           f"clip {variant.clip_norm:g} ({', '.join(runs)} in lockstep)", flush=True)
-    bar = keras.utils.Progbar(args.steps, stateful_metrics=["loss tf", "loss clipops", "norm"])
+    bar = Progress(f"{variant.name} / {mode}, training", args.steps)
     names = list(runs)
     validation = None
     for i, (x, y) in enumerate(batches(data, variant.batch_size, args.steps, args.seed)):
@@ -453,9 +457,9 @@ def compare(variant: Variant, mode: str, data: mnist_data.MnistData, init: list[
             validation = validate_first_step(runs, variant, mode)
         if args.print_norms and i % args.print_norms == 0:
             print_norms(variant, mode, i, runs)
-        bar.update(i + 1, [("loss tf", runs["tf"].losses[-1]),
-                           ("loss clipops", runs["clipops"].losses[-1]),
-                           ("norm", runs["tf"].norms[-1])])
+        bar.update(i + 1, {"loss tf": runs["tf"].losses[-1],
+                           "loss clipops": runs["clipops"].losses[-1],
+                           "norm": runs["tf"].norms[-1]})
     compared = {impl: runs[impl] for impl in IMPLS}
     clip_alone = time_clip_alone(compared, variant.clip_norm, mode)
     results = {impl: run_summary(run, variant, data, clip_alone.get(impl), runs[BASELINE])
@@ -564,12 +568,14 @@ def fit_compare(mode: str, data: mnist_data.MnistData, args: argparse.Namespace)
           flush=True)
     rng = np.random.default_rng(args.seed)
     names = list(models)
+    bar = Progress(f"model.fit / {mode}", epochs, unit="epochs")
     for e in range(epochs):
         idx = rng.permutation(len(data.y_train))[:per_epoch * BATCH_FIT]
         x, y = data.x_train[idx], y_all[idx]
         for impl in names[e % 2:] + names[:e % 2]:
             models[impl].fit(x, y, batch_size=BATCH_FIT, epochs=1, shuffle=False, verbose=0,
                              callbacks=[clocks[impl]])
+        bar.update(e + 1)
     norms = clocks["clipops"].norms
     clipped = int(sum(n > FIT_CLIP for n in norms))
     weights = {impl: [w.numpy() for w in m.trainable_weights] for impl, m in models.items()}
@@ -584,13 +590,10 @@ def fit_compare(mode: str, data: mnist_data.MnistData, args: argparse.Namespace)
                       "held_out_loss": float(m.evaluate(data.x_test, y_test, verbose=0))}
     diffs = [a - b for a, b in zip(clocks["tf"].times[WARMUP_STEPS:],
                                    clocks["clipops"].times[WARMUP_STEPS:])]
-    boot = np.median(np.random.default_rng(args.seed).choice(diffs, (2000, len(diffs))), axis=1) \
-        if diffs else np.zeros(1)
     return {"mode": mode, "steps": len(norms), "runs": runs, "clipped_steps": clipped,
             "max_norm": max(norms, default=0.0), "weights_identical": identical,
             "max_weight_rel_diff": max_rel, "passed": identical or clipped > 0,
-            "paired_step_diff": {"median_s": float(np.median(diffs)) if diffs else None,
-                                 "ci95_s": [float(v) for v in np.percentile(boot, [2.5, 97.5])]}}
+            "paired_step_diff": paired_ci(diffs, args.seed)}
 
 
 def fit_markdown(rows: list[dict]) -> str:
@@ -600,160 +603,156 @@ def fit_markdown(rows: list[dict]) -> str:
              f"global_clipnorm={FIT_CLIP:g}, batch {BATCH_FIT}; fit modes: `fit` (tf.function), "
              "`fit-xla` (jit_compile=True: clipops' XLA route). Step: batch begin to batch end, "
              f"first {WARMUP_STEPS} steps excluded. Agreement: bit-identical final weights "
-             "when no step was clipped.", "",
-             "| mode | Keras step ms | p10-p90 | clipops step ms | p10-p90 | paired diff "
-             "Keras - clipops ms [95% CI] | clipped steps | max norm | final weights "
-             "| held-out loss Keras / clipops |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "when no step was clipped. Step times and verdicts: the last table.", ""]
+    rows_md = []
     for r in rows:
-        k, c = r["runs"]["tf"]["step_time"] or {}, r["runs"]["clipops"]["step_time"] or {}
-        d = r["paired_step_diff"]
         same = "bit-identical" if r["weights_identical"] else \
             f"differ (max rel {r['max_weight_rel_diff']:.1e})"
-        lines.append(
-            f"| {r['mode']} | {_ms(k.get('median_s'))} | {_ms(k.get('p10_s'))}-"
-            f"{_ms(k.get('p90_s'))} | {_ms(c.get('median_s'))} | {_ms(c.get('p10_s'))}-"
-            f"{_ms(c.get('p90_s'))} | {_ms(d['median_s'], 3)} [{_ms(d['ci95_s'][0], 3)}, "
-            f"{_ms(d['ci95_s'][1], 3)}] | {r['clipped_steps']}/{r['steps']} | "
-            f"{r['max_norm']:.3g} | {same} | {r['runs']['tf']['held_out_loss']:.5g} / "
-            f"{r['runs']['clipops']['held_out_loss']:.5g} |")
+        rows_md.append([r["mode"], f"{r['clipped_steps']}/{r['steps']}", f"{r['max_norm']:.3g}",
+                        same, f"{r['runs']['tf']['held_out_loss']:.5g} / "
+                        f"{r['runs']['clipops']['held_out_loss']:.5g}"])
+    lines += table(["mode", "clipped steps", "max norm", "final weights",
+                    "held-out loss Keras / clipops"], rows_md, "lrrlr")
     return "\n".join(lines) + "\n"
 
 
 # ---- report ------------------------------------------------------------------------
 
 def targets(pairs: list[dict]) -> list[dict]:
-    """The issue's target, per model and mode: clipops' median step is lower than tf's.
-    `significant` says whether the paired 95% CI of (tf - clipops) excludes 0 on the
-    side the medians fall; `why` explains a miss from the measured clip costs."""
+    """The speed question per model and mode: is clipops' step faster than TF's? Answered by
+    the paired difference of their step times (report.verdict); `why` explains a step that
+    is not faster from the measured costs of the clip."""
     out = []
     for p in pairs:
         tf_r, co_r = p["runs"]["tf"], p["runs"]["clipops"]
-        goal = {"model": p["model"], "mode": p["mode"], "met": None}
+        goal = {"model": p["model"], "mode": p["mode"], "verdict": None}
         out.append(goal)
         if tf_r["step_time"] is None or co_r["step_time"] is None:
             goal["why"] = "no timed steps"
             continue
         diff = p["paired_step_diff"]
-        met = co_r["step_time"]["median_s"] < tf_r["step_time"]["median_s"]
-        lo, hi = diff["ci95_s"]
-        goal.update(met=met, significant=bool(lo > 0 if met else hi < 0),
+        goal.update(verdict=verdict_kind(diff), verdict_text=verdict(diff),
                     tf_median_s=tf_r["step_time"]["median_s"],
                     clipops_median_s=co_r["step_time"]["median_s"], paired_diff=diff,
                     clip_alone_saving_s=(tf_r["clip_alone"]["median_s"]
                                          - co_r["clip_alone"]["median_s"]),
                     in_step_s={"tf": tf_r["clip_in_step"]["median_s"],
                                "clipops": co_r["clip_in_step"]["median_s"]})
-        if not (met and goal["significant"]):
-            goal["why"] = miss_explanation(goal)
+        if goal["verdict"] != "faster":
+            goal["why"] = why_not_faster(goal)
     return out
 
 
-def miss_explanation(goal: dict) -> str:
-    """Why clipops' step was not faster, from the two cost measurements."""
+def why_not_faster(goal: dict) -> str:
+    """Why clipops' step was not measurably faster, from the two cost measurements."""
     alone = goal["clip_alone_saving_s"]
     tf_in, co_in = goal["in_step_s"]["tf"], goal["in_step_s"]["clipops"]
-    text = "" if goal["significant"] else "within noise (the paired 95% CI includes 0); "
-    text += (f"the clip call alone is {_ms(alone, 3)} ms faster with clipops, but inside the step "
-            f"clipops adds {_ms(co_in, 3)} ms over the no-clip step and TF adds {_ms(tf_in, 3)} ms")
+    text = (f"the clip call alone is {ms(alone)} ms faster with clipops, but inside the step "
+            f"clipops adds {ms(co_in)} ms over the no-clip step and TF adds {ms(tf_in)} ms")
     if goal["mode"] == "function":
         text += ("; inside a tf.function on CPU the whole clip is a few percent of the step, "
                  "smaller than the step's own run-to-run spread")
     return text
 
 
-def verdict(goal: dict) -> str:
-    """MET or MISSED when the paired 95% CI excludes 0; otherwise NOT SHOWN: a tie
-    within the noise is no evidence that clipops' step is lower."""
-    if goal["met"] is None:
+def step_rows(pairs: list[dict], fit_rows: list[dict]) -> list[dict]:
+    """One row per compared pair of runs: the step times of both and their paired difference."""
+    rows = [{"recipe": p["model"], "mode": p["mode"], "tf": p["runs"]["tf"]["step_time"],
+             "clipops": p["runs"]["clipops"]["step_time"], "diff": p["paired_step_diff"]}
+            for p in pairs]
+    return rows + [{"recipe": "model.fit", "mode": r["mode"], "tf": r["runs"]["tf"]["step_time"],
+                    "clipops": r["runs"]["clipops"]["step_time"], "diff": r["paired_step_diff"]}
+                   for r in fit_rows]
+
+
+def _step_cell(st: dict | None) -> str:
+    """median (p10-p90) of a run's step times, ms."""
+    if not st:
         return "n/a"
-    if not goal["significant"]:
-        return "NOT SHOWN (tie within noise)"
-    return "MET" if goal["met"] else "MISSED"
+    return f"{ms(st['median_s'], 2)} ({ms(st['p10_s'], 2)}-{ms(st['p90_s'], 2)})"
 
 
-def _ms(seconds: float | None, digits: int = 2) -> str:
-    return "n/a" if seconds is None else f"{seconds * 1e3:.{digits}f}"
+def verdict_table(rows: list[dict]) -> list[str]:
+    """The last table: each recipe's step time with TF and with clipops, and the verdict."""
+    return table(["recipe", "mode", "TF step ms (p10-p90)", "clipops step ms (p10-p90)",
+                  "verdict (TF - clipops, paired, 95% interval)"],
+                 [[r["recipe"], r["mode"], _step_cell(r["tf"]), _step_cell(r["clipops"]),
+                   verdict(r["diff"])] for r in rows], "llrrl")
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def markdown(pairs: list[dict], goals: list[dict], header: dict) -> str:
-    """The results table, agreement and targets, as markdown."""
+def markdown(pairs: list[dict], goals: list[dict], fit_rows: list[dict], header: dict) -> str:
+    """The whole report as markdown; its last table holds the verdicts."""
     lines = ["# MNIST training loop: tf.clip_by_global_norm vs clipops", "",
              f"- data: {header['data']['description']}",
              f"- device: {header['device']}; steps per run: {header['steps']}; seed "
-             f"{header['seed']}; load average at start/end: {header['load']}",
-             "- step: median over steps; trace/warm-up steps and norm-probe steps excluded; "
-             f"tf, clipops and {BASELINE} (the same step without clipping) run in lockstep",
-             f"- clip in step: median per-step difference to the lockstep {BASELINE} run; clip "
-             "share = clip in step / median step",
-             "- clip alone: the clip call timed alone on the run's real gradients (last probed "
-             "step), same mode and process; function mode: in its own tf.function, minus an "
-             "empty tf.function call", "",
-             "| model | mode | impl | median step ms | p10-p90 ms | clip in step ms | clip share "
-             "| clip alone ms | clipped steps | final loss | held-out loss | held-out acc |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in pairs:
-        for impl, r in p["runs"].items():
-            st = r["step_time"] or {}
-            in_step = (r["clip_in_step"] or {}).get("median_s")
-            alone = (r["clip_alone"] or {}).get("median_s")
-            clipped = "-" if r["clipped_steps"] is None else f"{r['clipped_steps']}/{header['steps']}"
-            lines.append(f"| {p['model']} | {p['mode']} | {impl} | {_ms(st.get('median_s'))} | "
-                         f"{_ms(st.get('p10_s'))}-{_ms(st.get('p90_s'))} | {_ms(in_step, 3)} | "
-                         f"{_pct(r['clip_share'])} | {_ms(alone, 3)} | {clipped} | "
-                         f"{r['final_loss']:.5g} | {r['held_out_loss']:.5g} | "
-                         f"{100 * r['held_out_accuracy']:.1f}% |")
-    lines += ["", "## Agreement: both clips on the same gradients, every step (teacher forcing)",
-              "", f"Criterion: {pairs[0]['agreement']['criterion']} (bench/agreement.py says "
-              "how the bounds follow from float32 rounding).", "",
-              "| model | mode | clipped steps | unclipped steps bit-identical | max norm rel diff "
-              "| max output error / allowed | held |",
-              "|---|---|---:|---:|---:|---:|---|"]
-    for p in pairs:
-        a = p["agreement"]
-        unclipped = a["steps"] - a["clipped_steps"]
-        held = "yes" if a["passed"] else f"NO (step {a['failures'][0]['step']})"
-        lines.append(f"| {p['model']} | {p['mode']} | {a['clipped_steps']}/{a['steps']} | "
-                     f"{a['unclipped_bit_identical']}/{unclipped} | {a['max_norm_rel_diff']:.2e} | "
-                     f"{a['max_output_err_of_allowed']:.2f} | {held} |")
-    lines += ["", "## Drift of the free-running runs (information, not a check)", "",
-              "The timed runs train independently; on clipped steps their norms differ in the "
-              "last float32 bits, which the optimizer can amplify over later steps.", "",
-              f"| model | mode | max rel loss diff, first {DRIFT_FIRST_STEPS} steps | max rel "
-              "loss diff, rest | final rel diff | identical steps |",
-              "|---|---|---:|---:|---:|---:|"]
-    for p in pairs:
-        d = p["drift"]
-        rest = "n/a" if d["max_rel_diff_rest"] is None else f"{d['max_rel_diff_rest']:.2e}"
-        lines.append(f"| {p['model']} | {p['mode']} | {d['max_rel_diff_first_steps']:.2e} | {rest} "
-                     f"| {d['final_rel_diff']:.2e} | {d['identical_steps']}/{header['steps']} |")
-    lines += ["", "## Target: median step time lower with clipops", "",
-              "| model | mode | tf ms | clipops ms | paired diff tf - clipops ms [95% CI] "
-              "| clip-alone saving ms | verdict |",
-              "|---|---|---:|---:|---:|---:|---|"]
-    for g in goals:
-        d = g.get("paired_diff") or {}
-        ci = (f"{_ms(d['median_s'], 3)} [{_ms(d['ci95_s'][0], 3)}, {_ms(d['ci95_s'][1], 3)}]"
-              if d else "n/a")
-        lines.append(f"| {g['model']} | {g['mode']} | {_ms(g.get('tf_median_s'))} | "
-                     f"{_ms(g.get('clipops_median_s'))} | {ci} | "
-                     f"{_ms(g.get('clip_alone_saving_s'), 3)} | {verdict(g)} |")
-    misses = [g for g in goals if g["met"] is False]
-    if misses:
-        lines += [""] + [f"- {g['model']}/{g['mode']} missed: {g['why']}." for g in misses]
-    return "\n".join(lines) + "\n"
+             f"{header['seed']}; load average at start/end: {header['load']}"]
+    if pairs:
+        lines += [
+            "- step: median over steps; trace/warm-up steps and norm-probe steps excluded; "
+            f"tf, clipops and {BASELINE} (the same step without clipping) run in lockstep",
+            f"- clip in step: median per-step difference to the lockstep {BASELINE} run; clip "
+            "share = clip in step / median step",
+            "- clip alone: the clip call timed alone on the run's real gradients (last probed "
+            "step), same mode and process; function mode: in its own tf.function, minus an "
+            "empty tf.function call", ""]
+        rows = []
+        for p in pairs:
+            for impl, r in p["runs"].items():
+                st = r["step_time"] or {}
+                clipped = "-" if r["clipped_steps"] is None else \
+                    f"{r['clipped_steps']}/{header['steps']}"
+                rows.append([p["model"], p["mode"], impl, ms(st.get("median_s"), 2),
+                             f"{ms(st.get('p10_s'), 2)}-{ms(st.get('p90_s'), 2)}",
+                             ms((r["clip_in_step"] or {}).get("median_s")), pct(r["clip_share"]),
+                             ms((r["clip_alone"] or {}).get("median_s")), clipped,
+                             f"{r['final_loss']:.5g}", f"{r['held_out_loss']:.5g}",
+                             f"{100 * r['held_out_accuracy']:.1f}%"])
+        lines += table(["model", "mode", "impl", "median step ms", "p10-p90 ms",
+                        "clip in step ms", "clip share", "clip alone ms", "clipped steps",
+                        "final loss", "held-out loss", "held-out acc"], rows, "lll" + "r" * 9)
+        lines += ["", "## Agreement: both clips on the same gradients, every step (teacher "
+                  "forcing)", "", f"Criterion: {pairs[0]['agreement']['criterion']} "
+                  "(bench/agreement.py says how the bounds follow from float32 rounding).", ""]
+        rows = []
+        for p in pairs:
+            a = p["agreement"]
+            held = "yes" if a["passed"] else f"NO (step {a['failures'][0]['step']})"
+            rows.append([p["model"], p["mode"], f"{a['clipped_steps']}/{a['steps']}",
+                         f"{a['unclipped_bit_identical']}/{a['steps'] - a['clipped_steps']}",
+                         f"{a['max_norm_rel_diff']:.2e}", f"{a['max_output_err_of_allowed']:.2f}",
+                         held])
+        lines += table(["model", "mode", "clipped steps", "unclipped steps bit-identical",
+                        "max norm rel diff", "max output error / allowed", "held"], rows,
+                       "llrrrrl")
+        lines += ["", "## Drift of the free-running runs (information, not a check)", "",
+                  "The timed runs train independently; on clipped steps their norms differ in "
+                  "the last float32 bits, which the optimizer can amplify over later steps.", ""]
+        rows = []
+        for p in pairs:
+            d = p["drift"]
+            rest = "n/a" if d["max_rel_diff_rest"] is None else f"{d['max_rel_diff_rest']:.2e}"
+            rows.append([p["model"], p["mode"], f"{d['max_rel_diff_first_steps']:.2e}", rest,
+                         f"{d['final_rel_diff']:.2e}", f"{d['identical_steps']}/{header['steps']}"])
+        lines += table(["model", "mode", f"max rel loss diff, first {DRIFT_FIRST_STEPS} steps",
+                        "max rel loss diff, rest", "final rel diff", "identical steps"], rows,
+                       "llrrrr")
+    text = "\n".join(lines) + "\n" + (fit_markdown(fit_rows) if fit_rows else "")
+    rows = step_rows(pairs, fit_rows)
+    if not rows:
+        return text
+    last = ["", "## Step time: TF against clipops", "",
+            "Verdict: the median of the per-step differences TF - clipops over the steps both "
+            "runs timed (they ran in lockstep), with its bootstrap 95% interval; \"no measurable "
+            "difference\" when the interval includes 0. model.fit: Keras's own clip as TF.", ""]
+    last += verdict_table(rows)
+    notes = [f"- {g['model']} / {g['mode']}, not faster: {g['why']}." for g in goals
+             if g.get("verdict") not in (None, "faster")]
+    return text + "\n".join(last + ([""] + notes if notes else [])) + "\n"
 
 
-def plot(pairs: list[dict], path: Path) -> Path:
+def plot_norms(pairs: list[dict], path: Path) -> Path:
     """Global norm before (every step) and after clipping (probe steps), log scale."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = list(dict.fromkeys(p["model"] for p in pairs))
     fig, axes = plt.subplots(len(models), len(MODES), figsize=(6 * len(MODES), 3.6 * len(models)),
                              squeeze=False)
@@ -773,10 +772,44 @@ def plot(pairs: list[dict], path: Path) -> Path:
         ax.set(yscale="log", xlabel="step", ylabel="global gradient norm",
                title=f"{p['model']} / {p['mode']}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
+
+
+def plot_steps(rows: list[dict], title: str, path: Path) -> Path:
+    """What the verdicts judge: left, each recipe's median step with TF and with clipops
+    (whiskers p10-p90); right, the paired difference TF - clipops with its 95% interval."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    x = np.arange(len(rows))
+    labels = [f"{r['recipe']}\n{r['mode']}" for r in rows]
+    for k, (impl, color) in enumerate((("tf", "tab:blue"), ("clipops", "tab:orange"))):
+        med = np.array([(r[impl] or {}).get("median_s", np.nan) for r in rows]) * 1e3
+        lo = np.array([(r[impl] or {}).get("p10_s", np.nan) for r in rows]) * 1e3
+        hi = np.array([(r[impl] or {}).get("p90_s", np.nan) for r in rows]) * 1e3
+        left.bar(x + (k - 0.5) * 0.38, med, 0.38, yerr=[med - lo, hi - med], capsize=3,
+                 color=color, label="TF (Keras for model.fit)" if impl == "tf" else "clipops")
+    left.set_xticks(x, labels, fontsize=8)
+    left.set(ylabel="median step, ms (whiskers: p10-p90)", title="Training step time")
+    left.legend(fontsize=8)
+    colors = {"faster": "tab:green", "same": "tab:gray", "slower": "tab:red", None: "tab:gray"}
+    for i, r in enumerate(rows):
+        d = r["diff"]
+        if not d or d.get("median_s") is None:
+            continue
+        med, (lo, hi) = d["median_s"] * 1e3, (v * 1e3 for v in d["ci95_s"])
+        right.errorbar([i], [med], yerr=[[med - lo], [hi - med]], fmt="o", capsize=4,
+                       color=colors[verdict_kind(d)])
+    for kind, text in (("faster", "clipops faster"), ("same", "no measurable difference"),
+                       ("slower", "clipops slower")):
+        right.plot([], [], "o", color=colors[kind], label=text)
+    right.legend(fontsize=7)
+    right.axhline(0, color="k", lw=0.8)
+    right.set_xticks(x, labels, fontsize=8)
+    right.set(ylabel="TF - clipops per step, ms (> 0: clipops faster)",
+              title="Paired difference, median and 95% interval")
+    right.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    return save(fig, path)
 
 
 # ---- main --------------------------------------------------------------------------
@@ -808,10 +841,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "digits; synthetic only when asked for")
     ap.add_argument("--print-norms", type=int, default=0, metavar="K",
                     help="every K steps print each gradient's norm before and after clipping")
-    ap.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     ap.add_argument("--out", type=Path, default=None,
-                    help=f"directory for mnist.json, mnist.md, mnist_norms.png (default {OUT}, "
-                         "untracked; `--out bench/results` replaces the committed reference)")
+                    help=f"directory for mnist.json, mnist.md, mnist_steps.png and "
+                         f"mnist_norms.png (default {OUT}, untracked; `--out bench/results` "
+                         "replaces the committed reference)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show TensorFlow's C++ log (hidden by default: its start-up lines, "
+                         "printed twice by TF 2.21, say nothing about this benchmark)")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -829,20 +866,15 @@ def device_description() -> str:
     return f"CPU ({os.cpu_count()} cores; TF sees no GPU)"
 
 
-def _load_average() -> str:
-    """The 1-minute load average: other work on the machine skews timings."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the comparison; returns the exit status."""
     args = parse_args(argv)
     tf.get_logger().addFilter(_NoRetraceWarning())
     start = time.perf_counter()
-    load_start = _load_average()
+    load_start = load_average()
+    if TF_LOG_LINES_HIDDEN:
+        print(f"(TensorFlow's C++ start-up log: {TF_LOG_LINES_HIDDEN} lines hidden; --verbose "
+              "shows them)")
     try:
         data = mnist_data.load(args.data, seed=args.seed)
     except mnist_data.DataUnavailable as exc:
@@ -870,11 +902,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     goals = targets(pairs)
     header = {"data": data.summary(), "device": device, "steps": args.steps, "seed": args.seed,
-              "load": f"{load_start} / {_load_average()}"}
-    report = (markdown(pairs, goals, header) if pairs else
-              f"# MNIST training loop\n\n- data: {header['data']['description']}\n- device: "
-              f"{header['device']}; seed {header['seed']}\n") + \
-        (fit_markdown(fit_rows) if fit_rows else "")
+              "load": f"{load_start} / {load_average()}"}
+    report_md = markdown(pairs, goals, fit_rows, header)
     out_dir = args.out or OUT
     json_path = write_json("mnist", {
         **machine_info(), "device": device,
@@ -888,21 +917,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "clip_alone_method": "clip call timed alone on the run's real gradients "
                                         "(last probe step), same mode and process; function "
                                         "mode: own tf.function minus an empty tf.function call",
+                   "verdict_method": "paired_step_diff: median of per-step TF - clipops over "
+                                     "the steps both timed, bootstrap 95% interval; faster or "
+                                     "slower when the interval excludes 0",
                    "agreement": "teacher forcing, bench/agreement.py",
                    "validate_rtol": VALIDATE_RTOL},
         "load_average": header["load"],
         "data": data.summary(), "pairs": pairs, "targets": goals, "fit_rows": fit_rows,
         "wall_s": time.perf_counter() - start}, out_dir)
-    (out_dir / "mnist.md").write_text(report)
-    print("\n" + report)
-    if not args.no_plot and pairs:
-        print(f"plot: {plot(pairs, out_dir / 'mnist_norms.png')}")
+    (out_dir / "mnist.md").write_text(report_md)
+    print("\n" + report_md)
+    if not args.no_plot and pairs:  # drawn from the file just written, as a rerun would
+        saved = json.loads(json_path.read_text())
+        title = f"MNIST training step, TF against clipops: {device}, {machine_line(saved)}"
+        steps_png = plot_steps(step_rows(saved["pairs"], saved["fit_rows"]), title,
+                               out_dir / "mnist_steps.png")
+        print(f"plots: {steps_png}, {plot_norms(saved['pairs'], out_dir / 'mnist_norms.png')}")
     print(f"results: {json_path}, {out_dir / 'mnist.md'}")
 
-    for g in goals:
-        if g["met"] is not None:
-            print(f"speed target (clipops median step < tf) {g['model']}/{g['mode']}: {verdict(g)} "
-                  f"(clipops {_ms(g['clipops_median_s'])} ms, tf {_ms(g['tf_median_s'])} ms)")
     failed = [p for p in pairs if not p["agreement"]["passed"]]
     for p in failed:
         first = p["agreement"]["failures"][0]

@@ -55,7 +55,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Iterable
+
+from report import ms as _ms
+from report import pyplot, save, table
 
 MAIN_IMPLS = ("tf_eager", "tf_function", "tf_xla", "clipops_eager", "clipops_function",
               "numpy", "numpy_inplace", "producer", "tf_function_fwd", "clipops_function_fwd",
@@ -72,15 +74,6 @@ RATIO_LABELS = {
     "function_forwarded_gross": "forwarded, gross",
     "xla_vs_clipops_function": "XLA / clipops tf.function",
 }
-
-
-def _ms(seconds: float | None) -> str:
-    return "n/a" if seconds is None else f"{seconds * 1e3:.3f}"
-
-
-def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _case_label(name: str, c: dict) -> str:
@@ -152,14 +145,14 @@ def times_section(p: dict) -> list[str]:
     lines = ["## Median time, ms (time / floor)", ""]
     rows = [[_case_label(n, c)] + [_cell(c["results"].get(i)) for i in MAIN_IMPLS]
             for n, c in p["cases"].items() if c.get("results")]
-    return lines + _table(["case"] + list(MAIN_IMPLS), rows) + [""]
+    return lines + table(["case"] + list(MAIN_IMPLS), rows) + [""]
 
 
 def ratios_section(p: dict) -> list[str]:
     rows = [[n] + [f"{c['ratios'][k]:.2f}x" if k in c["ratios"] else "-" for k in RATIO_LABELS]
             for n, c in p["cases"].items() if c.get("ratios") is not None]
     return ["## Speed-up of clipops (TF time / clipops time, same run)", ""] + \
-        _table(["case"] + list(RATIO_LABELS.values()), rows) + [""]
+        table(["case"] + list(RATIO_LABELS.values()), rows) + [""]
 
 
 def route_rows(p: dict) -> str:
@@ -189,8 +182,8 @@ def targets_section(p: dict) -> list[str]:
             "\"route + in place\": the value had the call cost only its route (the "
             f"{route_rows(p)} row) plus the kernel's in-place NumPy time; see the notes.",
             ""] + \
-        _table(["target", "case", "metric", "value", "needed", "route + in place", "verdict"],
-               rows) + [""]
+        table(["target", "case", "metric", "value", "needed", "route + in place", "verdict"],
+              rows, "lllrrrl") + [""]
 
 
 def passes_section(p: dict) -> list[str]:
@@ -208,8 +201,8 @@ def passes_section(p: dict) -> list[str]:
                          f"{_ms(res[clip]['median_s'])} ({res[clip]['floor_ratio']:.2f}x)"])
     return ["## The two passes: norm alone, and clip minus norm", "",
             "Norm floor: the list read once; scale floor: read and written once.", ""] + \
-        _table(["case", "implementation", "norm pass ms (x floor)", "scale pass ms (x floor)",
-                "clip ms (x floor)"], rows) + [""]
+        table(["case", "implementation", "norm pass ms (x floor)", "scale pass ms (x floor)",
+                "clip ms (x floor)"], rows, "llrrr") + [""]
 
 
 def spread_section(p: dict) -> list[str]:
@@ -220,9 +213,9 @@ def spread_section(p: dict) -> list[str]:
                          _ms(r.get("net_median_s")), f"{r['floor_ratio']:.2f}",
                          str(r["repeats"]),
                          "-" if r.get("first_call_s") is None else f"{r['first_call_s']:.2f}"])
-    return ["## All timings", ""] + _table(
+    return ["## All timings", ""] + table(
         ["case", "implementation", "median ms", "p10 ms", "p90 ms", "net ms", "x floor",
-         "repeats", "first call s"], rows) + [""]
+         "repeats", "first call s"], rows, "ll" + "r" * 7) + [""]
 
 
 def validation_section(p: dict) -> list[str]:
@@ -237,9 +230,9 @@ def validation_section(p: dict) -> list[str]:
                      f"{max(r.get('max_abs_err', 0.0) for r in clip.values()):.1e}",
                      "; ".join(f"{k}: {why}" for k, why in c["skipped"].items()
                                if not why.startswith("only")) or "-"])
-    return ["## Validation (before timing) and skipped implementations", ""] + _table(
+    return ["## Validation (before timing) and skipped implementations", ""] + table(
         ["case", "clipops", "norm rel err vs TF", "norm rel err vs f64", "TF norm vs f64",
-         "max abs output err", "skipped"], rows) + [""]
+         "max abs output err", "skipped"], rows, "llrrrrl") + [""]
 
 
 def cases_section(p: dict) -> list[str]:
@@ -247,9 +240,9 @@ def cases_section(p: dict) -> list[str]:
              ", ".join(f"{k} x{v}" for k, v in c["dtypes"].items()),
              f"{c['clip_norm']:.4g}", f"{c['norm_f64']:.4g}", _case_gbs(c), _load(c)]
             for n, c in p["cases"].items()]
-    return ["## Cases", ""] + _table(
+    return ["## Cases", ""] + table(
         ["case", "list", "tensors", "elements", "dtypes", "clip_norm", "norm",
-         "copy GB/s (before, after)", "other load, cores (attempts)"], rows) + [""]
+         "copy GB/s (before, after)", "other load, cores (attempts)"], rows, "llrrlrrrr") + [""]
 
 
 def _bullets(text: str) -> list[str]:
@@ -322,20 +315,14 @@ def _ratio_panel(ax, p: dict) -> None:
 
 
 def render_plot(p: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    """The time panel and the speed-up panel of a micro.json, side by side."""
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(13, 5))
     _time_panel(left, p)
     _ratio_panel(right, p)
     title = f"clipops micro, {p['machine'].get('cpu')} x {p['machine'].get('cpu_count')}, " \
             f"{p['bandwidth']['gbs']:.1f} GB/s copy" + (" (SMOKE)" if p["smoke"] else "")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save(fig, png)
 
 
 def render_all(json_path: Path) -> tuple[Path, Path]:

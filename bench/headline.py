@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""The headline: the clip and the training step against TensorFlow, from committed results.
+
+    python bench/headline.py          # bench/results/{micro,mnist}.json -> headline.md, .png
+
+Reads a micro.json (the clip alone, bench/micro.py) and a mnist.json (the
+training step, bench/mnist.py), and writes headline.md (one small table) and
+headline.png (one picture) to --out, and the "current results" block of
+docs/benchmarks.md (between its `headline.py` markers; --no-docs leaves it).
+Every number is a median from those files; each speed-up is TF's time over
+clipops' in the same run; a step's verdict is the paired difference of the two
+runs' step times (report.verdict); the captions name each file's machine, date
+and commit. No GPU result exists yet: the GPU rows say so. Needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common import RESULTS
+from report import machine_line, ms, pyplot, save, table, verdict, verdict_kind
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- headline.py: begin -->", "<!-- headline.py: end -->"
+CLIP_CASES = {"mnist": "MNIST MLP gradients", "resnet50": "ResNet-50 gradients",
+              "bert_base": "BERT-base gradients"}
+STEP_MODELS = {"classic-sgd": "MNIST training step, classic MLP, SGD",
+               "keras-adam": "MNIST training step, Keras MLP, Adam"}
+MODES = {"eager": ("tf_eager", "clipops_eager"), "function": ("tf_function", "clipops_function")}
+NO_GPU = "not yet run on a GPU"
+
+
+def _machine(payload: dict) -> dict:
+    """micro.json keeps the machine under "machine"; mnist.json at its top level."""
+    return payload.get("machine", payload)
+
+
+def clip_rows(micro: dict) -> list[dict]:
+    """The clip alone, per case and mode: TF's and clipops' medians and TF / clipops."""
+    rows = []
+    for case, label in CLIP_CASES.items():
+        c = micro["cases"].get(case)
+        results = (c or {}).get("results") or {}
+        row = {"what": f"clip alone, {label} ({c['num_tensors']} tensors, "
+                       f"{c['nbytes'] / 1e6:.1f} MB)" if c else f"clip alone, {label}",
+               "modes": {}}
+        for mode, (tf_impl, co_impl) in MODES.items():
+            if tf_impl in results and co_impl in results:
+                t, o = results[tf_impl]["median_s"], results[co_impl]["median_s"]
+                row["modes"][mode] = {"tf_s": t, "clipops_s": o, "speedup": t / o}
+        if row["modes"]:
+            rows.append(row)
+    return rows
+
+
+def step_rows(mnist: dict) -> list[dict]:
+    """The training step, per model and mode: medians, TF / clipops and the paired verdict."""
+    rows: dict[str, dict] = {}
+    for p in mnist.get("pairs", []):
+        tf_st, co_st = p["runs"]["tf"]["step_time"], p["runs"]["clipops"]["step_time"]
+        if not (tf_st and co_st) or p["model"] not in STEP_MODELS:
+            continue
+        row = rows.setdefault(p["model"], {"what": STEP_MODELS[p["model"]], "modes": {}})
+        row["modes"][p["mode"]] = {
+            "tf_s": tf_st["median_s"], "clipops_s": co_st["median_s"],
+            "speedup": tf_st["median_s"] / co_st["median_s"],
+            "verdict": verdict_kind(p["paired_step_diff"]),
+            "verdict_text": verdict(p["paired_step_diff"])}
+    return list(rows.values())
+
+
+def _cell(m: dict | None, digits: int) -> tuple[str, str]:
+    """("TF / clipops ms", "speed-up[, verdict]") of one mode, or dashes."""
+    if not m:
+        return "-", "-"
+    kind = {"faster": "clipops faster", "same": "no measurable difference",
+            "slower": "clipops slower"}.get(m.get("verdict"))
+    return (f"{ms(m['tf_s'], digits)} / {ms(m['clipops_s'], digits)}",
+            f"{m['speedup']:.2f}x" + (f" ({kind})" if kind else ""))
+
+
+def caption(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) -> list[str]:
+    """Where and when each half was measured, and how to read the table."""
+    smoke = " (SMOKE run: toy sizes, not meaningful)" if micro.get("smoke") else ""
+    steps = mnist.get("config", {}).get("steps", "?")
+    return [f"Clip alone: `{_rel(micro_path)}`{smoke}, {machine_line(_machine(micro))}.",
+            f"Training step: `{_rel(mnist_path)}`, {machine_line(_machine(mnist))}, {steps} "
+            "steps per run, data: " + mnist.get("data", {}).get("source", "?") + ".",
+            "Medians of repeated calls (clip) or steps (training); speed-up = TF's time / "
+            "clipops' time in the same run (> 1: clipops faster); a step's verdict is the paired "
+            "difference of the two runs' step times, with its 95% interval ([how to read "
+            "them](../../docs/benchmarks.md#how-to-read-the-numbers))."]
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(DOCS.parent.parent))
+    except ValueError:
+        return str(path)
+
+
+def headline_md(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) -> str:
+    """headline.md: one small table and its caption."""
+    rows = []
+    for r, digits in [(r, 3) for r in clip_rows(micro)] + [(r, 2) for r in step_rows(mnist)]:
+        e, f = (_cell(r["modes"].get(m), digits) for m in MODES)
+        rows.append([r["what"], "CPU", *e, *f])
+    rows += [["clip alone, the same lists", "GPU", NO_GPU, "", "", ""],
+             ["MNIST training step", "GPU", NO_GPU, "", "", ""]]
+    lines = ["# clipops against TensorFlow: the clip and the training step", ""]
+    lines += table(["", "device", "eager: TF / clipops, ms", "speed-up",
+                    "tf.function: TF / clipops, ms", "speed-up"], rows, "llrlrl")
+    lines += ["", *caption(micro, mnist, micro_path, mnist_path), "",
+              "![speed-up of clipops against TF](headline.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def headline_png(micro: dict, mnist: dict, path: Path) -> Path:
+    """headline.png: TF / clipops per row and mode, a bar each, the 1x line marked."""
+    rows = clip_rows(micro) + step_rows(mnist)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.75 * len(rows) + 1.6))
+    height = 0.38
+    for k, (mode, color) in enumerate((("eager", "tab:orange"), ("function", "tab:blue"))):
+        ys = [i + (k - 0.5) * height for i in range(len(rows))]
+        vals = [r["modes"].get(mode, {}).get("speedup", 0.0) for r in rows]
+        ax.barh(ys, vals, height, color=color,
+                label="eager" if mode == "eager" else "tf.function")
+        for y, v in zip(ys, vals):
+            if v:
+                ax.text(v, y, f" {v:.2f}x", va="center", fontsize=8)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), [r["what"].replace(" (", "\n(") for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("TF time / clipops time, same run (> 1: clipops faster); CPU. "
+                  f"GPU: {NO_GPU}")
+    ax.legend(fontsize=8, loc="lower right")
+    m1, m2 = _machine(micro), _machine(mnist)
+    ax.set_title(f"clip: {machine_line(m1)}\ntraining step: {machine_line(m2)}", fontsize=8)
+    return save(fig, path)
+
+
+def results_block(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) -> str:
+    """docs/benchmarks.md's "current results": the headline, then the fuller tables."""
+    lines = [BEGIN, "<!-- written by `python bench/headline.py` from the files it names; "
+             "edit the script, not this block -->", ""]
+    body = headline_md(micro, mnist, micro_path, mnist_path).split("\n", 2)[2]
+    lines += [body.replace("](headline.png)", "](../bench/results/headline.png)")
+              .replace("](../../docs/benchmarks.md#", "](#")
+              .rstrip(), ""]
+    lines += [f"#### The clip alone: every list (`{_rel(micro_path)}`)", ""]
+    rows = []
+    for name, c in micro["cases"].items():
+        res = c.get("results") or {}
+        cells = [f"{ms(res[i]['median_s'])} ({res[i]['floor_ratio']:.2f}x)" if i in res else "-"
+                 for i in ("tf_eager", "clipops_eager", "tf_function", "clipops_function",
+                           "numpy", "numpy_inplace")]
+        rows.append([name, str(c["num_tensors"]), f"{c['nbytes'] / 1e6:.1f}",
+                     f"{ms(c.get('floor_s'))}", *cells])
+    lines += table(["list", "tensors", "MB", "floor ms", "TF eager", "clipops eager",
+                    "TF tf.function", "clipops tf.function", "NumPy", "NumPy in place"], rows)
+    lines += ["", "Median ms (time / floor). The targets, with their route bounds:", ""]
+    rows = []
+    for t in micro.get("targets", []):
+        if t.get("value") is None:
+            continue
+        why = "" if t["met"] or t.get("route_bound_met") is not False else \
+            "; the route alone misses too"
+        rows.append([t["target"], t["case"], f"{t['value']:.2f}", f"{t['op']} {t['threshold']:g}",
+                     "-" if t.get("route_bound") is None else f"{t['route_bound']:.2f}",
+                     ("met" if t["met"] else "missed") + why])
+    lines += table(["target", "list", "value", "needed", "route + in place", "verdict"], rows,
+                   "llrrrl")
+    lines += ["", f"#### The training step (`{_rel(mnist_path)}`)", ""]
+    rows = []
+    for p in mnist.get("pairs", []):
+        tf_st, co_st = p["runs"]["tf"]["step_time"], p["runs"]["clipops"]["step_time"]
+        rows.append([p["model"], p["mode"], ms((tf_st or {}).get("median_s"), 2),
+                     ms((co_st or {}).get("median_s"), 2), verdict(p["paired_step_diff"]),
+                     "yes" if p["agreement"]["passed"] else "**no**"])
+    for r in mnist.get("fit_rows") or []:
+        rows.append(["model.fit (Keras's clip as TF)", r["mode"],
+                     ms((r["runs"]["tf"]["step_time"] or {}).get("median_s"), 2),
+                     ms((r["runs"]["clipops"]["step_time"] or {}).get("median_s"), 2),
+                     verdict(r["paired_step_diff"]),
+                     "yes (bit-identical)" if r["weights_identical"] else
+                     f"{r['clipped_steps']} steps clipped"])
+    lines += table(["recipe", "mode", "TF step ms", "clipops step ms",
+                    "verdict (TF - clipops, paired, 95% interval)", "clips agree"], rows,
+                   "llrrll")
+    return "\n".join(lines + ["", END])
+
+
+def update_docs(docs: Path, block: str) -> None:
+    """Replaces the text between the markers in `docs` with `block`.
+
+    Raises:
+      ValueError: the file lacks the markers, so nothing is written.
+    """
+    text = docs.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{docs} has no {BEGIN} ... {END} block to refresh")
+    head, rest = text.split(BEGIN, 1)
+    docs.write_text(head + block + rest.split(END, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Reads the two result files, writes the headline (and the docs' block)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--micro", type=Path, default=RESULTS / "micro.json",
+                    help="bench/micro.py's result (default: %(default)s)")
+    ap.add_argument("--mnist", type=Path, default=RESULTS / "mnist.json",
+                    help="bench/mnist.py's result (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="folder for headline.md and headline.png (default: %(default)s)")
+    ap.add_argument("--docs", type=Path, default=DOCS,
+                    help="the file whose headline.py block is refreshed (default: %(default)s)")
+    ap.add_argument("--no-docs", action="store_true", help="leave the docs alone")
+    args = ap.parse_args(argv)
+    micro, mnist = (json.loads(p.read_text()) for p in (args.micro, args.mnist))
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = args.out / "headline.md"
+    md.write_text(headline_md(micro, mnist, args.micro, args.mnist))
+    png = headline_png(micro, mnist, args.out / "headline.png")
+    print(md.read_text())
+    print(f"wrote {md}, {png}")
+    if not args.no_docs:
+        try:
+            update_docs(args.docs, results_block(micro, mnist, args.micro, args.mnist))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"refreshed the current results in {args.docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
