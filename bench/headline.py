@@ -6,7 +6,8 @@
 Reads a micro.json (the clip alone, bench/micro.py) and a mnist.json (the
 training step, bench/mnist.py), and writes headline.md (one small table) and
 headline.png (one picture) to --out, and the "current results" block of
-docs/benchmarks.md (between its `headline.py` markers; --no-docs leaves it).
+docs/benchmarks.md and README.md's headline (between their markers; --no-docs
+leaves both alone).
 Every number is a median from those files; each speed-up is TF's time over
 clipops' in the same run; a step's verdict is the paired difference of the two
 runs' step times (report.verdict); the captions name each file's machine, date
@@ -23,8 +24,12 @@ from pathlib import Path
 from common import RESULTS
 from report import machine_line, ms, pyplot, save, table, verdict, verdict_kind
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
 BEGIN, END = "<!-- headline.py: begin -->", "<!-- headline.py: end -->"
+# README's headline: headline.md's table, caption and picture, with links from the root
+README_BEGIN, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
 CLIP_CASES = {"mnist": "MNIST MLP gradients", "resnet50": "ResNet-50 gradients",
               "bert_base": "BERT-base gradients"}
 STEP_MODELS = {"classic-sgd": "MNIST training step, classic MLP, SGD",
@@ -194,17 +199,26 @@ def results_block(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) 
     return "\n".join(lines + ["", END])
 
 
-def update_docs(docs: Path, block: str) -> None:
-    """Replaces the text between the markers in `docs` with `block`.
+def readme_block(headline: str) -> str:
+    """README's headline: headline.md without its title, its links made relative to the
+    repository's root (tests/test_readme.py checks README holds exactly this)."""
+    body = headline.split("\n", 2)[2].strip()
+    body = body.replace("](headline.png)", "](bench/results/headline.png)")
+    body = body.replace("](../../docs/", "](docs/")
+    return "\n".join([README_BEGIN, body, README_END])
+
+
+def update_docs(docs: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the text from `begin` to `end` in `docs` with `block` (which holds both).
 
     Raises:
       ValueError: the file lacks the markers, so nothing is written.
     """
     text = docs.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{docs} has no {BEGIN} ... {END} block to refresh")
-    head, rest = text.split(BEGIN, 1)
-    docs.write_text(head + block + rest.split(END, 1)[1])
+    if begin not in text or end not in text:
+        raise ValueError(f"{docs} has no {begin} ... {end} block to refresh")
+    head, rest = text.split(begin, 1)
+    docs.write_text(head + block + rest.split(end, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder for headline.md and headline.png (default: %(default)s)")
     ap.add_argument("--docs", type=Path, default=DOCS,
                     help="the file whose headline.py block is refreshed (default: %(default)s)")
-    ap.add_argument("--no-docs", action="store_true", help="leave the docs alone")
+    ap.add_argument("--readme", type=Path, default=README,
+                    help="the file whose headline block is refreshed (default: %(default)s)")
+    ap.add_argument("--no-docs", action="store_true", help="leave the docs and README alone")
     args = ap.parse_args(argv)
     micro, mnist = (json.loads(p.read_text()) for p in (args.micro, args.mnist))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -230,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs:
         try:
             update_docs(args.docs, results_block(micro, mnist, args.micro, args.mnist))
+            update_docs(args.readme, readme_block(md.read_text()), README_BEGIN, README_END)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"refreshed the current results in {args.docs}")
+        print(f"refreshed the current results in {args.docs} and the headline in {args.readme}")
     return 0
 
 
