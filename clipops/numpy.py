@@ -73,7 +73,9 @@ def _prepare(arrays, in_place: bool):
                                  "(a view at an odd byte offset); in_place=True needs aligned "
                                  "arrays (or pass in_place=False, which copies it)")
         elif not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
-            a = np.ascontiguousarray(a)
+            # not np.ascontiguousarray: it returns at least 1-d, so a 0-d entry
+            # (np.float32(3.0), a Python float) would come back with shape (1,)
+            a = np.asarray(a, order="C")
         elif not a.flags.aligned:  # a view at an odd byte offset: an aligned copy
             a = a.copy()
         prepared.append(a)
