@@ -66,8 +66,10 @@ _ops, _LIB = _load_op_library()
 
 def _host_cache_stats() -> dict:
     """The op library's host block cache, where the CPU kernel's large fresh
-    outputs come from (csrc/core/clipops.h; separate from the NumPy front end's
-    and bounded on its own by CLIPOPS_HOST_CACHE_MB)."""
+    outputs come from (csrc/core/clipops.h). The library holds its own copy of
+    the core, without CUDA, so this cache is separate from the NumPy front
+    end's (``clipops._core.host_cache_stats()``) and bounded on its own by
+    CLIPOPS_HOST_CACHE_MB: a process that uses both keeps up to twice that."""
     out = (ctypes.c_ulonglong * 5)()
     _LIB.clipops_tf_host_cache_stats(out)
     return dict(zip(("cached_bytes", "in_use_bytes", "limit_bytes", "hits", "misses"), out))
