@@ -439,9 +439,12 @@ def _global_norm_grad(op, g_norm, g_norms):
 @tf.RegisterGradient("ClipopsClipByNorm")
 def _clip_by_norm_grad(op, *grads):
     """y = t * c / m with m = max(n, c), n = ||t||, as tf.clip_by_norm; TF's
-    maximum sends the gradient to n on ties (greater_equal)."""
+    maximum sends the gradient to n on ties (greater_equal). As in TF (and the
+    kernel), c is maximum(clip_norm, 0), whose gradient goes to clip_norm where
+    clip_norm >= 0 (a negative clip gets none)."""
     k = len(op.inputs) - 1
-    tensors, clip = op.inputs[:k], op.inputs[k]
+    tensors, clip_in = op.inputs[:k], op.inputs[k]
+    clip = tf.maximum(clip_in, tf.zeros_like(clip_in))
     g_t, g_clip = [], []
     for i, (t, g) in enumerate(zip(tensors, grads[:k])):
         c = tf.cast(clip, t.dtype)
@@ -456,7 +459,8 @@ def _clip_by_norm_grad(op, *grads):
         g_t.append(gt)
     if op.get_attr("with_norms"):
         g_t = _add_norms_grads(g_t, tensors, op.outputs[k], grads[k])
-    return g_t + [tf.add_n(g_clip)]
+    g_clip = tf.add_n(g_clip)
+    return g_t + [tf.where(clip_in >= 0, g_clip, tf.zeros_like(g_clip))]
 
 
 @tf.RegisterGradient("ClipopsClipByValue")
