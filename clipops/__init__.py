@@ -55,7 +55,15 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinit
     Args:
       t_list: a sequence of ``Tensor``, ``IndexedSlices`` or ``None``, of
         float16, bfloat16, float32 or float64 (dtypes may be mixed).
-      clip_norm: the clipping ratio: a Python number or scalar tensor, > 0.
+      clip_norm: the clipping ratio: a Python number or scalar tensor,
+        normally > 0. Other values are not refused; they give what
+        TensorFlow's formula gives (README, "Semantics"): +0.0 gives zeros
+        (NaN for a list whose norm is 0); -0.0 gives NaN; a negative number
+        passes the list through (the scale is ``clip_norm * (1 /
+        clip_norm)``, 1 to within an ulp); NaN, inf and -inf give NaN
+        everywhere, whatever ``nonfinite`` says (it looks at the norm only).
+        ``clipops.keras`` refuses a clip <= 0 or NaN when the optimizer is
+        made, where Keras itself silently does not clip.
       use_norm: optional scalar: the global norm to use instead of computing
         it; it is returned as the norm.
       name: optional name scope (graph mode).
@@ -65,7 +73,9 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinit
         tensor whose own norm is not finite; it waits for the device (in a
         ``tf.function``, a failed assertion, ``InvalidArgumentError``, at run
         time; not available under XLA). ``"skip"``: never waits; the outputs
-        are the inputs, unscaled, and ``skipped`` says so (torch's found_inf).
+        are the inputs as they are (not multiplied by ``unscale`` either), and
+        ``skipped`` says so (torch's found_inf). Its gradient is the
+        identity's.
       return_norms: also return each tensor's own norm, computed from the
         same partial sums in the same launch (no extra pass over the data).
       unscale: optional positive scalar u (a Python number or scalar tensor,
@@ -162,8 +172,13 @@ def clip_by_norm(t_list, clip_norm, name=None, *, return_norms=False):
       t_list: a sequence of ``Tensor``, ``IndexedSlices`` (their values are
         clipped by their own norm, as TF does) or ``None``; float16, bfloat16,
         float32 or float64, dtypes may be mixed.
-      clip_norm: a positive Python number or scalar tensor; cast to the list's
-        norm dtype (float32 for a mixed list), then to each tensor's dtype.
+      clip_norm: a Python number or scalar tensor, normally > 0; cast to the
+        list's norm dtype (float32 for a mixed list), then to each tensor's
+        dtype. Other values than > 0 are not refused; as in TensorFlow, a
+        negative one (-inf too) is taken as 0 (``maximum(clip_norm, 0)``,
+        and clip_norm then gets no gradient): 0 and negative values give
+        zeros, each of its element's sign, -0.0 zeros of the opposite sign,
+        and a tensor of zeros NaN (0 / 0) in all three; NaN and inf give NaN.
       name: optional name scope (graph mode).
       return_norms: also return each tensor's own norm (before clipping), a
         1-D tensor of the norm dtype, 0 for None entries.
@@ -198,7 +213,10 @@ def clip_by_value(t_list, clip_value_min, clip_value_max, name=None):
         clipped) or ``None``; float16, bfloat16, float32, float64, mixed.
       clip_value_min, clip_value_max: Python numbers or scalar tensors; cast to
         the list's norm dtype (float32 for a mixed list), then to each tensor's
-        dtype.
+        dtype. Not checked, as in TensorFlow: with clip_value_min >
+        clip_value_max every element becomes clip_value_min, and a NaN bound
+        makes every element NaN (under XLA, TF's own ops ignore a NaN bound,
+        and so does clipops' XLA route).
       name: optional name scope (graph mode).
 
     Returns:

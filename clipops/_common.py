@@ -109,8 +109,9 @@ class ClipResult(NamedTuple):
       per entry of the list (0 for None), each tensor's own norm, from the same
       partial sums as the global norm (no extra pass); else None.
     skipped: with nonfinite="skip", a 0-d bool on the norm's device, True when
-      the norm was inf or NaN and the outputs are the inputs, unscaled (torch's
-      found_inf); computed from the norm, so the host never waits. Else None.
+      the norm was inf or NaN and the outputs are the inputs as they are, not
+      multiplied by unscale either (torch's found_inf); computed from the
+      norm, so the host never waits. Else None.
     """
 
     clipped: list

@@ -98,8 +98,10 @@ def clip_by_global_norm(values: list, clip: tf.Tensor, use_norm: tf.Tensor | Non
 
 def clip_by_norm(values: list, clip: tf.Tensor):
     """tf.clip_by_norm's formula on each tensor with its norm from
-    _sum_of_squares, in the tensor's dtype; (clipped, norms in clip's dtype)."""
+    _sum_of_squares, in the tensor's dtype; (clipped, norms in clip's dtype).
+    As TF, a negative clip is first raised to 0 (maximum(clip, 0))."""
     sums = [_sum_of_squares(v) for v in values]
+    clip = tf.maximum(clip, tf.zeros_like(clip))
     clipped = []
     for v, s in zip(values, sums):
         c = tf.cast(clip, v.dtype)

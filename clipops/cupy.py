@@ -365,7 +365,9 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
       arrays: a sequence of GPU arrays (CuPy, or DLPack / __cuda_array_interface__
         producers) or None; float16, bfloat16, float32, float64, mixed allowed.
       clip_norm: a Python number (rounded to the norm dtype as TF does) or a 0-d
-        GPU array (cast to the norm dtype on the stream, read by the kernel).
+        GPU array (cast to the norm dtype on the stream, read by the kernel);
+        normally > 0. 0, -0.0, negative numbers, NaN and inf are not refused
+        and give TensorFlow's results (``clipops.clip_by_global_norm``).
       use_norm: optional, likewise: the global norm to use instead of computing
         it; it is then returned as the norm.
       in_place: write the results into the caller's arrays (they must be
@@ -377,8 +379,8 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
       nonfinite: what an inf or NaN norm does: "nan" (TF's behaviour, every
         output NaN), "raise" (NonFiniteError naming the first array whose own
         norm is not finite, nothing written; it waits for the GPU), or "skip"
-        (the outputs are the inputs, unscaled; never waits, and the result's
-        ``skipped`` says so).
+        (the outputs are the inputs as they are, not multiplied by unscale
+        either; never waits, and the result's ``skipped`` says so).
       return_norms: also return each array's own norm, from the same launch.
       unscale: optional, a positive number or 0-d GPU array u (1 / loss
         scale): the arrays are taken as ``a * u``, and the norms and outputs
@@ -453,13 +455,15 @@ def clip_by_norm(arrays, clip_norm, in_place: bool = False, *, return_norms: boo
     """``tf.clip_by_norm`` on every array of a list in ONE launch: each array
     becomes ``(x * clip_norm) / maximum(norm(x), clip_norm)`` in its dtype,
     with the same bits as clipops.numpy.clip_by_norm. Arguments, results and
-    errors as clipops.numpy.clip_by_norm; clip_norm may also be a 0-d GPU
-    array (read by the kernel). Queued on the current stream."""
+    errors as clipops.numpy.clip_by_norm (a negative clip_norm is taken as 0,
+    as in TensorFlow); clip_norm may also be a 0-d GPU array (read by the
+    kernel). Queued on the current stream."""
     return _clip_each(arrays, in_place, "norm", clip=clip_norm, return_norms=return_norms)
 
 
 def clip_by_value(arrays, clip_value_min, clip_value_max, in_place: bool = False):
     """``tf.clip_by_value`` on every array of a list in ONE launch, with the same
     bits as clipops.numpy.clip_by_value. The bounds may be numbers or 0-d GPU
-    arrays (read by the kernel). Queued on the current stream."""
+    arrays (read by the kernel); they are not checked (min > max gives min,
+    a NaN bound NaN, as in TensorFlow). Queued on the current stream."""
     return _clip_each(arrays, in_place, "value", bounds=(clip_value_min, clip_value_max))

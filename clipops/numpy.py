@@ -73,7 +73,9 @@ def _prepare(arrays, in_place: bool):
                                  "(a view at an odd byte offset); in_place=True needs aligned "
                                  "arrays (or pass in_place=False, which copies it)")
         elif not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
-            a = np.ascontiguousarray(a)
+            # not np.ascontiguousarray: it returns at least 1-d, so a 0-d entry
+            # (np.float32(3.0), a Python float) would come back with shape (1,)
+            a = np.asarray(a, order="C")
         elif not a.flags.aligned:  # a view at an odd byte offset: an aligned copy
             a = a.copy()
         prepared.append(a)
@@ -122,7 +124,9 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
         mixed allowed) or None entries, which stay None. Non-contiguous and
         non-native byte order arrays are copied first (copy mode only).
       clip_norm: the clip threshold, a number or 0-d array, rounded to the
-        norm dtype as TF converts it.
+        norm dtype as TF converts it; normally > 0. 0, -0.0, negative
+        numbers, NaN and inf are not refused and give TensorFlow's results,
+        as described in ``clipops.clip_by_global_norm``.
       use_norm: optional global norm to use instead of computing it; it is
         returned as the norm.
       in_place: write the results into the caller's arrays (C-contiguous,
@@ -130,8 +134,9 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
       nonfinite: what an inf or NaN global norm does. "nan" (TF's behaviour):
         every output becomes NaN. "raise": NonFiniteError naming the first
         array whose own norm is not finite, with nothing written (in place,
-        the arrays keep their values). "skip": the outputs are the inputs,
-        unscaled, and the result's ``skipped`` is True.
+        the arrays keep their values). "skip": the outputs are the inputs as
+        they are (not multiplied by unscale either), and the result's
+        ``skipped`` is True.
       return_norms: also return each array's own norm, from the same pass.
       unscale: optional positive number u (``1 / loss_scale``): the arrays are
         taken as ``a * u``; the norms and outputs are those of that list, from
@@ -211,8 +216,12 @@ def clip_by_norm(arrays, clip_norm, in_place: bool = False, *, return_norms: boo
 
     Args:
       arrays: a sequence of NumPy float arrays (mixed dtypes allowed) or None.
-      clip_norm: a positive number (or 0-d array), rounded to the list's norm
-        dtype and then to each array's dtype (exact for a list of one dtype).
+      clip_norm: a number (or 0-d array), normally > 0, rounded to the list's
+        norm dtype and then to each array's dtype (exact for a list of one
+        dtype). As in TensorFlow, a negative one (-inf too) is taken as 0:
+        0 and negative values give zeros, -0.0 zeros of the opposite sign
+        (NaN for an array of zeros); NaN and inf give NaN
+        (``clipops.clip_by_norm``).
       in_place: write into the caller's arrays (as clip_by_global_norm).
       return_norms: also return each array's own norm (0 for None entries),
         in the list's norm dtype (float32 for a mixed list).
@@ -237,7 +246,8 @@ def clip_by_value(arrays, clip_value_min, clip_value_max, in_place: bool = False
       arrays: a sequence of NumPy float arrays (mixed dtypes allowed) or None.
       clip_value_min, clip_value_max: numbers (or 0-d arrays), rounded to the
         list's norm dtype and then to each array's dtype (exact for a list of
-        one dtype).
+        one dtype). Not checked, as in TensorFlow: min > max gives min
+        everywhere, and a NaN bound NaN everywhere.
       in_place: write into the caller's arrays (as clip_by_global_norm).
 
     Returns:

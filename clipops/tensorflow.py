@@ -68,8 +68,10 @@ _ops, _LIB = _load_op_library()
 
 def _host_cache_stats() -> dict:
     """The op library's host block cache, where the CPU kernel's large fresh
-    outputs come from (csrc/core/clipops.h; separate from the NumPy front end's
-    and bounded on its own by CLIPOPS_HOST_CACHE_MB)."""
+    outputs come from (csrc/core/clipops.h). The library holds its own copy of
+    the core, without CUDA, so this cache is separate from the NumPy front
+    end's (``clipops._core.host_cache_stats()``) and bounded on its own by
+    CLIPOPS_HOST_CACHE_MB: a process that uses both keeps up to twice that."""
     out = (ctypes.c_ulonglong * 5)()
     _LIB.clipops_tf_host_cache_stats(out)
     return dict(zip(("cached_bytes", "in_use_bytes", "limit_bytes", "hits", "misses"), out))
@@ -372,37 +374,49 @@ def _clip_grads(tensors, clip, norm, g_out, g_norm, given: bool):
     return g_t, dot * ds_dc, (g_n if given else None)
 
 
+def _norms_grads(tensors, norms, g_norms) -> list:
+    """The gradient through tensor_norms: d n_i / d t_i = t_i / n_i, times g_norms[i]."""
+    factors = g_norms / norms
+    return [t * tf.cast(factors[i], t.dtype) for i, t in enumerate(tensors)]
+
+
 def _add_norms_grads(g_t: list, tensors, norms, g_norms) -> list:
-    """Adds the gradient through tensor_norms (d n_i / d t_i = t_i / n_i)."""
+    """Adds the gradient through tensor_norms (None: nothing flows through them)."""
     if g_norms is None:
         return g_t
-    factors = g_norms / norms
-    return [g + t * tf.cast(factors[i], t.dtype) for i, (g, t) in enumerate(zip(g_t, tensors))]
+    return [g + h for g, h in zip(g_t, _norms_grads(tensors, norms, g_norms))]
 
 
 @tf.RegisterGradient("ClipopsClipByGlobalNorm")
 def _clip_by_global_norm_grad(op, *grads):
     n = len(op.inputs) - 3
     tensors, norm, unscale = op.inputs[:n], op.outputs[n], op.inputs[n + 2]
-    # With unscale u the op is the clip of z = t * u: the chain rule through z gives
-    # d/dt = u * d/dz. u itself (a loss scale's inverse) gets no gradient.
+    # With unscale u the op is the clip of z = t * u (and its norms those of z):
+    # the chain rule through z gives d/dt = u * d/dz. u itself (a loss scale's
+    # inverse) gets no gradient.
     plain = tf.get_static_value(unscale) == 1.0
-    if not plain:
-        tensors = [t * tf.cast(unscale, t.dtype) for t in tensors]
-    g_t, g_clip, g_use = _clip_grads(tensors, op.inputs[n], norm, grads[:n], grads[n],
+    z = tensors if plain else [t * tf.cast(unscale, t.dtype) for t in tensors]
+
+    def through_z(g_z: list) -> list:
+        return g_z if plain else [g * tf.cast(unscale, g.dtype) for g in g_z]
+
+    g_z, g_clip, g_use = _clip_grads(z, op.inputs[n], norm, grads[:n], grads[n],
                                      op.get_attr("use_given"))
+    g_t = through_z(g_z)
     if op.get_attr("skip_nonfinite"):
-        # a skipped step passed its inputs through: the identity's gradient
+        # A skipped step passed its inputs through, not unscaled (scale 1,
+        # clip_math.h step_scale): the outputs are the identity of t, whatever
+        # u is, so their gradient is the upstream one as it is, as on the XLA
+        # route. Only the outputs: the norms still depend on t.
         finite = tf.math.is_finite(norm)
         g_t = [tf.where(finite, g, tf.zeros_like(g) if up is None else up)
                for g, up in zip(g_t, grads[:n])]
         g_clip = tf.where(finite, g_clip, tf.zeros_like(g_clip))
         if g_use is not None:
             g_use = tf.where(finite, g_use, tf.zeros_like(g_use))
-    if op.get_attr("with_norms"):
-        g_t = _add_norms_grads(g_t, tensors, op.outputs[n + 1], grads[n + 1])
-    if not plain:
-        g_t = [g * tf.cast(unscale, g.dtype) for g in g_t]
+    if op.get_attr("with_norms") and grads[n + 1] is not None:
+        g_norms = through_z(_norms_grads(z, op.outputs[n + 1], grads[n + 1]))
+        g_t = [g + h for g, h in zip(g_t, g_norms)]
     return g_t + [g_clip, g_use, None]
 
 
@@ -427,9 +441,12 @@ def _global_norm_grad(op, g_norm, g_norms):
 @tf.RegisterGradient("ClipopsClipByNorm")
 def _clip_by_norm_grad(op, *grads):
     """y = t * c / m with m = max(n, c), n = ||t||, as tf.clip_by_norm; TF's
-    maximum sends the gradient to n on ties (greater_equal)."""
+    maximum sends the gradient to n on ties (greater_equal). As in TF (and the
+    kernel), c is maximum(clip_norm, 0), whose gradient goes to clip_norm where
+    clip_norm >= 0 (a negative clip gets none)."""
     k = len(op.inputs) - 1
-    tensors, clip = op.inputs[:k], op.inputs[k]
+    tensors, clip_in = op.inputs[:k], op.inputs[k]
+    clip = tf.maximum(clip_in, tf.zeros_like(clip_in))
     g_t, g_clip = [], []
     for i, (t, g) in enumerate(zip(tensors, grads[:k])):
         c = tf.cast(clip, t.dtype)
@@ -444,7 +461,8 @@ def _clip_by_norm_grad(op, *grads):
         g_t.append(gt)
     if op.get_attr("with_norms"):
         g_t = _add_norms_grads(g_t, tensors, op.outputs[k], grads[k])
-    return g_t + [tf.add_n(g_clip)]
+    g_clip = tf.add_n(g_clip)
+    return g_t + [tf.where(clip_in >= 0, g_clip, tf.zeros_like(g_clip))]
 
 
 @tf.RegisterGradient("ClipopsClipByValue")

@@ -264,11 +264,60 @@ def test_tf_gradients_through_tensor_norms_and_a_skipped_step(rng):
     for g, g_tf in zip(tape.gradient(y, x), tape.gradient(y_tf, x)):
         np.testing.assert_allclose(g.numpy(), g_tf.numpy(), rtol=1e-12)
     bad = [tf.Variable([1.0, np.inf]), tf.Variable([2.0, 3.0])]
-    with tf.GradientTape() as tape:
-        res = clipops.clip_by_global_norm(bad, 1.0, nonfinite="skip")
-        y = tf.reduce_sum(res.clipped[1] * tf.constant([5.0, 7.0]))
-    g = tape.gradient(y, bad)  # a skipped step is the identity: its gradient too
-    assert g[1].numpy().tolist() == [5.0, 7.0] and g[0].numpy().tolist() == [0.0, 0.0]
+
+    def skipped_step_grads(mode, **kw):
+        def grads():
+            with tf.GradientTape() as tape:
+                res = clipops.clip_by_global_norm(bad, 1.0, nonfinite="skip", **kw)
+                y = tf.reduce_sum(res.clipped[1] * tf.constant([5.0, 7.0]))
+            return res.skipped, tape.gradient(y, bad)
+        return call(mode, grads)
+
+    # A skipped step is the identity, with or without unscale (its outputs are
+    # its inputs, not unscaled): so is its gradient, on the op and XLA routes.
+    # The op's route used to multiply it by unscale: [2.5, 3.5] for u = 0.5.
+    for mode in ("eager", "function", "xla"):
+        for kw in ({}, {"unscale": 0.5}, {"unscale": tf.constant(0.5)}):
+            skipped, g = skipped_step_grads(mode, **kw)
+            assert bool(skipped), (mode, kw)
+            assert g[1].numpy().tolist() == [5.0, 7.0], (mode, kw, g[1].numpy())
+            # The op's gradient function gives x[0] zeros; TF's differentiation of
+            # the XLA route's ops gives NaN at the inf element itself (0 * inf in
+            # the square's gradient), as TF's own clip does: only its finite one.
+            g0 = g[0].numpy().tolist()
+            assert (g0[:1] if mode == "xla" else g0) == ([0.0] if mode == "xla" else [0.0, 0.0])
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["finite", "skipped"])
+def test_tf_unscale_gradients_agree_between_the_op_and_xla(rng, skip):
+    """The op's gradient function against TF's own differentiation of the XLA
+    route's ops, with unscale, a weighted tensor norm and clip_norm as
+    variables, in a finite and in a skipped step (an inf in x[0])."""
+    x = [tf.Variable(rng.standard_normal(n) * 8.0) for n in (5, 40)]  # float64
+    if skip:
+        x[0].assign(tf.tensor_scatter_nd_update(x[0], [[2]], [np.inf]))
+    w = [tf.constant(rng.standard_normal(n)) for n in (5, 40)]
+    clip = tf.Variable(1.5, dtype=tf.float64)
+
+    def grads():
+        with tf.GradientTape() as tape:
+            res = clipops.clip_by_global_norm(x, clip, unscale=0.25, return_norms=True,
+                                              nonfinite="skip")
+            y = tf.reduce_sum(res.clipped[0] * w[0]) + tf.reduce_sum(res.clipped[1] * w[1]) \
+                + 3.0 * res.tensor_norms[1]
+        return res.skipped, tape.gradient(y, x + [clip])
+
+    (skipped, g_op), (skipped_xla, g_xla) = call("function", grads), call("xla", grads)
+    assert bool(skipped) == bool(skipped_xla) == skip
+    # float64 throughout; the two routes round the same formulas in other orders
+    # (XLA's own sum order, the norm's float64 product with u): a few ulps, 1e-12.
+    for a, b in zip(g_op, g_xla):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-300)
+    if skip:  # the outputs are the identity; tensor_norms[1] still depends on x[1]
+        # (x[0]'s own norm is inf: d n_0 / d x_0 = x_0 / n_0 is NaN at the inf element)
+        finite = np.isfinite(x[0].numpy())
+        assert g_op[0].numpy()[finite].tolist() == w[0].numpy()[finite].tolist()
+        assert float(g_op[2]) == 0.0
 
 
 @tf_modes()

@@ -187,6 +187,38 @@ def test_non_contiguous_inputs_are_copied_in_copy_mode(rng):
     assert_close(out[0], ref_clip([view], 1.0)[0][0], np.float32, "out")
 
 
+def test_0d_entries_keep_their_shape(rng):
+    """Outputs have their inputs' shapes: a NumPy scalar, a Python float and a
+    0-d array all come back 0-d (np.ascontiguousarray made the first two (1,)),
+    beside 1-d and 2-d arrays, in every function, copying and in place."""
+    v = rng.standard_normal(5) * 3.0  # fresh values; the scalars are clipped by the global norm
+    vec = random_array(rng, (7,), np.float32, 3.0)
+    mat = random_array(rng, (3, 4), np.float64, 3.0)
+    entries = [np.float32(v[0]), float(v[1]), np.array(v[2], np.float32), np.float16(v[3]),
+               np.float64(v[4]), vec, mat]
+    shapes = [np.shape(e) for e in entries]
+    dtypes = [np.float32, np.float64, np.float32, np.float16, np.float64, np.float32, np.float64]
+    as_arrays = [np.asarray(e, d) for e, d in zip(entries, dtypes)]
+    clip = 0.5 * ref_norm(as_arrays)  # below the norm: every output is scaled
+    out, norm = cn.clip_by_global_norm(entries, clip)
+    ref, ref_n = ref_clip(as_arrays, clip)
+    assert_close(norm, ref_n, np.float32, "norm")  # a mixed list: a float32 norm
+    for o, r, shape, d in zip(out, ref, shapes, dtypes):
+        assert type(o) is np.ndarray and o.shape == shape and o.dtype == d
+        assert_close(o, r, d, "0-d output")
+    for clipped in (cn.clip_by_norm(entries, 0.5), cn.clip_by_value(entries, -0.5, 0.5),
+                    cn.clip_by_global_norm(entries, clip, return_norms=True).clipped):
+        assert [o.shape for o in clipped] == shapes
+    # in place: a 0-d array is written and returned as itself
+    zero_d = np.array(v[0], np.float64)
+    before = float(zero_d)
+    out, norm = cn.clip_by_global_norm([zero_d, mat.copy()], 1e-3, in_place=True)
+    assert out[0] is zero_d and zero_d.shape == ()
+    assert_close(zero_d, before * 1e-3 / ref_norm([np.asarray(before), mat]), np.float64, "in place")
+    with pytest.raises(TypeError, match=r"arrays\[0\] is a float32; in_place=True needs NumPy"):
+        cn.clip_by_global_norm([np.float32(1.0)], 1.0, in_place=True)
+
+
 # ---- bad input: a clear exception, nothing written -------------------------------
 
 def test_errors_name_the_problem(rng):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -688,3 +689,34 @@ def test_cached_outputs_do_not_fault_where_tf_s_allocator_does():
     assert float(got["TF"]) > pages / 10, got
     assert float(got["EAGER"]) < pages / 100, got
     assert float(got["FUNCTION"]) < pages / 100, got
+
+
+def test_the_numpy_and_tf_op_host_caches_are_two_each_bounded():
+    """libclipops_core (NumPy) and the TF op library (its own CPU-only copy of
+    the core) each hold a host cache, each bounded by CLIPOPS_HOST_CACHE_MB: a
+    process that uses both keeps up to twice that, the total the docs state
+    (csrc/core/clipops.h). Four 4 MiB outputs of each are freed at once under
+    an 8 MiB limit: each cache keeps two of them."""
+    code = textwrap.dedent("""
+        import gc, json, numpy as np, tensorflow as tf, clipops, clipops.numpy as cn
+        from clipops import _core, tensorflow as ct
+        x = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)  # 4 MiB
+        held = [cn.clip_by_global_norm([x], 1.0)[0] for _ in range(4)]
+        t = tf.constant(x)
+        held += [clipops.clip_by_global_norm([t], 1.0)[0] for _ in range(4)]
+        del held
+        gc.collect()
+        print(json.dumps({"numpy": _core.host_cache_stats(), "tf": ct._host_cache_stats()}))
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CLIPOPS_HOST_CACHE_MB="8")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=os.path.dirname(__file__))
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert out.returncode == 0 and lines, out.stdout + out.stderr
+    got = json.loads(lines[-1])
+    limit = 8 << 20
+    for side in ("numpy", "tf"):
+        s = got[side]
+        assert s["limit_bytes"] == limit and s["in_use_bytes"] == 0, got
+        assert s["cached_bytes"] == limit, got  # two 4 MiB blocks each, the rest unmapped
+    assert got["numpy"]["cached_bytes"] + got["tf"]["cached_bytes"] == 2 * limit

@@ -1,4 +1,6 @@
 // Host-side pieces shared by the CPU kernel and the CUDA launcher.
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -6,6 +8,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -177,29 +180,51 @@ namespace {
 // claims pieces until none is left, so a call completes even when every
 // worker is busy with other calls. Tickets outlive their call harmlessly: a
 // late one finds no piece left.
+//
+// fork(): the child has none of the parent's threads. At fork, the pool's
+// mutex may be held and its condition variable may count waiters, by threads
+// that do not exist in the child; touching either there could block forever.
+// So a pthread_atfork handler makes the child forget the whole state (leaked on
+// purpose, never touched again), and its first parallel call starts a fresh
+// pool with its own workers.
 class WorkerPool {
  public:
-  static WorkerPool& instance() {
-    // Never destroyed: workers may still wait on the queue while the process exits.
-    static WorkerPool* pool = new WorkerPool(
-        static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) - 1);
-    return *pool;
-  }
+  constexpr WorkerPool() = default;
 
-  int workers() const { return static_cast<int>(threads_.size()); }
+  // The atfork child handler: runs in the child's only thread, before any
+  // other code of the child.
+  void forget_after_fork() { state_.store(nullptr); }
 
   // Runs fn(k) for every k in [0, pieces), on the caller and up to
-  // pieces - 1 workers, and returns when all have run.
+  // pieces - 1 workers, and returns when all have run. The queue never holds
+  // more tickets than there are workers (stale ones count): more could not be
+  // taken at once, and where no worker started, none is handed out at all.
   void run(int pieces, const std::function<void(int)>& fn) {
+    State* s = state();
     auto call = std::make_shared<Call>(pieces, fn);
+    int helpers;
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (int k = 1; k < pieces; ++k) tickets_.push_back(call);
+      std::lock_guard<std::mutex> lock(s->mu);
+      const int room = s->workers.load() - static_cast<int>(s->tickets.size());
+      helpers = std::max(0, std::min(pieces - 1, room));
+      for (int k = 0; k < helpers; ++k) s->tickets.push_back(call);
     }
-    ready_.notify_all();
-    call->work();
+    if (helpers > 0) s->ready.notify_all();
+    call->work();  // with no helper, every piece
     std::unique_lock<std::mutex> lock(call->mu);
     call->finished.wait(lock, [&] { return call->done == call->pieces; });
+  }
+
+  WorkerPoolStats stats() {
+    WorkerPoolStats r{};
+    State* s = state_.load();
+    if (s == nullptr) return r;  // no parallel call yet in this process
+    r.workers = s->workers.load();
+    r.workers_that_ran = s->workers_that_ran.load();
+    r.worker_pieces = s->worker_pieces.load();
+    std::lock_guard<std::mutex> lock(s->mu);
+    r.queued = s->tickets.size();
+    return r;
   }
 
  private:
@@ -212,39 +237,78 @@ class WorkerPool {
     std::condition_variable finished;
     int done = 0;  // guarded by mu
 
-    void work() {
-      for (int k; (k = next.fetch_add(1)) < pieces;) {
+    int work() {  // returns the number of pieces this thread ran
+      int ran = 0;
+      for (int k; (k = next.fetch_add(1)) < pieces; ++ran) {
         fn(k);
         std::lock_guard<std::mutex> lock(mu);
         if (++done == pieces) finished.notify_all();
       }
+      return ran;
     }
   };
 
-  explicit WorkerPool(int n) {
-    for (int i = 0; i < n; ++i) threads_.emplace_back([this] { loop(); });
+  // Everything a process's workers share; one per process (see fork above).
+  struct State {
+    std::mutex mu;
+    std::condition_variable ready;
+    std::deque<std::shared_ptr<Call>> tickets;  // guarded by mu
+    std::atomic<int> workers{0};                // started and waiting on `ready`
+    std::atomic<int> workers_that_ran{0};       // instrumentation (WorkerPoolStats)
+    std::atomic<uint64_t> worker_pieces{0};
+  };
+
+  // This process's state, made at its first parallel call. Published before
+  // its workers start: a call that finds fewer workers hands out fewer tickets.
+  State* state() {
+    State* s = state_.load();
+    if (s != nullptr) return s;
+    auto* fresh = new State();
+    if (!state_.compare_exchange_strong(s, fresh)) {
+      delete fresh;  // another caller made it first
+      return s;
+    }
+    const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) - 1;
+    for (int i = 0; i < n; ++i) {
+      try {
+        std::thread(loop, fresh).detach();
+      } catch (const std::system_error&) {
+        break;  // no more threads to be had: the callers do the rest
+      }
+      fresh->workers.fetch_add(1);
+    }
+    return fresh;
   }
 
-  void loop() {
+  static void loop(State* s) {
+    bool ran_any = false;
     for (;;) {
       std::shared_ptr<Call> call;
       {
-        std::unique_lock<std::mutex> lock(mu_);
-        ready_.wait(lock, [&] { return !tickets_.empty(); });
-        call = std::move(tickets_.front());
-        tickets_.pop_front();
+        std::unique_lock<std::mutex> lock(s->mu);
+        s->ready.wait(lock, [&] { return !s->tickets.empty(); });
+        call = std::move(s->tickets.front());
+        s->tickets.pop_front();
       }
-      call->work();
+      if (const int ran = call->work()) {
+        s->worker_pieces.fetch_add(static_cast<uint64_t>(ran));
+        if (!ran_any) s->workers_that_ran.fetch_add(1);
+        ran_any = true;
+      }
     }
   }
 
-  std::mutex mu_;
-  std::condition_variable ready_;
-  std::deque<std::shared_ptr<Call>> tickets_;
-  std::vector<std::thread> threads_;
+  std::atomic<State*> state_{nullptr};  // never destroyed: workers wait on it until exit
 };
 
+// Constant-initialized, so no function-local static guard exists that a fork
+// could catch half-taken; the handler is registered when the library loads.
+WorkerPool pool;
+[[maybe_unused]] const int atfork_registered = pthread_atfork(nullptr, nullptr, [] { pool.forget_after_fork(); });
+
 }  // namespace
+
+WorkerPoolStats worker_pool_stats() { return pool.stats(); }
 
 ParallelFor default_parallel_for() {
   return [](int64_t n, int64_t cost_per_item,
@@ -257,7 +321,7 @@ ParallelFor default_parallel_for() {
       if (n > 0) fn(0, n);
       return;
     }
-    WorkerPool::instance().run(static_cast<int>(pieces), [&](int k) {
+    pool.run(static_cast<int>(pieces), [&](int k) {
       fn(n * k / pieces, n * (k + 1) / pieces);
     });
   };

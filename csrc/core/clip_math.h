@@ -330,13 +330,16 @@ CLIPOPS_HD double div_a(double a, double b) { return div_d(a, b); }
 // each operation rounded to the dtype (16-bit types: computed in float and
 // rounded after each operation, as Eigen's half and bfloat16 do). norm is the
 // tensor's own norm, a value of DT; max is Eigen's maxi(norm, clip), which
-// keeps a NaN norm.
+// keeps a NaN norm. clip (a value of the norm dtype) is first TF's
+// maximum(clip_norm, 0), before its cast to DT: a negative clip (-inf too)
+// is +0, while -0 and NaN stay.
 template <int DT> struct NormClipper {
   typedef typename Storage<DT>::type T;
   typedef typename Storage<DT>::acc A;
   A c, m;
   CLIPOPS_HD NormClipper(double clip, double norm)
-      : c(to_acc<DT>(to_storage<DT>(clip))), m(to_acc<DT>(to_storage<DT>(norm))) {
+      : c(to_acc<DT>(to_storage<DT>(clip < 0.0 ? 0.0 : clip))),
+        m(to_acc<DT>(to_storage<DT>(norm))) {
     if (m < c) m = c;
   }
   CLIPOPS_HD T operator()(T x) const {

@@ -110,8 +110,21 @@ using ParallelFor =
 
 // A ParallelFor over one process-wide pool of (cores - 1) worker threads,
 // started at first use and shared by concurrent callers; the calling thread
-// works too, so a call never waits for a busy pool to free up.
+// works too, so a call never waits for a busy pool to free up. A child made
+// by fork() starts a pool of its own at its first parallel call (the parent's
+// workers do not exist there), even when the fork came while another thread
+// was inside a call. No work is handed to workers that did not start: where
+// none could, the caller does all of it.
 ParallelFor default_parallel_for();
+
+// What the pool of this process is doing, for tests (tests/test_concurrency.py).
+struct WorkerPoolStats {
+  int workers;               // worker threads started in this process (0 before its first call)
+  int workers_that_ran;      // of them, those that have run at least one piece
+  uint64_t worker_pieces;    // pieces run by workers (the callers run the rest)
+  size_t queued;             // tickets waiting for a worker, stale ones included; <= workers
+};
+WorkerPoolStats worker_pool_stats();
 
 // While alive, this thread computes with IEEE subnormals: FTZ and DAZ cleared
 // (x86), the previous mode restored after. TensorFlow runs its CPU kernels with
@@ -131,14 +144,18 @@ class ScopedIeeeSubnormals {
 
 // ---- Host output blocks (host_cache.cc) ---------------------------------------
 // Fresh outputs of at least kCachedOutputBytes, of the NumPy front end and of
-// the TF op's CPU kernel, come from here (each library holds its own copy of
-// the core, so each its own cache). Blocks are page-aligned (sizes rounded to
-// 2 MiB, huge pages advised, from 8 MiB), kept mapped when freed, and handed to
-// the next request of the same rounded size, so a training loop's outputs are
-// faulted once, not every step. The freed blocks kept are bounded:
-// CLIPOPS_HOST_CACHE_MB (default 1024; 0 keeps none), or set_host_cache_limit;
-// beyond it the largest are unmapped. Smaller outputs stay with the
-// frameworks' allocators, which reuse such sizes without new page faults.
+// the TF op's CPU kernel, come from here. Blocks are page-aligned (sizes
+// rounded to 2 MiB, huge pages advised, from 8 MiB), kept mapped when freed,
+// and handed to the next request of the same rounded size, so a training
+// loop's outputs are faulted once, not every step. The freed blocks kept are
+// bounded: CLIPOPS_HOST_CACHE_MB (default 1024; 0 keeps none), or
+// set_host_cache_limit; beyond it the largest are unmapped. Smaller outputs
+// stay with the frameworks' allocators, which reuse such sizes without new
+// page faults.
+// Each library that holds a copy of the core holds its own cache, bounded on
+// its own: libclipops_core (the NumPy and CuPy front ends) and the TF op
+// library, which keeps a CPU-only copy so that it carries no CUDA code. A
+// process that uses both front ends can so keep up to twice the limit.
 constexpr size_t kCachedOutputBytes = size_t(256) << 10;
 size_t host_block_size(size_t bytes);     // the rounded size a request takes
 void* host_block_alloc(size_t bytes);     // nullptr when the system has no memory

@@ -382,6 +382,16 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_host_cache_limit", &clipops::set_host_cache_limit, py::arg("bytes"),
         "Bound the freed blocks the host cache keeps (default CLIPOPS_HOST_CACHE_MB, 1024).");
 
+  m.def(
+      "_worker_pool_stats",
+      [] {
+        const auto s = clipops::worker_pool_stats();
+        return py::dict(py::arg("workers") = s.workers,
+                        py::arg("workers_that_ran") = s.workers_that_ran,
+                        py::arg("worker_pieces") = s.worker_pieces, py::arg("queued") = s.queued);
+      },
+      "The CPU kernel's worker pool in this process (clipops.h, WorkerPoolStats); for tests.");
+
   m.def("cuda_compiled", &clipops::cuda_compiled,
         "True when the CUDA kernel was compiled into this build.");
 
