@@ -67,7 +67,7 @@ struct ClipArgs {
   // be finite and > 0. Other modes take 1 only.
   Scalar unscale{1.0, nullptr};
   // true: a non-finite norm (inf or NaN, computed or use_norm) skips the step:
-  // the outputs equal the inputs, unscaled. false: TensorFlow's behaviour (the
+  // the outputs equal the inputs as they are (not multiplied by unscale). false: TensorFlow's behaviour (the
   // scale, and so every output, becomes NaN).
   bool skip_nonfinite = false;
   // false when the caller allocated every output itself; true also checks
