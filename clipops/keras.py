@@ -5,20 +5,30 @@
                   loss="mse")
     model.fit(x, y)
 
-``fused(optimizer)`` returns an optimizer of a subclass of the optimizer's own class
-("FusedAdam" for Adam, registered with Keras as ``clipops>FusedAdam``), built from its config.
-Everything but the clip is Keras' own code: the update rule, weight decay, EMA,
-``gradient_accumulation_steps``, ``loss_scale_factor``, saving.
+``fused(optimizer)`` turns the optimizer itself into an object of a subclass of its own class
+("FusedAdam" for Adam, registered with Keras as ``clipops>FusedAdam``) and returns it: only its
+class changes, so everything it holds is kept, what its config records and what it does not
+(``exclude_from_weight_decay``, a learning-rate schedule object, a LossScaleOptimizer's inner
+optimizer). Everything but the clip is Keras' own code: the update rule, weight decay, EMA,
+``gradient_accumulation_steps``, ``loss_scale_factor``, saving. Its ``variables`` are Keras' own
+(the norms it records are kept out of them), so checkpoints of a fused and a plain optimizer of
+the same class load into each other.
 
 Where the clip happens, and how it differs from Keras 3 (TensorFlow backend):
 
   - Keras 3 clips in ``BaseOptimizer._backend_apply_gradients`` (``_clip_gradients``), then
     ``TFOptimizer._backend_update_step`` sums the gradients across replicas. Under
-    ``tf.distribute.MirroredStrategy`` each replica's gradients are therefore clipped by their
-    own norm before the sum. A fused optimizer moves the clip into ``_backend_update_step``,
-    after the cross-replica sum: one all-reduce, then one fused clip of the summed gradients, so
-    the norm is the norm of the global batch's gradient, as Keras 2 did. On one device the two
-    orders are the same computation.
+    ``tf.distribute.MirroredStrategy`` and ``MultiWorkerMirroredStrategy`` each replica's
+    gradients are therefore clipped by their own norm before the sum. A fused optimizer moves
+    the clip into ``_backend_update_step``, after the cross-replica sum: one all-reduce, then
+    one fused clip of the summed gradients, so the norm is the norm of the global batch's
+    gradient, as Keras 2 did. On one device the two orders are the same computation.
+  - ``gradient_accumulation_steps`` under a strategy that synchronizes with ``merge_call``
+    (MirroredStrategy, MultiWorkerMirroredStrategy): Keras' own optimizer fails to trace there
+    (its accumulation ``cond`` holds the all-reduce). A fused optimizer takes that ``cond`` to
+    the cross-replica context, as Keras' LossScaleOptimizer does with its own: each branch runs
+    on every replica; the update branch sums the accumulated gradients across replicas and
+    clips the sum, once per ``gradient_accumulation_steps`` micro-batches.
   - ``global_clipnorm``: ``clipops.tensorflow.clip_by_global_norm`` (one fused op; inside XLA,
     ``jit_compile=True``, the same math in TF ops, clipops/_tf_xla.py). The scale is Keras' and
     TF's formula ``c * min(1/norm, 1/c) + (norm - norm)``, so a step that is not clipped gives
@@ -63,6 +73,14 @@ if keras.backend.backend() != "tensorflow":  # the fused op is a TensorFlow op
         f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras")
 
 _LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
+# Keras 3.15's MultiOptimizer hands each variable to a sub-optimizer of its own and clips
+# nothing itself (it takes no clip option): its sub-optimizers are what can be fused.
+_MultiOptimizer = getattr(keras.optimizers, "MultiOptimizer", None)
+_MULTI_MESSAGE = ("{} has no clip of its own (each of its sub-optimizers clips the gradients it "
+                  "is given): make the sub-optimizers fused before building it, e.g. "
+                  "MultiOptimizer(OptimizerMap(clipops.keras.fused(Adam(1e-3, "
+                  "global_clipnorm=1.0)), {{'encoder/.*': clipops.keras.fused(SGD(0.1, "
+                  "global_clipnorm=1.0))}}))")
 
 # The Keras internals clipops.keras overrides or calls (TensorFlow backend), as in Keras 3.15,
 # the release it is tested with. Checked at import: a Keras that renamed one fails here, with
@@ -70,8 +88,12 @@ _LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
 TESTED_KERAS = "3.15"
 _INTERNALS = {
     keras.optimizers.Optimizer: ("_clip_gradients", "_backend_update_step",
-                                 "_all_reduce_sum_gradients", "_distributed_tf_update_step",
-                                 "_get_variable_index"),
+                                 "_backend_apply_gradients", "_all_reduce_sum_gradients",
+                                 "_distributed_tf_update_step", "_get_variable_index",
+                                 "_backend_increment_gradient_accumulators",
+                                 "_backend_reset_gradient_accumulators", "_apply_weight_decay",
+                                 "_update_model_variables_moving_average",
+                                 "_overwrite_model_variables_with_average_value"),
     _LossScaleOptimizer: ("_overwrite_variable_with_gradient",
                           "_stateful_handle_non_finite_grads"),
 }
@@ -125,9 +147,22 @@ def _clip_option(optimizer) -> str | None:
     return None
 
 
+def _merge_call_strategy() -> bool:
+    """True in a replica context of a strategy that synchronizes replicas with merge_call
+    (MirroredStrategy, MultiWorkerMirroredStrategy), where a ``cond`` whose branch all-reduces
+    or updates mirrored variables fails to trace."""
+    return (tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+            and not tf.__internal__.distribute.strategy_supports_no_merge_call())
+
+
 class _FusedClip:
     """Mixin placed before a Keras optimizer class: moves the clip after the cross-replica
-    sum and does global_clipnorm with clipops' fused op. See the module's docstring."""
+    sum and does global_clipnorm with clipops' fused op. See the module's docstring.
+
+    ``fused`` gives an existing, unbuilt optimizer this class by assigning ``__class__``, so the
+    mixin keeps no state of its own made in ``__init__`` (the ``__init__`` here only validates,
+    for objects made from the class directly, e.g. by ``keras.saving.load_model``); what it
+    needs it creates in ``build``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -142,14 +177,21 @@ class _FusedClip:
         if self.built:
             return
         super().build(variables)
-        # the last step's global gradient norm (GlobalNormLogger reads it); the same value on
-        # every replica, since it is the norm of the summed gradients
-        self._clipops_norm = self.add_variable(
-            shape=(), dtype="float32", initializer="zeros", aggregation="only_first_replica",
-            name="clipops_global_norm")
-        self._clipops_tensor_norms = self.add_variable(
-            shape=(len(self._trainable_variables),), dtype="float32", initializer="zeros",
-            aggregation="only_first_replica", name="clipops_tensor_norms")
+        # The last step's global gradient norm (GlobalNormLogger reads it): the same value on
+        # every replica, since it is the norm of the summed gradients. Not add_variable and
+        # not a tracked attribute: the norms stay out of `variables` and out of
+        # tf.train.Checkpoint's dependencies, so that a fused optimizer's checkpoints hold
+        # what a plain one's do (Keras skips all of an optimizer's state when the counts
+        # differ) and both load into each other. A logged value, not training state.
+        object.__setattr__(self, "_clipops_norm",
+                           self._clipops_variable((), "clipops_global_norm"))
+        object.__setattr__(self, "_clipops_tensor_norms", self._clipops_variable(
+            (len(self._trainable_variables),), "clipops_tensor_norms"))
+
+    def _clipops_variable(self, shape, name):
+        with keras.name_scope(self.name, caller=self):
+            return keras.Variable(initializer="zeros", shape=shape, dtype="float32",
+                                  trainable=False, aggregation="only_first_replica", name=name)
 
     @property
     def last_global_norm(self):
@@ -183,6 +225,60 @@ class _FusedClip:
         if index != list(range(len(self._trainable_variables))):
             norms = tf.scatter_nd([[i] for i in index], norms, [len(self._trainable_variables)])
         self._clipops_tensor_norms.assign(norms)
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if not (self.gradient_accumulation_steps and _merge_call_strategy()):
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        # Keras' accumulation is a cond in the replica context whose update branch all-reduces
+        # (a merge_call), which MirroredStrategy cannot trace. As Keras' LossScaleOptimizer does
+        # with its own cond: one merge_call, the cond in the cross-replica context, and each
+        # branch run on every replica, where the update branch sums and then clips.
+        flags = _prepared_flags(self)  # thread-local: the branches run in threads of their own
+        tf.distribute.get_replica_context().merge_call(
+            lambda distribution, grads, variables: self._accumulate_across_replicas(
+                distribution, grads, variables, flags),
+            args=(list(grads), list(trainable_variables)))
+        if self.use_ema:  # what Keras' _backend_apply_gradients does after its cond
+            self._update_model_variables_moving_average(self._trainable_variables)
+            if self.ema_overwrite_frequency:
+                keras.ops.cond(
+                    (self.iterations + 1) % self.ema_overwrite_frequency == 0,
+                    lambda: self._overwrite_model_variables_with_average_value(
+                        self._trainable_variables),
+                    lambda: None)
+
+    def _accumulate_across_replicas(self, distribution, grads, variables, flags):
+        """The cross-replica half of _backend_apply_gradients under accumulation."""
+        is_update_step = (self._iterations + 1) % self.gradient_accumulation_steps == 0
+
+        def update():
+            distribution.extended.call_for_each_replica(
+                self._accumulated_update_step, args=(grads, variables, flags))
+
+        def increment():
+            distribution.extended.call_for_each_replica(
+                self._increment_accumulators, args=(grads, variables))
+
+        keras.ops.cond(is_update_step, update, increment)
+
+    def _accumulators(self, variables) -> list:
+        # `variables` may omit those without a gradient: index by variable, as Keras does
+        return [self._accumulated_gradients[self._get_variable_index(v)] for v in variables]
+
+    def _increment_accumulators(self, grads, variables):
+        self._backend_increment_gradient_accumulators(grads, self._accumulators(variables))
+
+    def _accumulated_update_step(self, grads, variables, flags):
+        """Keras' accumulation update branch, on one replica: the mean of the micro-batches'
+        gradients, the weight decay, then _backend_update_step (the sum, the clip, the update);
+        the accumulators are reset."""
+        steps = self.gradient_accumulation_steps
+        grads = [(g + a) / steps for g, a in zip(grads, self._accumulators(variables))]
+        with _prepared(self, *flags):
+            grads = self._clip_gradients(grads)
+            self._apply_weight_decay(variables)
+            self._backend_update_step(grads, variables, self.learning_rate)
+        self._backend_reset_gradient_accumulators()
 
     def _clip_gradients(self, grads):
         # Keras calls this before _backend_update_step sums across replicas; the clip is done
@@ -237,7 +333,8 @@ def fused_class(cls: type) -> type:
       The fused class; ``cls`` itself if it is already fused.
 
     Raises:
-      TypeError: ``cls`` is not a Keras optimizer class, or is a LossScaleOptimizer.
+      TypeError: ``cls`` is not a Keras optimizer class, or is a LossScaleOptimizer or a
+        MultiOptimizer (which clips nothing itself: make its sub-optimizers fused).
       ValueError: another class of the same name was already made fused.
     """
     if not (isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)):
@@ -247,6 +344,8 @@ def fused_class(cls: type) -> type:
     if issubclass(cls, _LossScaleOptimizer):
         raise TypeError(f"{cls.__name__} is a LossScaleOptimizer: use "
                         "clipops.keras.fused(optimizer) or FusedLossScaleOptimizer")
+    if _MultiOptimizer is not None and issubclass(cls, _MultiOptimizer):
+        raise TypeError(_MULTI_MESSAGE.format(cls.__name__))
     made = _FUSED_CLASSES.get(cls)
     if made is not None:
         return made
@@ -274,26 +373,27 @@ def is_fused(optimizer) -> bool:
 
 
 def fused(optimizer):
-    """The same optimizer, clipping with clipops' fused op after the cross-replica sum.
+    """Makes an optimizer clip with clipops' fused op after the cross-replica sum.
 
-    ``fused(keras.optimizers.Adam(1e-3, global_clipnorm=1.0))`` returns a ``FusedAdam`` with the
-    same config (a new object; ``optimizer`` is left as it was). A ``LossScaleOptimizer`` gives a
-    ``FusedLossScaleOptimizer`` around ``fused(inner_optimizer)``. Use the result in
+    ``fused(keras.optimizers.Adam(1e-3, global_clipnorm=1.0))`` changes the optimizer's class to
+    ``FusedAdam`` (``fused_class``) and returns the same object: everything it holds is kept,
+    including what ``get_config`` does not record (``exclude_from_weight_decay``, a schedule
+    object, its name). A ``LossScaleOptimizer`` becomes a ``FusedLossScaleOptimizer`` and its
+    inner optimizer is made fused the same way. Use the result in
     ``model.compile(optimizer=...)`` or a custom loop (``apply_gradients``).
 
     Args:
       optimizer: a Keras 3 optimizer that has not been used yet (not built), with one of
-        ``global_clipnorm`` (fused), ``clipnorm`` or ``clipvalue`` (Keras' per-tensor clip, after
-        the cross-replica sum).
+        ``global_clipnorm`` (fused), ``clipnorm`` or ``clipvalue``.
 
     Returns:
-      The fused optimizer; ``optimizer`` itself if it is already fused.
+      ``optimizer`` itself, now fused (unchanged if it already was).
 
     Raises:
       TypeError: ``optimizer`` is not a Keras 3 optimizer (e.g. a ``tf.keras``/Keras 2 one, or
-        a class).
-      ValueError: it sets no clip option, or it is already built (its state could not be
-        carried over: call ``fused`` before training).
+        a class), or is a ``MultiOptimizer`` (make its sub-optimizers fused instead).
+      ValueError: it sets no clip option, or it is already built (call ``fused`` before
+        training). Nothing is changed when it raises.
     """
     if is_fused(optimizer):
         return optimizer
@@ -304,19 +404,29 @@ def fused(optimizer):
         raise TypeError(
             f"fused takes a Keras 3 optimizer (keras.optimizers.Optimizer), got "
             f"{type(optimizer).__module__}.{type(optimizer).__qualname__}")
-    if optimizer.built:
-        raise ValueError(f"optimizer {optimizer.name!r} is already built (it has state); call "
-                         "clipops.keras.fused on it before it is used")
-    if isinstance(optimizer, _LossScaleOptimizer):
-        return FusedLossScaleOptimizer(
-            optimizer.inner_optimizer, initial_scale=optimizer.initial_scale,
-            dynamic_growth_steps=optimizer.dynamic_growth_steps, name=optimizer.name)
-    if _clip_option(optimizer) is None:
-        raise ValueError(
-            f"optimizer {optimizer.name!r} ({type(optimizer).__name__}) sets none of "
-            "global_clipnorm, clipnorm or clipvalue, so there is nothing for clipops to clip; "
-            "create it with one, e.g. keras.optimizers.Adam(1e-3, global_clipnorm=1.0)")
-    return fused_class(type(optimizer)).from_config(optimizer.get_config())
+    if _MultiOptimizer is not None and isinstance(optimizer, _MultiOptimizer):
+        raise TypeError(_MULTI_MESSAGE.format(type(optimizer).__name__))
+    inner = optimizer.inner_optimizer if isinstance(optimizer, _LossScaleOptimizer) else None
+    # every check before any change: a refused optimizer is left as it was
+    for opt in (optimizer, inner):
+        if opt is not None and opt.built:
+            raise ValueError(f"optimizer {opt.name!r} is already built (it has state); call "
+                             "clipops.keras.fused on it before it is used")
+    if inner is not None and type(optimizer) is not _LossScaleOptimizer:
+        # a subclass's own overrides would be dropped by the class change
+        raise TypeError(f"fused handles keras.optimizers.LossScaleOptimizer itself, not its "
+                        f"subclass {type(optimizer).__module__}.{type(optimizer).__qualname__}")
+    target = inner if inner is not None else optimizer
+    if not is_fused(target):
+        if _clip_option(target) is None:
+            raise ValueError(
+                f"optimizer {target.name!r} ({type(target).__name__}) sets none of "
+                "global_clipnorm, clipnorm or clipvalue, so there is nothing for clipops to "
+                "clip; create it with one, e.g. keras.optimizers.Adam(1e-3, global_clipnorm=1.0)")
+        target.__class__ = fused_class(type(target))
+    if inner is not None:
+        optimizer.__class__ = FusedLossScaleOptimizer
+    return optimizer
 
 
 def _sum_across_replicas(optimizer, grads: list, variables) -> list:
@@ -350,6 +460,10 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
         wait for the accumulated gradient), the same op only unscales (``use_norm=1``, clip 1:
         the scale is exactly ``1/s``) and returns each gradient's own norm; the step is skipped
         when one of them is not finite. The inner optimizer clips later, as it would.
+
+    ``clipops.keras.fused(loss_scale_optimizer)`` gives an existing LossScaleOptimizer this
+    class (and its inner optimizer a fused one) in place, so nothing here may depend on state
+    made in ``__init__``.
 
     Args: those of ``keras.optimizers.LossScaleOptimizer``; ``inner_optimizer`` is made fused
     (``clipops.keras.fused``) if it is not.
@@ -529,11 +643,13 @@ class GlobalNormLogger(keras.callbacks.Callback):
 
 
 # Every Keras optimizer's fused class exists at import, so saved models load after
-# `import clipops.keras` alone.
+# `import clipops.keras` alone (a MultiOptimizer has none: fused_class refuses it).
 for _name in dir(keras.optimizers):
     _cls = getattr(keras.optimizers, _name)
     if (isinstance(_cls, type) and issubclass(_cls, keras.optimizers.Optimizer)
             and _cls is not keras.optimizers.Optimizer
-            and not issubclass(_cls, _LossScaleOptimizer)):
+            and not issubclass(_cls, _LossScaleOptimizer)
+            and not (_MultiOptimizer is not None and issubclass(_cls, _MultiOptimizer))):
         fused_class(_cls)
 del _name, _cls
+
