@@ -50,6 +50,12 @@ the check and the unscale are then Keras' own passes.
 The norms come from the clip's own pass: ``optimizer.last_global_norm`` and
 ``optimizer.last_tensor_norms`` (one per trainable variable) hold the last step's.
 ``GlobalNormLogger`` is a callback that writes them to TensorBoard with ``tf.summary``.
+
+Keras versions: clipops.keras overrides and calls private Keras methods, so it is tested with
+the releases in ``TESTED_KERAS`` (the ``clipops[keras]`` extra pins that range). Importing it
+with another Keras warns; the first fused optimizer to be built then runs ``check_keras()`` (a
+tiny step of each fused path against Keras' own), and a Keras whose optimizer no longer
+behaves as these overrides expect is refused there, with what differs, before it trains.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 
+import numpy as np
 import keras
 import tensorflow as tf
 from keras.src.utils import tracking
@@ -65,7 +73,8 @@ from tensorflow.core.framework import summary_pb2
 
 from . import tensorflow as _ctf
 
-__all__ = ["fused", "fused_class", "FusedLossScaleOptimizer", "GlobalNormLogger", "is_fused"]
+__all__ = ["fused", "fused_class", "FusedLossScaleOptimizer", "GlobalNormLogger", "is_fused",
+           "check_keras", "TESTED_KERAS"]
 
 if keras.backend.backend() != "tensorflow":  # the fused op is a TensorFlow op
     raise ImportError(
@@ -82,10 +91,15 @@ _MULTI_MESSAGE = ("{} has no clip of its own (each of its sub-optimizers clips t
                   "global_clipnorm=1.0)), {{'encoder/.*': clipops.keras.fused(SGD(0.1, "
                   "global_clipnorm=1.0))}}))")
 
-# The Keras internals clipops.keras overrides or calls (TensorFlow backend), as in Keras 3.15,
-# the release it is tested with. Checked at import: a Keras that renamed one fails here, with
-# its name, instead of training without the fused clip.
-TESTED_KERAS = "3.15"
+# The Keras 3 releases clipops.keras is tested with, by minor version, oldest first. The one
+# place this is written: pyproject.toml's `keras` extra pins the same range
+# (tests/test_keras_versions.py checks that they agree) and .ci/run runs that test module
+# (check_keras() among it) under the newest release of each minor and the oldest of the range.
+TESTED_KERAS = ("3.12", "3.13", "3.14", "3.15")
+
+# The Keras internals clipops.keras overrides or calls (TensorFlow backend). Checked at import:
+# a Keras that renamed one fails here, with its name, instead of training without the fused
+# clip. A name that still exists but behaves otherwise is what check_keras() is for.
 _INTERNALS = {
     keras.optimizers.Optimizer: ("_clip_gradients", "_backend_update_step",
                                  "_backend_apply_gradients", "_all_reduce_sum_gradients",
@@ -99,15 +113,24 @@ _INTERNALS = {
 }
 
 
+def _minor(version: str) -> str:
+    """'3.15' of '3.15.1' or '3.15.0.dev2025...'."""
+    return ".".join(version.split(".")[:2])
+
+
+def _tested(version: str) -> bool:
+    return _minor(version) in TESTED_KERAS
+
+
 def _check_keras_internals() -> None:
     missing = [f"{cls.__name__}.{name}" for cls, names in _INTERNALS.items() for name in names
                if not hasattr(cls, name)]
     if missing:
         raise ImportError(
             f"clipops.keras needs Keras internals that Keras {keras.__version__} lacks: "
-            f"{', '.join(missing)}. It is tested with Keras {TESTED_KERAS}; install that "
-            f"release (pip install 'keras=={TESTED_KERAS}.*') or use clipops.clip_by_global_norm "
-            "in a custom training loop.")
+            f"{', '.join(missing)}. It is tested with Keras {', '.join(TESTED_KERAS)}; install "
+            "one of those (pip install 'clipops[keras]') or use clipops.clip_by_global_norm in "
+            "a custom training loop.")
 
 
 _check_keras_internals()
@@ -176,6 +199,7 @@ class _FusedClip:
     def build(self, variables):
         if self.built:
             return
+        _require_keras_behaviour()
         super().build(variables)
         # The last step's global gradient norm (GlobalNormLogger reads it): the same value on
         # every replica, since it is the norm of the summed gradients. Not add_variable and
@@ -653,3 +677,206 @@ for _name in dir(keras.optimizers):
         fused_class(_cls)
 del _name, _cls
 
+
+# ---- Keras versions: the behaviour check -------------------------------------------------
+
+_U32 = 2.0 ** -24
+_SHAPES = ((5,), (3, 4))  # check_keras' weights: 17 elements
+
+
+def _clipped_rtol(terms: int) -> float:
+    """How far (relative) a clipped update may be from Keras' when the norm sums `terms`
+    squares: each side sums them in its own order (<= (terms - 1)u relative for positive terms)
+    and takes a square root (u/2), so the two norms differ by <= (2 terms - 1)u; the scale
+    c * (1/n), g * s and lr * (g s) round once each per side (6u), and 2u spare."""
+    return (2 * terms + 7) * _U32
+
+
+def _keras_step_differs(before, fused_after, keras_after, clipped: bool,
+                        terms: int = 17) -> str:
+    """'' when one step's new weights agree, else what differs: the same bits when the step is
+    not clipped; when it is, the update within _clipped_rtol(terms) of Keras' and 2 ulp of the
+    weight (w0 - update rounds once per side, and the update read back as w0 - w1 once more)."""
+    for i, (w0, wf, wk) in enumerate(zip(before, fused_after, keras_after)):
+        if not clipped:
+            if wf.tobytes() != wk.tobytes():
+                return f"weight {i} differs from Keras' in {int(np.sum(wf != wk))} elements"
+            continue
+        tol = (np.abs(w0.astype(np.float64) - wk) * _clipped_rtol(terms)
+               + 2 * np.spacing(np.maximum(np.abs(w0), np.abs(wk))))
+        over = np.abs(wf.astype(np.float64) - wk) / tol
+        if not over.max() <= 1.0:
+            return f"weight {i} is off Keras' by {over.max():.3g} times the clip's rounding"
+    return ""
+
+
+def _traced_ops(optimizer, grads, variables) -> set:
+    """The op types of one traced apply (branch bodies included); the optimizer is built."""
+    fn = tf.function(lambda *g: optimizer.apply(list(g), variables))
+    graph_def = fn.get_concrete_function(*grads).graph.as_graph_def()
+    return {n.op for n in graph_def.node} | {n.op for f in graph_def.library.function
+                                              for n in f.node_def}
+
+
+def _behaviour_problems(rng: np.random.Generator) -> list:
+    """check_keras' cases; see there."""
+    problems = []
+    w0 = [rng.standard_normal(s).astype(np.float32) for s in _SHAPES]
+
+    def with_norms(*norms):
+        """Fresh random gradients, tensor i of norm norms[i] (or all of global norm norms[0])."""
+        g = [rng.standard_normal(s) for s in _SHAPES]
+        if len(norms) == 1:
+            total = np.sqrt(sum(np.sum(x * x) for x in g))
+            return [(x * (norms[0] / total)).astype(np.float32) for x in g]
+        return [(x * (n / np.linalg.norm(x))).astype(np.float32) for x, n in zip(g, norms)]
+
+    def pair(make):
+        """(fused, keras) optimizers from `make`, each with its own copy of the weights."""
+        out = []
+        for fuse in (True, False):
+            variables = [keras.Variable(w, name=f"w{i}") for i, w in enumerate(w0)]
+            opt = make(variables)
+            out.append((fused(opt) if fuse else opt, variables))
+        return out
+
+    def compare(case, make, steps, clipped, records_norms=False, op=None):
+        (fo, fv), (ko, kv) = pair(make)
+        for i, grads in enumerate(steps):
+            before = [v.numpy() for v in kv]
+            for opt, variables in ((fo, fv), (ko, kv)):
+                opt.apply([tf.constant(g) for g in grads], variables)
+            problem = _keras_step_differs(before, [v.numpy() for v in fv],
+                                          [v.numpy() for v in kv], clipped[i])
+            if problem:
+                problems.append(f"{case}, step {i}: {problem}")
+                return fo, ko
+            if records_norms:  # each gradient's norm, from the fused clip's own pass
+                got = fo.last_tensor_norms.numpy().astype(np.float64)
+                want = np.array([np.linalg.norm(g.astype(np.float64)) for g in grads])
+                # one side's rounding only: _clipped_rtol is looser
+                if not np.all(np.abs(got - want) <= _clipped_rtol(17) * want):
+                    problems.append(f"{case}, step {i}: the fused clip recorded the norms {got}, "
+                                    f"not {want}: it did not run")
+                    return fo, ko
+        if [v.path for v in fo.variables] != [v.path for v in ko.variables]:
+            problems.append(f"{case}: the fused optimizer's variables "
+                            f"{[v.path for v in fo.variables]} are not Keras' "
+                            f"{[v.path for v in ko.variables]} (checkpoints would not load)")
+        if op is not None:
+            ops = _traced_ops(fo, [tf.constant(g) for g in steps[0]], fv)
+            if op not in ops:
+                problems.append(f"{case}: a traced step has no {op}")
+        return fo, ko
+
+    def sgd(**kw):
+        return lambda variables: keras.optimizers.SGD(0.5, name="clipops_check", **kw)
+
+    # global_clipnorm: a step under the clip (Keras' bits), one over it (the norm's rounding)
+    compare("global_clipnorm", sgd(global_clipnorm=1.0), [with_norms(0.5), with_norms(3.0)],
+            clipped=[False, True], records_norms=True, op="ClipopsClipByGlobalNorm")
+    # clipnorm: one tensor under, one over; judged as clipped (the looser bound) as a whole
+    compare("clipnorm", sgd(clipnorm=1.0), [with_norms(0.5, 3.0)], clipped=[True],
+            records_norms=True, op="ClipopsClipByNorm")
+    compare("clipvalue", sgd(clipvalue=0.3), [with_norms(2.0)], clipped=[False],
+            op="ClipopsClipByValue")
+    # state that is not in the config: weight decay exclusions, by name and by variable
+    for how in ("var_names", "var_list"):
+        def adamw(variables, how=how):
+            opt = keras.optimizers.AdamW(0.1, weight_decay=0.5, global_clipnorm=10.0,
+                                         name="clipops_check")
+            if how == "var_names":
+                opt.exclude_from_weight_decay(var_names=["w1"])
+            else:
+                opt.exclude_from_weight_decay(var_list=[variables[1]])
+            return opt
+        compare(f"AdamW exclude_from_weight_decay({how}=...)", adamw,
+                [with_norms(1.0), with_norms(1.0)], clipped=[False, False])
+    compare("gradient_accumulation_steps=2", sgd(global_clipnorm=1.0,
+                                                 gradient_accumulation_steps=2),
+            [with_norms(0.5), with_norms(0.5), with_norms(3.0), with_norms(3.0)],
+            clipped=[False, False, False, True])
+    # the loss scale: an unclipped step (Keras' bits), an overflow (skipped, scale halved),
+    # a clipped one
+    scale = 2.0 ** 10
+    steps = [[g * np.float32(scale) for g in with_norms(n)] for n in (0.5, 1.0, 3.0)]
+    steps[1][0][2] = np.inf
+    fo, ko = compare("LossScaleOptimizer", lambda variables: _LossScaleOptimizer(
+        keras.optimizers.SGD(0.5, global_clipnorm=1.0, name="clipops_check"),
+        initial_scale=scale, name="clipops_check_lso"), steps, clipped=[False, False, True])
+    if not isinstance(fo, FusedLossScaleOptimizer):
+        problems.append(f"fused(LossScaleOptimizer) is a {type(fo).__name__}")
+    elif float(fo.dynamic_scale.numpy()) != float(ko.dynamic_scale.numpy()) or \
+            float(ko.dynamic_scale.numpy()) != scale / 2:
+        problems.append(f"LossScaleOptimizer: the loss scale is {fo.dynamic_scale.numpy()}, "
+                        f"Keras' {ko.dynamic_scale.numpy()}, after one overflow from {scale}")
+    return problems
+
+
+def check_keras(seed: int = 0) -> list:
+    """Runs a tiny step of each fused path against the installed Keras' own optimizer.
+
+    ``global_clipnorm``, ``clipnorm`` and ``clipvalue`` on SGD, AdamW with weight-decay
+    exclusions (by name and by variable), ``gradient_accumulation_steps`` and a
+    ``LossScaleOptimizer`` (with an overflow step): each on two small random weights, eagerly on
+    one device (in a thread of its own, outside any strategy scope or dtype policy of the
+    caller). Each step must give Keras' bits where nothing is clipped and agree within the
+    norm's rounding where it is; the fused op must have run (its recorded norms, its op in a
+    traced step) and the optimizer's variables must be Keras' (checkpoints interchange).
+
+    Args:
+      seed: the random weights' and gradients' seed.
+
+    Returns:
+      What differs, one line each; empty when this Keras behaves as clipops.keras expects.
+    """
+    result = []
+
+    def run():
+        _PREPARED.checking = True  # this thread's fused optimizers skip the version check
+        try:
+            result.extend(_behaviour_problems(np.random.default_rng(seed)))
+        except Exception as e:  # noqa: BLE001 - a Keras that breaks the check is a finding
+            result.append(f"the check raised {type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=run, name="clipops-check-keras")
+    thread.start()
+    thread.join()
+    return result
+
+
+def _check_keras_version(version: str | None = None) -> None:
+    """Warns when `version` (Keras') is not in TESTED_KERAS; _FusedClip.build then runs
+    check_keras() once before the first fused optimizer is built."""
+    version = keras.__version__ if version is None else version
+    if _tested(version):
+        return
+    warnings.warn(
+        f"clipops.keras is tested with Keras {', '.join(TESTED_KERAS)}, not {version}: it "
+        "overrides private Keras methods, so the first fused optimizer to be built runs "
+        "clipops.keras.check_keras() (a tiny step against Keras' own) and refuses to train "
+        "if they differ. pip install 'clipops[keras]' installs a tested Keras.",
+        UserWarning, stacklevel=3)
+    _VERSION_CHECK["needed"] = True
+
+
+# {"needed": whether this Keras is untested, "problems": check_keras()' result once run}
+_VERSION_CHECK: dict = {"needed": False, "problems": None}
+_VERSION_LOCK = threading.Lock()
+
+
+def _require_keras_behaviour() -> None:
+    """On an untested Keras: check_keras() once per process; raises if it found a difference."""
+    if not _VERSION_CHECK["needed"] or getattr(_PREPARED, "checking", False):
+        return
+    with _VERSION_LOCK:
+        if _VERSION_CHECK["problems"] is None:
+            _VERSION_CHECK["problems"] = check_keras()
+    if _VERSION_CHECK["problems"]:
+        raise RuntimeError(
+            f"clipops.keras does not work with Keras {keras.__version__} (untested; tested: "
+            f"{', '.join(TESTED_KERAS)}): a fused step differs from Keras' own: "
+            + "; ".join(_VERSION_CHECK["problems"]))
+
+
+_check_keras_version()

@@ -450,14 +450,6 @@ def test_multi_optimizer_has_fused_sub_optimizers(rng):
     assert all((o.last_tensor_norms.numpy() > 0).all() for o in subs)
 
 
-def test_a_keras_without_the_internals_is_refused(monkeypatch):
-    # a Keras release that renamed an overridden method must fail at import, by name
-    monkeypatch.delattr(keras.optimizers.LossScaleOptimizer, "_stateful_handle_non_finite_grads")
-    with pytest.raises(ImportError, match=r"LossScaleOptimizer\._stateful_handle_non_finite_grads"
-                                          r".*tested with Keras 3\.15"):
-        ck._check_keras_internals()
-
-
 def test_fit_mixed_float16_with_clipnorm_matches_keras(rng, policy):
     # the loss-scale op only unscales (clipnorm is the inner optimizer's, fused clip_by_norm
     # after it): Keras' bits on tensors under clipnorm, its norm's rounding on those over
