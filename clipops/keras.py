@@ -5,20 +5,30 @@
                   loss="mse")
     model.fit(x, y)
 
-``fused(optimizer)`` returns an optimizer of a subclass of the optimizer's own class
-("FusedAdam" for Adam, registered with Keras as ``clipops>FusedAdam``), built from its config.
-Everything but the clip is Keras' own code: the update rule, weight decay, EMA,
-``gradient_accumulation_steps``, ``loss_scale_factor``, saving.
+``fused(optimizer)`` turns the optimizer itself into an object of a subclass of its own class
+("FusedAdam" for Adam, registered with Keras as ``clipops>FusedAdam``) and returns it: only its
+class changes, so everything it holds is kept, what its config records and what it does not
+(``exclude_from_weight_decay``, a learning-rate schedule object, a LossScaleOptimizer's inner
+optimizer). Everything but the clip is Keras' own code: the update rule, weight decay, EMA,
+``gradient_accumulation_steps``, ``loss_scale_factor``, saving. Its ``variables`` are Keras' own
+(the norms it records are kept out of them), so checkpoints of a fused and a plain optimizer of
+the same class load into each other.
 
 Where the clip happens, and how it differs from Keras 3 (TensorFlow backend):
 
   - Keras 3 clips in ``BaseOptimizer._backend_apply_gradients`` (``_clip_gradients``), then
     ``TFOptimizer._backend_update_step`` sums the gradients across replicas. Under
-    ``tf.distribute.MirroredStrategy`` each replica's gradients are therefore clipped by their
-    own norm before the sum. A fused optimizer moves the clip into ``_backend_update_step``,
-    after the cross-replica sum: one all-reduce, then one fused clip of the summed gradients, so
-    the norm is the norm of the global batch's gradient, as Keras 2 did. On one device the two
-    orders are the same computation.
+    ``tf.distribute.MirroredStrategy`` and ``MultiWorkerMirroredStrategy`` each replica's
+    gradients are therefore clipped by their own norm before the sum. A fused optimizer moves
+    the clip into ``_backend_update_step``, after the cross-replica sum: one all-reduce, then
+    one fused clip of the summed gradients, so the norm is the norm of the global batch's
+    gradient, as Keras 2 did. On one device the two orders are the same computation.
+  - ``gradient_accumulation_steps`` under a strategy that synchronizes with ``merge_call``
+    (MirroredStrategy, MultiWorkerMirroredStrategy): Keras' own optimizer fails to trace there
+    (its accumulation ``cond`` holds the all-reduce). A fused optimizer takes that ``cond`` to
+    the cross-replica context, as Keras' LossScaleOptimizer does with its own: each branch runs
+    on every replica; the update branch sums the accumulated gradients across replicas and
+    clips the sum, once per ``gradient_accumulation_steps`` micro-batches.
   - ``global_clipnorm``: ``clipops.tensorflow.clip_by_global_norm`` (one fused op; inside XLA,
     ``jit_compile=True``, the same math in TF ops, clipops/_tf_xla.py). The scale is Keras' and
     TF's formula ``c * min(1/norm, 1/c) + (norm - norm)``, so a step that is not clipped gives
@@ -40,6 +50,12 @@ the check and the unscale are then Keras' own passes.
 The norms come from the clip's own pass: ``optimizer.last_global_norm`` and
 ``optimizer.last_tensor_norms`` (one per trainable variable) hold the last step's.
 ``GlobalNormLogger`` is a callback that writes them to TensorBoard with ``tf.summary``.
+
+Keras versions: clipops.keras overrides and calls private Keras methods, so it is tested with
+the releases in ``TESTED_KERAS`` (the ``clipops[keras]`` extra pins that range). Importing it
+with another Keras warns; the first fused optimizer to be built then runs ``check_keras()`` (a
+tiny step of each fused path against Keras' own), and a Keras whose optimizer no longer
+behaves as these overrides expect is refused there, with what differs, before it trains.
 """
 
 from __future__ import annotations
@@ -47,7 +63,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 
+import numpy as np
 import keras
 import tensorflow as tf
 from keras.src.utils import tracking
@@ -55,7 +73,8 @@ from tensorflow.core.framework import summary_pb2
 
 from . import tensorflow as _ctf
 
-__all__ = ["fused", "fused_class", "FusedLossScaleOptimizer", "GlobalNormLogger", "is_fused"]
+__all__ = ["fused", "fused_class", "FusedLossScaleOptimizer", "GlobalNormLogger", "is_fused",
+           "check_keras", "TESTED_KERAS"]
 
 if keras.backend.backend() != "tensorflow":  # the fused op is a TensorFlow op
     raise ImportError(
@@ -63,18 +82,44 @@ if keras.backend.backend() != "tensorflow":  # the fused op is a TensorFlow op
         f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras")
 
 _LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
+# Keras 3.15's MultiOptimizer hands each variable to a sub-optimizer of its own and clips
+# nothing itself (it takes no clip option): its sub-optimizers are what can be fused.
+_MultiOptimizer = getattr(keras.optimizers, "MultiOptimizer", None)
+_MULTI_MESSAGE = ("{} has no clip of its own (each of its sub-optimizers clips the gradients it "
+                  "is given): make the sub-optimizers fused before building it, e.g. "
+                  "MultiOptimizer(OptimizerMap(clipops.keras.fused(Adam(1e-3, "
+                  "global_clipnorm=1.0)), {{'encoder/.*': clipops.keras.fused(SGD(0.1, "
+                  "global_clipnorm=1.0))}}))")
 
-# The Keras internals clipops.keras overrides or calls (TensorFlow backend), as in Keras 3.15,
-# the release it is tested with. Checked at import: a Keras that renamed one fails here, with
-# its name, instead of training without the fused clip.
-TESTED_KERAS = "3.15"
+# The Keras 3 releases clipops.keras is tested with, by minor version, oldest first. The one
+# place this is written: pyproject.toml's `keras` extra pins the same range
+# (tests/test_keras_versions.py checks that they agree) and .ci/run runs that test module
+# (check_keras() among it) under the newest release of each minor and the oldest of the range.
+TESTED_KERAS = ("3.12", "3.13", "3.14", "3.15")
+
+# The Keras internals clipops.keras overrides or calls (TensorFlow backend). Checked at import:
+# a Keras that renamed one fails here, with its name, instead of training without the fused
+# clip. A name that still exists but behaves otherwise is what check_keras() is for.
 _INTERNALS = {
     keras.optimizers.Optimizer: ("_clip_gradients", "_backend_update_step",
-                                 "_all_reduce_sum_gradients", "_distributed_tf_update_step",
-                                 "_get_variable_index"),
+                                 "_backend_apply_gradients", "_all_reduce_sum_gradients",
+                                 "_distributed_tf_update_step", "_get_variable_index",
+                                 "_backend_increment_gradient_accumulators",
+                                 "_backend_reset_gradient_accumulators", "_apply_weight_decay",
+                                 "_update_model_variables_moving_average",
+                                 "_overwrite_model_variables_with_average_value"),
     _LossScaleOptimizer: ("_overwrite_variable_with_gradient",
                           "_stateful_handle_non_finite_grads"),
 }
+
+
+def _minor(version: str) -> str:
+    """'3.15' of '3.15.1' or '3.15.0.dev2025...'."""
+    return ".".join(version.split(".")[:2])
+
+
+def _tested(version: str) -> bool:
+    return _minor(version) in TESTED_KERAS
 
 
 def _check_keras_internals() -> None:
@@ -83,9 +128,9 @@ def _check_keras_internals() -> None:
     if missing:
         raise ImportError(
             f"clipops.keras needs Keras internals that Keras {keras.__version__} lacks: "
-            f"{', '.join(missing)}. It is tested with Keras {TESTED_KERAS}; install that "
-            f"release (pip install 'keras=={TESTED_KERAS}.*') or use clipops.clip_by_global_norm "
-            "in a custom training loop.")
+            f"{', '.join(missing)}. It is tested with Keras {', '.join(TESTED_KERAS)}; install "
+            "one of those (pip install 'clipops[keras]') or use clipops.clip_by_global_norm in "
+            "a custom training loop.")
 
 
 _check_keras_internals()
@@ -125,9 +170,22 @@ def _clip_option(optimizer) -> str | None:
     return None
 
 
+def _merge_call_strategy() -> bool:
+    """True in a replica context of a strategy that synchronizes replicas with merge_call
+    (MirroredStrategy, MultiWorkerMirroredStrategy), where a ``cond`` whose branch all-reduces
+    or updates mirrored variables fails to trace."""
+    return (tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+            and not tf.__internal__.distribute.strategy_supports_no_merge_call())
+
+
 class _FusedClip:
     """Mixin placed before a Keras optimizer class: moves the clip after the cross-replica
-    sum and does global_clipnorm with clipops' fused op. See the module's docstring."""
+    sum and does global_clipnorm with clipops' fused op. See the module's docstring.
+
+    ``fused`` gives an existing, unbuilt optimizer this class by assigning ``__class__``, so the
+    mixin keeps no state of its own made in ``__init__`` (the ``__init__`` here only validates,
+    for objects made from the class directly, e.g. by ``keras.saving.load_model``); what it
+    needs it creates in ``build``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -141,15 +199,23 @@ class _FusedClip:
     def build(self, variables):
         if self.built:
             return
+        _require_keras_behaviour()
         super().build(variables)
-        # the last step's global gradient norm (GlobalNormLogger reads it); the same value on
-        # every replica, since it is the norm of the summed gradients
-        self._clipops_norm = self.add_variable(
-            shape=(), dtype="float32", initializer="zeros", aggregation="only_first_replica",
-            name="clipops_global_norm")
-        self._clipops_tensor_norms = self.add_variable(
-            shape=(len(self._trainable_variables),), dtype="float32", initializer="zeros",
-            aggregation="only_first_replica", name="clipops_tensor_norms")
+        # The last step's global gradient norm (GlobalNormLogger reads it): the same value on
+        # every replica, since it is the norm of the summed gradients. Not add_variable and
+        # not a tracked attribute: the norms stay out of `variables` and out of
+        # tf.train.Checkpoint's dependencies, so that a fused optimizer's checkpoints hold
+        # what a plain one's do (Keras skips all of an optimizer's state when the counts
+        # differ) and both load into each other. A logged value, not training state.
+        object.__setattr__(self, "_clipops_norm",
+                           self._clipops_variable((), "clipops_global_norm"))
+        object.__setattr__(self, "_clipops_tensor_norms", self._clipops_variable(
+            (len(self._trainable_variables),), "clipops_tensor_norms"))
+
+    def _clipops_variable(self, shape, name):
+        with keras.name_scope(self.name, caller=self):
+            return keras.Variable(initializer="zeros", shape=shape, dtype="float32",
+                                  trainable=False, aggregation="only_first_replica", name=name)
 
     @property
     def last_global_norm(self):
@@ -183,6 +249,60 @@ class _FusedClip:
         if index != list(range(len(self._trainable_variables))):
             norms = tf.scatter_nd([[i] for i in index], norms, [len(self._trainable_variables)])
         self._clipops_tensor_norms.assign(norms)
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if not (self.gradient_accumulation_steps and _merge_call_strategy()):
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        # Keras' accumulation is a cond in the replica context whose update branch all-reduces
+        # (a merge_call), which MirroredStrategy cannot trace. As Keras' LossScaleOptimizer does
+        # with its own cond: one merge_call, the cond in the cross-replica context, and each
+        # branch run on every replica, where the update branch sums and then clips.
+        flags = _prepared_flags(self)  # thread-local: the branches run in threads of their own
+        tf.distribute.get_replica_context().merge_call(
+            lambda distribution, grads, variables: self._accumulate_across_replicas(
+                distribution, grads, variables, flags),
+            args=(list(grads), list(trainable_variables)))
+        if self.use_ema:  # what Keras' _backend_apply_gradients does after its cond
+            self._update_model_variables_moving_average(self._trainable_variables)
+            if self.ema_overwrite_frequency:
+                keras.ops.cond(
+                    (self.iterations + 1) % self.ema_overwrite_frequency == 0,
+                    lambda: self._overwrite_model_variables_with_average_value(
+                        self._trainable_variables),
+                    lambda: None)
+
+    def _accumulate_across_replicas(self, distribution, grads, variables, flags):
+        """The cross-replica half of _backend_apply_gradients under accumulation."""
+        is_update_step = (self._iterations + 1) % self.gradient_accumulation_steps == 0
+
+        def update():
+            distribution.extended.call_for_each_replica(
+                self._accumulated_update_step, args=(grads, variables, flags))
+
+        def increment():
+            distribution.extended.call_for_each_replica(
+                self._increment_accumulators, args=(grads, variables))
+
+        keras.ops.cond(is_update_step, update, increment)
+
+    def _accumulators(self, variables) -> list:
+        # `variables` may omit those without a gradient: index by variable, as Keras does
+        return [self._accumulated_gradients[self._get_variable_index(v)] for v in variables]
+
+    def _increment_accumulators(self, grads, variables):
+        self._backend_increment_gradient_accumulators(grads, self._accumulators(variables))
+
+    def _accumulated_update_step(self, grads, variables, flags):
+        """Keras' accumulation update branch, on one replica: the mean of the micro-batches'
+        gradients, the weight decay, then _backend_update_step (the sum, the clip, the update);
+        the accumulators are reset."""
+        steps = self.gradient_accumulation_steps
+        grads = [(g + a) / steps for g, a in zip(grads, self._accumulators(variables))]
+        with _prepared(self, *flags):
+            grads = self._clip_gradients(grads)
+            self._apply_weight_decay(variables)
+            self._backend_update_step(grads, variables, self.learning_rate)
+        self._backend_reset_gradient_accumulators()
 
     def _clip_gradients(self, grads):
         # Keras calls this before _backend_update_step sums across replicas; the clip is done
@@ -237,7 +357,8 @@ def fused_class(cls: type) -> type:
       The fused class; ``cls`` itself if it is already fused.
 
     Raises:
-      TypeError: ``cls`` is not a Keras optimizer class, or is a LossScaleOptimizer.
+      TypeError: ``cls`` is not a Keras optimizer class, or is a LossScaleOptimizer or a
+        MultiOptimizer (which clips nothing itself: make its sub-optimizers fused).
       ValueError: another class of the same name was already made fused.
     """
     if not (isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)):
@@ -247,6 +368,8 @@ def fused_class(cls: type) -> type:
     if issubclass(cls, _LossScaleOptimizer):
         raise TypeError(f"{cls.__name__} is a LossScaleOptimizer: use "
                         "clipops.keras.fused(optimizer) or FusedLossScaleOptimizer")
+    if _MultiOptimizer is not None and issubclass(cls, _MultiOptimizer):
+        raise TypeError(_MULTI_MESSAGE.format(cls.__name__))
     made = _FUSED_CLASSES.get(cls)
     if made is not None:
         return made
@@ -274,26 +397,27 @@ def is_fused(optimizer) -> bool:
 
 
 def fused(optimizer):
-    """The same optimizer, clipping with clipops' fused op after the cross-replica sum.
+    """Makes an optimizer clip with clipops' fused op after the cross-replica sum.
 
-    ``fused(keras.optimizers.Adam(1e-3, global_clipnorm=1.0))`` returns a ``FusedAdam`` with the
-    same config (a new object; ``optimizer`` is left as it was). A ``LossScaleOptimizer`` gives a
-    ``FusedLossScaleOptimizer`` around ``fused(inner_optimizer)``. Use the result in
+    ``fused(keras.optimizers.Adam(1e-3, global_clipnorm=1.0))`` changes the optimizer's class to
+    ``FusedAdam`` (``fused_class``) and returns the same object: everything it holds is kept,
+    including what ``get_config`` does not record (``exclude_from_weight_decay``, a schedule
+    object, its name). A ``LossScaleOptimizer`` becomes a ``FusedLossScaleOptimizer`` and its
+    inner optimizer is made fused the same way. Use the result in
     ``model.compile(optimizer=...)`` or a custom loop (``apply_gradients``).
 
     Args:
       optimizer: a Keras 3 optimizer that has not been used yet (not built), with one of
-        ``global_clipnorm`` (fused), ``clipnorm`` or ``clipvalue`` (Keras' per-tensor clip, after
-        the cross-replica sum).
+        ``global_clipnorm`` (fused), ``clipnorm`` or ``clipvalue``.
 
     Returns:
-      The fused optimizer; ``optimizer`` itself if it is already fused.
+      ``optimizer`` itself, now fused (unchanged if it already was).
 
     Raises:
       TypeError: ``optimizer`` is not a Keras 3 optimizer (e.g. a ``tf.keras``/Keras 2 one, or
-        a class).
-      ValueError: it sets no clip option, or it is already built (its state could not be
-        carried over: call ``fused`` before training).
+        a class), or is a ``MultiOptimizer`` (make its sub-optimizers fused instead).
+      ValueError: it sets no clip option, or it is already built (call ``fused`` before
+        training). Nothing is changed when it raises.
     """
     if is_fused(optimizer):
         return optimizer
@@ -304,19 +428,29 @@ def fused(optimizer):
         raise TypeError(
             f"fused takes a Keras 3 optimizer (keras.optimizers.Optimizer), got "
             f"{type(optimizer).__module__}.{type(optimizer).__qualname__}")
-    if optimizer.built:
-        raise ValueError(f"optimizer {optimizer.name!r} is already built (it has state); call "
-                         "clipops.keras.fused on it before it is used")
-    if isinstance(optimizer, _LossScaleOptimizer):
-        return FusedLossScaleOptimizer(
-            optimizer.inner_optimizer, initial_scale=optimizer.initial_scale,
-            dynamic_growth_steps=optimizer.dynamic_growth_steps, name=optimizer.name)
-    if _clip_option(optimizer) is None:
-        raise ValueError(
-            f"optimizer {optimizer.name!r} ({type(optimizer).__name__}) sets none of "
-            "global_clipnorm, clipnorm or clipvalue, so there is nothing for clipops to clip; "
-            "create it with one, e.g. keras.optimizers.Adam(1e-3, global_clipnorm=1.0)")
-    return fused_class(type(optimizer)).from_config(optimizer.get_config())
+    if _MultiOptimizer is not None and isinstance(optimizer, _MultiOptimizer):
+        raise TypeError(_MULTI_MESSAGE.format(type(optimizer).__name__))
+    inner = optimizer.inner_optimizer if isinstance(optimizer, _LossScaleOptimizer) else None
+    # every check before any change: a refused optimizer is left as it was
+    for opt in (optimizer, inner):
+        if opt is not None and opt.built:
+            raise ValueError(f"optimizer {opt.name!r} is already built (it has state); call "
+                             "clipops.keras.fused on it before it is used")
+    if inner is not None and type(optimizer) is not _LossScaleOptimizer:
+        # a subclass's own overrides would be dropped by the class change
+        raise TypeError(f"fused handles keras.optimizers.LossScaleOptimizer itself, not its "
+                        f"subclass {type(optimizer).__module__}.{type(optimizer).__qualname__}")
+    target = inner if inner is not None else optimizer
+    if not is_fused(target):
+        if _clip_option(target) is None:
+            raise ValueError(
+                f"optimizer {target.name!r} ({type(target).__name__}) sets none of "
+                "global_clipnorm, clipnorm or clipvalue, so there is nothing for clipops to "
+                "clip; create it with one, e.g. keras.optimizers.Adam(1e-3, global_clipnorm=1.0)")
+        target.__class__ = fused_class(type(target))
+    if inner is not None:
+        optimizer.__class__ = FusedLossScaleOptimizer
+    return optimizer
 
 
 def _sum_across_replicas(optimizer, grads: list, variables) -> list:
@@ -350,6 +484,10 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
         wait for the accumulated gradient), the same op only unscales (``use_norm=1``, clip 1:
         the scale is exactly ``1/s``) and returns each gradient's own norm; the step is skipped
         when one of them is not finite. The inner optimizer clips later, as it would.
+
+    ``clipops.keras.fused(loss_scale_optimizer)`` gives an existing LossScaleOptimizer this
+    class (and its inner optimizer a fused one) in place, so nothing here may depend on state
+    made in ``__init__``.
 
     Args: those of ``keras.optimizers.LossScaleOptimizer``; ``inner_optimizer`` is made fused
     (``clipops.keras.fused``) if it is not.
@@ -529,11 +667,216 @@ class GlobalNormLogger(keras.callbacks.Callback):
 
 
 # Every Keras optimizer's fused class exists at import, so saved models load after
-# `import clipops.keras` alone.
+# `import clipops.keras` alone (a MultiOptimizer has none: fused_class refuses it).
 for _name in dir(keras.optimizers):
     _cls = getattr(keras.optimizers, _name)
     if (isinstance(_cls, type) and issubclass(_cls, keras.optimizers.Optimizer)
             and _cls is not keras.optimizers.Optimizer
-            and not issubclass(_cls, _LossScaleOptimizer)):
+            and not issubclass(_cls, _LossScaleOptimizer)
+            and not (_MultiOptimizer is not None and issubclass(_cls, _MultiOptimizer))):
         fused_class(_cls)
 del _name, _cls
+
+
+# ---- Keras versions: the behaviour check -------------------------------------------------
+
+_U32 = 2.0 ** -24
+_SHAPES = ((5,), (3, 4))  # check_keras' weights: 17 elements
+
+
+def _clipped_rtol(terms: int) -> float:
+    """How far (relative) a clipped update may be from Keras' when the norm sums `terms`
+    squares: each side sums them in its own order (<= (terms - 1)u relative for positive terms)
+    and takes a square root (u/2), so the two norms differ by <= (2 terms - 1)u; the scale
+    c * (1/n), g * s and lr * (g s) round once each per side (6u), and 2u spare."""
+    return (2 * terms + 7) * _U32
+
+
+def _keras_step_differs(before, fused_after, keras_after, clipped: bool,
+                        terms: int = 17) -> str:
+    """'' when one step's new weights agree, else what differs: the same bits when the step is
+    not clipped; when it is, the update within _clipped_rtol(terms) of Keras' and 2 ulp of the
+    weight (w0 - update rounds once per side, and the update read back as w0 - w1 once more)."""
+    for i, (w0, wf, wk) in enumerate(zip(before, fused_after, keras_after)):
+        if not clipped:
+            if wf.tobytes() != wk.tobytes():
+                return f"weight {i} differs from Keras' in {int(np.sum(wf != wk))} elements"
+            continue
+        tol = (np.abs(w0.astype(np.float64) - wk) * _clipped_rtol(terms)
+               + 2 * np.spacing(np.maximum(np.abs(w0), np.abs(wk))))
+        over = np.abs(wf.astype(np.float64) - wk) / tol
+        if not over.max() <= 1.0:
+            return f"weight {i} is off Keras' by {over.max():.3g} times the clip's rounding"
+    return ""
+
+
+def _traced_ops(optimizer, grads, variables) -> set:
+    """The op types of one traced apply (branch bodies included); the optimizer is built."""
+    fn = tf.function(lambda *g: optimizer.apply(list(g), variables))
+    graph_def = fn.get_concrete_function(*grads).graph.as_graph_def()
+    return {n.op for n in graph_def.node} | {n.op for f in graph_def.library.function
+                                              for n in f.node_def}
+
+
+def _behaviour_problems(rng: np.random.Generator) -> list:
+    """check_keras' cases; see there."""
+    problems = []
+    w0 = [rng.standard_normal(s).astype(np.float32) for s in _SHAPES]
+
+    def with_norms(*norms):
+        """Fresh random gradients, tensor i of norm norms[i] (or all of global norm norms[0])."""
+        g = [rng.standard_normal(s) for s in _SHAPES]
+        if len(norms) == 1:
+            total = np.sqrt(sum(np.sum(x * x) for x in g))
+            return [(x * (norms[0] / total)).astype(np.float32) for x in g]
+        return [(x * (n / np.linalg.norm(x))).astype(np.float32) for x, n in zip(g, norms)]
+
+    def pair(make):
+        """(fused, keras) optimizers from `make`, each with its own copy of the weights."""
+        out = []
+        for fuse in (True, False):
+            variables = [keras.Variable(w, name=f"w{i}") for i, w in enumerate(w0)]
+            opt = make(variables)
+            out.append((fused(opt) if fuse else opt, variables))
+        return out
+
+    def compare(case, make, steps, clipped, records_norms=False, op=None):
+        (fo, fv), (ko, kv) = pair(make)
+        for i, grads in enumerate(steps):
+            before = [v.numpy() for v in kv]
+            for opt, variables in ((fo, fv), (ko, kv)):
+                opt.apply([tf.constant(g) for g in grads], variables)
+            problem = _keras_step_differs(before, [v.numpy() for v in fv],
+                                          [v.numpy() for v in kv], clipped[i])
+            if problem:
+                problems.append(f"{case}, step {i}: {problem}")
+                return fo, ko
+            if records_norms:  # each gradient's norm, from the fused clip's own pass
+                got = fo.last_tensor_norms.numpy().astype(np.float64)
+                want = np.array([np.linalg.norm(g.astype(np.float64)) for g in grads])
+                # one side's rounding only: _clipped_rtol is looser
+                if not np.all(np.abs(got - want) <= _clipped_rtol(17) * want):
+                    problems.append(f"{case}, step {i}: the fused clip recorded the norms {got}, "
+                                    f"not {want}: it did not run")
+                    return fo, ko
+        if [v.path for v in fo.variables] != [v.path for v in ko.variables]:
+            problems.append(f"{case}: the fused optimizer's variables "
+                            f"{[v.path for v in fo.variables]} are not Keras' "
+                            f"{[v.path for v in ko.variables]} (checkpoints would not load)")
+        if op is not None:
+            ops = _traced_ops(fo, [tf.constant(g) for g in steps[0]], fv)
+            if op not in ops:
+                problems.append(f"{case}: a traced step has no {op}")
+        return fo, ko
+
+    def sgd(**kw):
+        return lambda variables: keras.optimizers.SGD(0.5, name="clipops_check", **kw)
+
+    # global_clipnorm: a step under the clip (Keras' bits), one over it (the norm's rounding)
+    compare("global_clipnorm", sgd(global_clipnorm=1.0), [with_norms(0.5), with_norms(3.0)],
+            clipped=[False, True], records_norms=True, op="ClipopsClipByGlobalNorm")
+    # clipnorm: one tensor under, one over; judged as clipped (the looser bound) as a whole
+    compare("clipnorm", sgd(clipnorm=1.0), [with_norms(0.5, 3.0)], clipped=[True],
+            records_norms=True, op="ClipopsClipByNorm")
+    compare("clipvalue", sgd(clipvalue=0.3), [with_norms(2.0)], clipped=[False],
+            op="ClipopsClipByValue")
+    # state that is not in the config: weight decay exclusions, by name and by variable
+    for how in ("var_names", "var_list"):
+        def adamw(variables, how=how):
+            opt = keras.optimizers.AdamW(0.1, weight_decay=0.5, global_clipnorm=10.0,
+                                         name="clipops_check")
+            if how == "var_names":
+                opt.exclude_from_weight_decay(var_names=["w1"])
+            else:
+                opt.exclude_from_weight_decay(var_list=[variables[1]])
+            return opt
+        compare(f"AdamW exclude_from_weight_decay({how}=...)", adamw,
+                [with_norms(1.0), with_norms(1.0)], clipped=[False, False])
+    compare("gradient_accumulation_steps=2", sgd(global_clipnorm=1.0,
+                                                 gradient_accumulation_steps=2),
+            [with_norms(0.5), with_norms(0.5), with_norms(3.0), with_norms(3.0)],
+            clipped=[False, False, False, True])
+    # the loss scale: an unclipped step (Keras' bits), an overflow (skipped, scale halved),
+    # a clipped one
+    scale = 2.0 ** 10
+    steps = [[g * np.float32(scale) for g in with_norms(n)] for n in (0.5, 1.0, 3.0)]
+    steps[1][0][2] = np.inf
+    fo, ko = compare("LossScaleOptimizer", lambda variables: _LossScaleOptimizer(
+        keras.optimizers.SGD(0.5, global_clipnorm=1.0, name="clipops_check"),
+        initial_scale=scale, name="clipops_check_lso"), steps, clipped=[False, False, True])
+    if not isinstance(fo, FusedLossScaleOptimizer):
+        problems.append(f"fused(LossScaleOptimizer) is a {type(fo).__name__}")
+    elif float(fo.dynamic_scale.numpy()) != float(ko.dynamic_scale.numpy()) or \
+            float(ko.dynamic_scale.numpy()) != scale / 2:
+        problems.append(f"LossScaleOptimizer: the loss scale is {fo.dynamic_scale.numpy()}, "
+                        f"Keras' {ko.dynamic_scale.numpy()}, after one overflow from {scale}")
+    return problems
+
+
+def check_keras(seed: int = 0) -> list:
+    """Runs a tiny step of each fused path against the installed Keras' own optimizer.
+
+    ``global_clipnorm``, ``clipnorm`` and ``clipvalue`` on SGD, AdamW with weight-decay
+    exclusions (by name and by variable), ``gradient_accumulation_steps`` and a
+    ``LossScaleOptimizer`` (with an overflow step): each on two small random weights, eagerly on
+    one device (in a thread of its own, outside any strategy scope or dtype policy of the
+    caller). Each step must give Keras' bits where nothing is clipped and agree within the
+    norm's rounding where it is; the fused op must have run (its recorded norms, its op in a
+    traced step) and the optimizer's variables must be Keras' (checkpoints interchange).
+
+    Args:
+      seed: the random weights' and gradients' seed.
+
+    Returns:
+      What differs, one line each; empty when this Keras behaves as clipops.keras expects.
+    """
+    result = []
+
+    def run():
+        _PREPARED.checking = True  # this thread's fused optimizers skip the version check
+        try:
+            result.extend(_behaviour_problems(np.random.default_rng(seed)))
+        except Exception as e:  # noqa: BLE001 - a Keras that breaks the check is a finding
+            result.append(f"the check raised {type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=run, name="clipops-check-keras")
+    thread.start()
+    thread.join()
+    return result
+
+
+def _check_keras_version(version: str | None = None) -> None:
+    """Warns when `version` (Keras') is not in TESTED_KERAS; _FusedClip.build then runs
+    check_keras() once before the first fused optimizer is built."""
+    version = keras.__version__ if version is None else version
+    if _tested(version):
+        return
+    warnings.warn(
+        f"clipops.keras is tested with Keras {', '.join(TESTED_KERAS)}, not {version}: it "
+        "overrides private Keras methods, so the first fused optimizer to be built runs "
+        "clipops.keras.check_keras() (a tiny step against Keras' own) and refuses to train "
+        "if they differ. pip install 'clipops[keras]' installs a tested Keras.",
+        UserWarning, stacklevel=3)
+    _VERSION_CHECK["needed"] = True
+
+
+# {"needed": whether this Keras is untested, "problems": check_keras()' result once run}
+_VERSION_CHECK: dict = {"needed": False, "problems": None}
+_VERSION_LOCK = threading.Lock()
+
+
+def _require_keras_behaviour() -> None:
+    """On an untested Keras: check_keras() once per process; raises if it found a difference."""
+    if not _VERSION_CHECK["needed"] or getattr(_PREPARED, "checking", False):
+        return
+    with _VERSION_LOCK:
+        if _VERSION_CHECK["problems"] is None:
+            _VERSION_CHECK["problems"] = check_keras()
+    if _VERSION_CHECK["problems"]:
+        raise RuntimeError(
+            f"clipops.keras does not work with Keras {keras.__version__} (untested; tested: "
+            f"{', '.join(TESTED_KERAS)}): a fused step differs from Keras' own: "
+            + "; ".join(_VERSION_CHECK["problems"]))
+
+
+_check_keras_version()
