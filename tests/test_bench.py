@@ -436,9 +436,11 @@ def test_headline_reads_ratios_and_verdicts_from_the_result_files(tmp_path):
     (tmp_path / "mnist.json").write_text(json.dumps(_fake_mnist()))
     docs = tmp_path / "benchmarks.md"
     docs.write_text(f"intro\n{headline.BEGIN}\nstale numbers\n{headline.END}\noutro\n")
+    readme = tmp_path / "README.md"  # never the repository's own
+    readme.write_text(f"top\n{headline.README_BEGIN}\nstale\n{headline.README_END}\nrest\n")
     rc = headline.main(["--micro", str(tmp_path / "micro.json"), "--mnist",
                         str(tmp_path / "mnist.json"), "--out", str(tmp_path / "out"),
-                        "--docs", str(docs)])
+                        "--docs", str(docs), "--readme", str(readme)])
     assert rc == 0
     md = (tmp_path / "out" / "headline.md").read_text()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines()
@@ -462,6 +464,9 @@ def test_headline_reads_ratios_and_verdicts_from_the_result_files(tmp_path):
     assert "clipops slower by 1.00 ms [0.80, 1.20]" in text
     assert "| small list, eager | mnist | 4.00 | >= 6 | 5.00 | missed; the route alone misses too |" \
         in text
+    # README's block is headline.md's, with links from the repository's root
+    assert readme.read_text() == f"top\n{headline.readme_block(md)}\nrest\n"
+    assert "](bench/results/headline.png)" in readme.read_text()
 
 
 def test_headline_marks_a_smoke_run_and_leaves_docs_without_markers_alone(tmp_path):
@@ -472,7 +477,11 @@ def test_headline_marks_a_smoke_run_and_leaves_docs_without_markers_alone(tmp_pa
     (tmp_path / "mnist.json").write_text(json.dumps(_fake_mnist()))
     docs = tmp_path / "benchmarks.md"
     docs.write_text("no markers here\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here either\n")
     rc = headline.main(["--micro", str(tmp_path / "micro.json"), "--mnist",
-                        str(tmp_path / "mnist.json"), "--out", str(tmp_path), "--docs", str(docs)])
+                        str(tmp_path / "mnist.json"), "--out", str(tmp_path), "--docs", str(docs),
+                        "--readme", str(readme)])
     assert rc == 1 and docs.read_text() == "no markers here\n"
+    assert readme.read_text() == "no markers here either\n"
     assert "SMOKE" in (tmp_path / "headline.md").read_text()
