@@ -257,3 +257,251 @@ def clip_by_value(arrays, clip_value_min, clip_value_max, in_place: bool = False
     """
     return _clip_each(arrays, in_place, _common.load_core().MODES["value"], lo=clip_value_min,
                       hi=clip_value_max)
+
+
+# ---- the fused clip + optimizer update (csrc/core: update_cpu) ----------------------------------
+# Keras 3's SGD, Adam and AdamW update_step, with the clip folded in, over lists of float32
+# NumPy variables, in place. Argument conversion as Keras does it: clipops/_optim.py.
+
+__all__ += ["sgd_update", "adam_update", "adamw_update"]
+
+_STATE_NAMES = {"param": "params", "grad": "grads", "m": "momentums", "v": "velocities"}
+
+
+def _writable_float32(a, what: str) -> np.ndarray:
+    """A variable or state array the update writes in place."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{what} is a {type(a).__name__}; the update writes NumPy arrays in place")
+    if a.dtype != np.float32:
+        raise TypeError(f"{what} has dtype {a.dtype}; variables and optimizer state are float32")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{what} is not C-contiguous; the update needs contiguous arrays")
+    if not a.flags.writeable:
+        raise ValueError(f"{what} is read-only; the update writes it in place")
+    if not a.flags.aligned:
+        raise ValueError(f"{what} is not aligned to its 4-byte elements (a view at an odd byte "
+                         "offset)")
+    return a
+
+
+def _gradient(g, shape, what: str) -> tuple[np.ndarray, int]:
+    """A gradient as the kernel reads it (a contiguous, aligned, native-order copy
+    when it is not one already) and its dtype code."""
+    if not isinstance(g, np.ndarray):
+        g = np.asarray(g)
+    if g.dtype.kind != "f" and g.dtype.name != "bfloat16":
+        raise TypeError(f"{what} has dtype {g.dtype}; gradients are float32, float16 or bfloat16")
+    if not g.dtype.isnative:
+        g = g.astype(g.dtype.newbyteorder("="))
+    code = _common.DTYPE_CODES.get(g.dtype.name)
+    if code is None or code == _common.DTYPE_CODES["float64"]:
+        raise TypeError(f"{what} has dtype {g.dtype}; gradients of float32 variables are float32, "
+                        "float16 or bfloat16 (Keras casts them to float32)")
+    if g.shape != shape:
+        raise ValueError(f"{what} has shape {g.shape}, but its variable has shape {shape}")
+    if not (g.flags.c_contiguous and g.flags.aligned):
+        g = np.array(g, order="C")  # a fresh array: contiguous and aligned
+    return g, code
+
+
+def _update(rule: str, params, grads, momentums, velocities, *, weight_decay, decay_mask,
+            global_clipnorm, clipnorm, clipvalue, unscale, nonfinite, return_norms, **hyper):
+    """The checks and the call shared by sgd_update, adam_update and adamw_update."""
+    from . import _optim
+
+    policy = _common.check_nonfinite(nonfinite)
+    params = _common.check_list(params, "params")
+    grads = _common.check_list(grads, "grads")
+    n = len(params)
+    lists = {"grads": grads}
+    for name, value in (("momentums", momentums), ("velocities", velocities)):
+        if value is not None:
+            lists[name] = _common.check_list(value, name)
+    for name, lst in lists.items():
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
+    mode, clip = _optim.clip_choice(global_clipnorm, clipnorm, clipvalue)
+    if unscale is not None and mode not in ("global_norm", "none"):
+        raise ValueError("unscale goes with global_clipnorm or no clip (clipnorm and clipvalue "
+                         "clip each gradient as it is)")
+    u = 1.0 if unscale is None else float(_common.check_unscale(unscale))
+    flags = _optim.decay_flags(weight_decay, decay_mask, n)
+    ms, vs = lists.get("momentums"), lists.get("velocities")
+
+    descs, positions, keep = [], [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:  # as Keras: a variable without a gradient is neither updated nor decayed
+            continue
+        p = _writable_float32(p, f"params[{i}]")
+        g, code = _gradient(g, p.shape, f"grads[{i}]")
+        m = v = None
+        if ms is not None:
+            m = _writable_float32(ms[i], f"momentums[{i}]")
+            if m.shape != p.shape:
+                raise ValueError(f"momentums[{i}] has shape {m.shape}, but params[{i}] has "
+                                 f"{p.shape}")
+        if vs is not None:
+            v = _writable_float32(vs[i], f"velocities[{i}]")
+            if v.shape != p.shape:
+                raise ValueError(f"velocities[{i}] has shape {v.shape}, but params[{i}] has "
+                                 f"{p.shape}")
+        keep.append(g)  # a copied gradient lives until the call returns
+        descs.append((p.ctypes.data, g.ctypes.data, code, 0 if m is None else m.ctypes.data,
+                      0 if v is None else v.ctypes.data, p.size, flags[i]))
+        positions.append(i)
+
+    core = _common.load_core()
+    norm_code = _common.norm_dtype_code([d[2] for d in descs])
+    dtype = _common.np_dtype(norm_code)
+    norm = np.zeros((), dtype=dtype)
+    norms = np.zeros(len(descs), dtype=dtype)
+    args = _optim.update_args(core, rule=rule, clip_mode=mode, clip_value=clip,
+                              norm_code=norm_code, unscale=u, skip=policy != "nan",
+                              learning_rate=hyper.pop("learning_rate"), weight_decay=weight_decay,
+                              **hyper)
+    args.norm_out = norm.ctypes.data
+    if (return_norms or policy == "raise") and descs:
+        args.tensor_norms = norms.ctypes.data
+    try:
+        core.update_cpu(descs, args)
+    except ValueError as exc:
+        raise ValueError(_optim.name_tensors(str(exc), positions, _STATE_NAMES)) from None
+    del keep
+    if policy == "raise" and not np.isfinite(norm):
+        msg = _common.nonfinite_message(norm, norms, positions, "grads")
+        raise _common.NonFiniteError(msg.replace(
+            "Nothing was clipped: the outputs are the inputs.",
+            "Nothing was updated: the variables and their state keep their values."))
+    if return_norms:
+        return norm, _common.expand_norms(norms, positions, n, np)
+    return norm
+
+
+_UPDATE_COMMON_ARGS = """
+      weight_decay: Keras' ``weight_decay``: ``p -= p * weight_decay * learning_rate``
+        before the update, for every variable not masked out; None: no decay.
+      decay_mask: a sequence of bools, one per variable: False excludes it from weight
+        decay (Keras' ``exclude_from_weight_decay``); None: every variable decays.
+      global_clipnorm, clipnorm, clipvalue: Keras' clip options (at most one; one that
+        is not > 0 does not clip). The gradients are then exactly the outputs of
+        ``clip_by_global_norm``, ``clip_by_norm`` or ``clip_by_value(g, -v, v)`` of
+        this module, in their own dtype, before the update casts them to float32.
+      unscale: with global_clipnorm or no clip, the gradients are taken as
+        ``g * unscale`` (``1 / loss_scale``), as in ``clip_by_global_norm``.
+      nonfinite: an inf or NaN global norm (of ``g * unscale``): "nan" (Keras' behaviour:
+        the NaN reaches the variables), "skip" (nothing is written; the caller keeps
+        its step count, as Keras' LossScaleOptimizer does), or "raise"
+        (clipops.NonFiniteError naming the first bad gradient; nothing is written).
+      return_norms: also return each gradient's own norm (0 for a None gradient).
+
+    Returns:
+      The global norm of the gradients (of ``g * unscale``) before the clip, a 0-d
+      array of the gradients' dtype (float32 for a mixed list); with return_norms,
+      ``(global_norm, tensor_norms)``. With nonfinite="skip", a norm that is not
+      finite means the step was skipped.
+
+    Raises:
+      TypeError: a list is not a sequence; a variable or state array is not a float32
+        NumPy array; a gradient is not float32, float16 or bfloat16.
+      ValueError: lengths or shapes differ; an array the update writes is read-only,
+        not contiguous or misaligned; two buffers share memory that is written; a
+        scalar is out of range. Nothing is written then.
+      clipops.NonFiniteError: nonfinite="raise" and the norm is inf or NaN.
+"""
+
+
+def sgd_update(params, grads, momentums=None, *, learning_rate=0.01, momentum=0.0,
+               nesterov=False, weight_decay=None, decay_mask=None, global_clipnorm=None,
+               clipnorm=None, clipvalue=None, unscale=None, nonfinite="nan",
+               return_norms=False):
+    """Keras 3's ``SGD`` step, fused with its clip, in place: one norm pass over
+    the gradients and one pass that reads g, p (and m) once.
+
+    Bit-identical to Keras' weight decay and ``SGD.update_step`` (TensorFlow
+    backend, not XLA) applied to the clipped gradients: every hyperparameter is
+    cast to float32 as Keras casts it, and every operation is Keras' float32
+    operation in Keras' order (``m = m * momentum - g * lr``; ``p = p + m``, or
+    with nesterov ``p = p + (m * momentum - g * lr)``; without momentum
+    ``p = p - g * lr``).
+
+    Args:
+      params: a sequence of float32 NumPy arrays (C-contiguous, writable), updated in place.
+      grads: gradients, one per variable, of its shape: float32, float16 or bfloat16
+        arrays, or None (the variable is left alone, as Keras does).
+      momentums: with momentum != 0, Keras' ``momentums``: float32 arrays like params,
+        updated in place; else None.
+      learning_rate: the float32 learning rate (a schedule's value for this step).
+      momentum, nesterov: as ``keras.optimizers.SGD``."""
+    if momentum != 0 and momentums is None:
+        raise ValueError("momentum is not 0: pass momentums (float32 arrays like params)")
+    if momentum == 0 and momentums is not None:
+        raise ValueError("momentums are given, but momentum is 0 (Keras keeps none then)")
+    return _update("sgd", params, grads, momentums, None, weight_decay=weight_decay,
+                   decay_mask=decay_mask, global_clipnorm=global_clipnorm, clipnorm=clipnorm,
+                   clipvalue=clipvalue, unscale=unscale, nonfinite=nonfinite,
+                   return_norms=return_norms, learning_rate=learning_rate, momentum=momentum,
+                   nesterov=nesterov)
+
+
+def adam_update(params, grads, momentums, velocities, *, step, learning_rate=0.001, beta_1=0.9,
+                beta_2=0.999, epsilon=1e-7, weight_decay=None, decay_mask=None,
+                global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
+                nonfinite="nan", return_norms=False):
+    """Keras 3's ``Adam`` step, fused with its clip, in place: one norm pass over
+    the gradients and one pass that reads g, p, m, v once and writes p, m, v.
+
+    Bit-identical to Keras' weight decay and ``Adam.update_step`` (TensorFlow
+    backend on the CPU, not XLA) applied to the clipped gradients:
+    ``m += (g - m) * (1 - beta_1)``, ``v += (g*g - v) * (1 - beta_2)``,
+    ``p -= (m * alpha) / (sqrt(v) + epsilon)`` with
+    ``alpha = lr * sqrt(1 - beta_2**step) / (1 - beta_1**step)``, every constant
+    cast as Keras does (``1 - beta_1`` in double, then float32; ``beta**step`` by
+    TensorFlow's CPU ``pow`` in float32).
+
+    Args:
+      params: a sequence of float32 NumPy arrays (C-contiguous, writable), updated in place.
+      grads: gradients, one per variable, of its shape: float32, float16 or bfloat16
+        arrays, or None (the variable is left alone, as Keras does).
+      momentums, velocities: Keras' ``momentums`` and ``velocities`` (m and v): float32
+        arrays like params, updated in place (zeros before the first step).
+      step: the number of this update, from 1 (Keras' ``iterations + 1``).
+      learning_rate, beta_1, beta_2, epsilon: as ``keras.optimizers.Adam``."""
+    if momentums is None or velocities is None:
+        raise ValueError("Adam needs momentums and velocities (float32 arrays like params)")
+    return _update("adam", params, grads, momentums, velocities, weight_decay=weight_decay,
+                   decay_mask=decay_mask, global_clipnorm=global_clipnorm, clipnorm=clipnorm,
+                   clipvalue=clipvalue, unscale=unscale, nonfinite=nonfinite,
+                   return_norms=return_norms, learning_rate=learning_rate, beta_1=beta_1,
+                   beta_2=beta_2, epsilon=epsilon, step=step)
+
+
+def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.001,
+                 weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7, decay_mask=None,
+                 global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
+                 nonfinite="nan", return_norms=False):
+    """Keras 3's ``AdamW`` step, fused with its clip, in place: ``adam_update``
+    with decoupled weight decay first (Keras' AdamW is Adam plus the weight
+    decay every Keras optimizer applies before ``update_step``), so
+    ``p -= p * weight_decay * learning_rate`` for each variable ``decay_mask``
+    does not exclude, then the Adam step.
+
+    Args:
+      params, grads, momentums, velocities, step, learning_rate, beta_1, beta_2,
+        epsilon: as adam_update."""
+    if weight_decay is None:
+        raise ValueError("weight_decay must be a number for AdamW (Keras' default is 0.004); "
+                         "adam_update is AdamW without it")
+    return adam_update(params, grads, momentums, velocities, step=step,
+                       learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                       epsilon=epsilon, weight_decay=weight_decay, decay_mask=decay_mask,
+                       global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue,
+                       unscale=unscale, nonfinite=nonfinite, return_norms=return_norms)
+
+
+# The Args shared by the three (a docstring must be a literal, so they are appended here;
+# python -OO strips docstrings).
+if sgd_update.__doc__ is not None:
+    sgd_update.__doc__ += _UPDATE_COMMON_ARGS
+    adam_update.__doc__ += _UPDATE_COMMON_ARGS
+    adamw_update.__doc__ += _UPDATE_COMMON_ARGS.replace(
+        "None: no decay.", "Keras' default 0.004; it must be a number.")

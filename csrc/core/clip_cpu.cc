@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "clip_cpu.h"
 #include "clipops.h"
 
 namespace clipops {
@@ -34,12 +35,6 @@ inline void add_rows(const typename Storage<DT>::type* x, int64_t rows,
     for (int j = 0; j < kLanes; ++j) lanes[j] = add_square(lanes[j], to_acc<DT>(p[j]));
   }
 }
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLIPOPS_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define CLIPOPS_SIMD_CLONES
-#endif
 
 CLIPOPS_SIMD_CLONES void add_rows_f32(const float* x, int64_t rows, float* lanes) {
   add_rows<kFloat32>(x, rows, lanes);
@@ -238,12 +233,6 @@ void scale_chunk<kFloat32>(const float* in, float* out, int64_t count,
 }
 #endif
 
-// Lists below this many elements run on the calling thread: handing shards to a
-// pool whose workers are busy with the rest of a training step costs more than
-// one core needs for them (bench/mnist.py: 0.3 ms in a 4 ms step, against
-// 0.01 ms inline, for the 535,818-element MNIST gradients).
-constexpr int64_t kParallelMinElements = int64_t(1) << 20;
-
 // Outputs beyond this many bytes go around the cache (see scale_chunk): the
 // list's inputs and outputs together are then at least twice a 32 MiB L3. At
 // 64 MiB the mixed float16/float32 list of bench/micro.py (51 MB) did not
@@ -270,55 +259,47 @@ void advise_huge_pages(void* out, int64_t bytes) {
 #endif
 }
 
-// Asks for the first kPrefetchBytes of a work item's input to be loaded. A
-// list of many small tensors is many short, scattered reads, each too short
-// for the hardware prefetcher to ramp up on: without this the norm pass over
-// 10,000 tensors of ~1 KB read at a tenth of the copy bandwidth.
-constexpr int64_t kPrefetchBytes = 4096;
-inline void prefetch_input(const TensorDesc& t, int64_t offset, int64_t count) {
-  const int64_t size = dtype_size(t.dtype);
-  const char* p = static_cast<const char*>(t.in) + offset * size;
-  const int64_t bytes = std::min(count * size, kPrefetchBytes);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
-}
-
-// Calls fn(tensor, first element, count) for every work item in [begin, end),
-// with the next item's input prefetched meanwhile.
-template <typename Fn>
-void for_items(const TensorDesc* tensors, const std::vector<int64_t>& first_item,
-               int64_t begin, int64_t end, Fn&& fn) {
-  // the last tensor whose first item is <= begin (empty tensors own no item)
-  int t = static_cast<int>(std::upper_bound(first_item.begin(), first_item.end(), begin) -
-                           first_item.begin()) - 1;
-  for (int64_t w = begin; w < end; ++w) {
-    while (w >= first_item[t + 1]) ++t;
-    const int64_t offset = (w - first_item[t]) * kChunk;
-    if (w + 1 < end) {
-      int u = t;
-      while (w + 1 >= first_item[u + 1]) ++u;
-      const int64_t next = (w + 1 - first_item[u]) * kChunk;
-      prefetch_input(tensors[u], next, std::min<int64_t>(kChunk, tensors[u].numel - next));
-    }
-    fn(tensors[t], offset, std::min<int64_t>(kChunk, tensors[t].numel - offset), w);
-  }
-}
-
-template <typename Fn>
-auto dispatch(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case kFloat16: return fn(std::integral_constant<int, kFloat16>());
-    case kBFloat16: return fn(std::integral_constant<int, kBFloat16>());
-    case kFloat32: return fn(std::integral_constant<int, kFloat32>());
-    default: return fn(std::integral_constant<int, kFloat64>());
-  }
-}
-
-// Sharding hint per work item for the thread pools, tuned on a 2-core machine:
-// higher values made TF's adaptive ParallelFor split into so many shards that
-// both the 0.5M- and the 25.6M-element lists got slower (bench/micro.py).
-constexpr int64_t kCostPerItem = kChunk / 8;
-
 }  // namespace
+
+namespace detail {
+
+std::vector<int64_t> first_items(const TensorDesc* tensors, int num_tensors) {
+  std::vector<int64_t> first_item(num_tensors + 1, 0);
+  for (int t = 0; t < num_tensors; ++t)
+    first_item[t + 1] = first_item[t] + (tensors[t].numel + kChunk - 1) / kChunk;
+  return first_item;
+}
+
+const ParallelFor& pool_for(int64_t elements, const ParallelFor& parallel_for) {
+  static const ParallelFor inline_for =
+      [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
+        if (n > 0) fn(0, n);
+      };
+  return elements < kParallelMinElements ? inline_for : parallel_for;
+}
+
+void norm_partials(const TensorDesc* tensors, const std::vector<int64_t>& first_item,
+                   double* partials, const ParallelFor& run) {
+  run(first_item.back(), kCostPerItem, [&](int64_t begin, int64_t end) {
+    const ScopedIeeeSubnormals ieee;
+    for_items(tensors, first_item, begin, end,
+              [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t w) {
+                partials[w] = dispatch(t.dtype, [&](auto dt) {
+                  using T = typename Storage<decltype(dt)::value>::type;
+                  return chunk_sumsq<decltype(dt)::value>(static_cast<const T*>(t.in) + offset,
+                                                          count);
+                });
+              });
+  });
+}
+
+double sum_partials(const double* partials, int64_t first, int64_t count) {
+  double u[kThreads] = {};
+  for (int64_t k = 0; k < count; ++k) u[k % kThreads] = add_d(u[k % kThreads], partials[first + k]);
+  return halving_tree(u);
+}
+
+}  // namespace detail
 
 #if defined(__SSE2__)
 namespace {
@@ -343,20 +324,14 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
       args.unscale.device_ptr != nullptr)
     return Status::Error("the CPU kernel takes its scalar arguments as host values");
 
-  // first_item[t] = index of tensor t's first work item; first_item[n] = total
-  std::vector<int64_t> first_item(num_tensors + 1, 0);
+  const std::vector<int64_t> first_item = first_items(tensors, num_tensors);
   int64_t elements = 0, bytes = 0;
   for (int t = 0; t < num_tensors; ++t) {
-    first_item[t + 1] = first_item[t] + (tensors[t].numel + kChunk - 1) / kChunk;
     elements += tensors[t].numel;
     bytes += tensors[t].numel * dtype_size(tensors[t].dtype);
   }
   const int64_t items = first_item[num_tensors];
-  static const ParallelFor inline_for =
-      [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
-        if (n > 0) fn(0, n);
-      };
-  const ParallelFor& run = elements < kParallelMinElements ? inline_for : parallel_for;
+  const ParallelFor& run = pool_for(elements, parallel_for);
 
   // fn(dt, t, in, out, count) for every chunk of every tensor, spread over the
   // pool, after asking for huge pages on the fresh outputs
@@ -393,23 +368,10 @@ Status clip_by_global_norm_cpu(const TensorDesc* tensors, int num_tensors,
   std::vector<double> partials;
   if (by_norm || !args.has_use_norm || args.tensor_norms != nullptr) {
     partials.resize(items);
-    run(items, kCostPerItem, [&](int64_t begin, int64_t end) {
-      const ScopedIeeeSubnormals ieee;
-      for_items(tensors, first_item, begin, end,
-                [&](const TensorDesc& t, int64_t offset, int64_t count, int64_t w) {
-                  partials[w] = dispatch(t.dtype, [&](auto dt) {
-                    using T = typename Storage<decltype(dt)::value>::type;
-                    return chunk_sumsq<decltype(dt)::value>(static_cast<const T*>(t.in) + offset,
-                                                            count);
-                  });
-                });
-    });
+    norm_partials(tensors, first_item, partials.data(), run);
   }
-  // the GPU's order: "thread" k sums partials k, k + kThreads, ..., then the tree
   auto sumsq_of = [&](int64_t first, int64_t count) {
-    double u[kThreads] = {};
-    for (int64_t k = 0; k < count; ++k) u[k % kThreads] = add_d(u[k % kThreads], partials[first + k]);
-    return halving_tree(u);
+    return sum_partials(partials.data(), first, count);
   };
   std::vector<double> own_norms(by_norm ? num_tensors : 0);  // in each tensor's dtype, as TF
   if (args.tensor_norms != nullptr || by_norm)

@@ -193,9 +193,58 @@ __device__ __forceinline__ double read_scalar(const void* ptr, double value, int
   }
 }
 
+// Phase 1 of every norm (the clip's and the fused update's, optim_kernel.cuh):
+// the partial of each work item, written to its own slot (no atomics).
+__device__ __forceinline__ void write_partials(const TensorEntry* tensors, int num_tensors,
+                                               long long num_items, double* partials, double* red) {
+  for (long long w = blockIdx.x; w < num_items; w += gridDim.x) {
+    const TensorEntry te = tensors[find_tensor(tensors, num_tensors, w)];
+    const long long begin = (w - te.first_item) * kChunk;
+    double v;
+    switch (te.dtype) {
+      case kFloat16: v = thread_sumsq<kFloat16>(te, begin); break;
+      case kBFloat16: v = thread_sumsq<kBFloat16>(te, begin); break;
+      case kFloat32: v = thread_sumsq<kFloat32>(te, begin); break;
+      default: v = thread_sumsq<kFloat64>(te, begin);
+    }
+    v = block_tree(v, red);
+    if (threadIdx.x == 0) partials[w] = v;
+  }
+}
+
+// Each tensor's sum of squares, after the grid sync that follows write_partials:
+// its own partials in the global order (thread t sums partials t, t + kThreads,
+// ... of the tensor, then the tree), one block per tensor; on_tensor(t, sumsq)
+// runs on thread 0. Blocks loop uniformly, so every thread reaches block_tree's
+// barriers.
+template <typename Fn>
+__device__ __forceinline__ void each_tensor_sumsq(const TensorEntry* tensors, int num_tensors,
+                                                  const double* partials, double* red,
+                                                  const Fn& on_tensor) {
+  for (int t = blockIdx.x; t < num_tensors; t += gridDim.x) {
+    const TensorEntry te = tensors[t];
+    const long long count = (te.numel + kChunk - 1) / kChunk;
+    double u = 0.0;
+    for (long long k = threadIdx.x; k < count; k += kThreads)
+      u = add_d(u, __ldcg(partials + te.first_item + k));
+    u = block_tree(u, red);
+    if (threadIdx.x == 0) on_tensor(t, u);
+  }
+}
+
+// The list's sum of squares, after the grid sync that follows write_partials:
+// every block sums all partials in the one fixed order, so no second sync is needed.
+__device__ __forceinline__ double list_sumsq(const double* partials, long long num_items,
+                                             double* red) {
+  double u = 0.0;
+  for (long long w = threadIdx.x; w < num_items; w += kThreads) u = add_d(u, __ldcg(partials + w));
+  return block_tree(u, red);
+}
+
 }  // namespace detail
 }  // namespace clipops
 
+#ifndef CLIPOPS_KERNEL_HELPERS_ONLY  // set by a TU that wants the helpers above without this kernel
 // Must be launched cooperatively (all blocks resident) with kThreads threads.
 // Plain scalar parameters, so CuPy's RawKernel can pass them too. mode: a
 // ClipMode (clipops.h). tensor_norms: null, or num_tensors values of
@@ -230,42 +279,20 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
   }
   const bool by_norm = mode == kClipByNorm;
   if (by_norm || !has_use_norm || tensor_norms != nullptr) {
-    for (long long w = blockIdx.x; w < num_items; w += gridDim.x) {
-      const TensorEntry te = tensors[find_tensor(tensors, num_tensors, w)];
-      const long long begin = (w - te.first_item) * kChunk;
-      double v;
-      switch (te.dtype) {
-        case kFloat16: v = thread_sumsq<kFloat16>(te, begin); break;
-        case kBFloat16: v = thread_sumsq<kBFloat16>(te, begin); break;
-        case kFloat32: v = thread_sumsq<kFloat32>(te, begin); break;
-        default: v = thread_sumsq<kFloat64>(te, begin);
-      }
-      v = block_tree(v, red);
-      if (threadIdx.x == 0) partials[w] = v;
-    }
+    write_partials(tensors, num_tensors, num_items, partials, red);
 #ifndef CLIPOPS_TEETH_NO_GRID_SYNC
     cooperative_groups::this_grid().sync();
 #endif
   }
-  // Each tensor's norm: its own partials in the global order (thread t sums
-  // partials t, t + kThreads, ... of the tensor, then the tree), one block per
-  // tensor. Blocks loop uniformly, so every thread reaches block_tree's barriers.
+  // Each tensor's norm, from its own partials (each_tensor_sumsq).
   double* own_norms = partials + num_items;
   const double unscale = read_scalar(unscale_ptr, unscale_value, norm_dtype);  // 1: by_norm
   if (tensor_norms != nullptr || by_norm) {
-    for (int t = blockIdx.x; t < num_tensors; t += gridDim.x) {
-      const TensorEntry te = tensors[t];
-      const long long count = (te.numel + kChunk - 1) / kChunk;
-      double u = 0.0;
-      for (long long k = threadIdx.x; k < count; k += kThreads)
-        u = add_d(u, __ldcg(partials + te.first_item + k));
-      u = block_tree(u, red);
-      if (threadIdx.x == 0) {
-        if (tensor_norms != nullptr)
-          store_norm_at(tensor_norms, t, norm_from_sumsq(u, norm_dtype, unscale), norm_dtype);
-        if (by_norm) own_norms[t] = norm_from_sumsq(u, te.dtype);  // in the tensor's dtype, as TF
-      }
-    }
+    each_tensor_sumsq(tensors, num_tensors, partials, red, [&](int t, double u) {
+      if (tensor_norms != nullptr)
+        store_norm_at(tensor_norms, t, norm_from_sumsq(u, norm_dtype, unscale), norm_dtype);
+      if (by_norm) own_norms[t] = norm_from_sumsq(u, tensors[t].dtype);  // in the tensor's dtype, as TF
+    });
   }
   if (by_norm) {
 #ifndef CLIPOPS_TEETH_NO_GRID_SYNC
@@ -290,10 +317,7 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
   if (has_use_norm) {
     norm = read_scalar(use_ptr, use_value, norm_dtype);
   } else {
-    // every block sums all partials in the one fixed order: no second sync needed
-    double u = 0.0;
-    for (long long w = threadIdx.x; w < num_items; w += kThreads) u = add_d(u, __ldcg(partials + w));
-    norm = norm_from_sumsq(block_tree(u, red), norm_dtype, unscale);
+    norm = norm_from_sumsq(list_sumsq(partials, num_items, red), norm_dtype, unscale);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0 && norm_out != nullptr) store_norm(norm_out, norm, norm_dtype);
   if (!do_scale) return;
@@ -311,3 +335,4 @@ clipops_clip_kernel(const clipops::detail::TensorEntry* tensors, int num_tensors
     }
   }
 }
+#endif  // CLIPOPS_KERNEL_HELPERS_ONLY

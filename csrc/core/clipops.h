@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "clip_math.h"
+#include "optim_math.h"
 
 // The CUDA runtime's own declaration, repeated so this header needs no CUDA.
 typedef struct CUstream_st* cudaStream_t;
@@ -230,5 +231,120 @@ void configure_driver_route(const DriverConfig& config);
 Status clip_by_global_norm_driver(const TensorDesc* tensors, int num_tensors,
                                   const ClipArgs& args, void* workspace,
                                   size_t workspace_bytes, CUstream stream);
+
+// ---- Fused clip + optimizer update (optim_cpu.cc, optim_cuda.cu) ---------------
+// The clip and Keras 3's update_step for SGD (momentum, nesterov), Adam and
+// AdamW in one pass pair (CPU) or one cooperative launch (CUDA) over a whole
+// list of variables: read the gradients for the norm, then g, p, m, v once and
+// write p, m, v. Per element the update is Keras' own float32 arithmetic, op for
+// op (optim_math.h), applied to the gradients the clip above would output, so
+// the result is bit-identical to clip_by_global_norm (or clip_by_norm,
+// clip_by_value) followed by Keras' weight decay and update_step.
+
+// One variable of the list. The update writes param, m and v in place; none of
+// them may overlap another buffer of the call.
+struct ParamDesc {
+  float* param = nullptr;       // numel float32 values
+  const void* grad = nullptr;   // numel values of grad_dtype
+  int grad_dtype = kFloat32;    // float32, float16 or bfloat16 (Keras casts to float32)
+  float* m = nullptr;           // Adam's first moment, SGD's momentum; null for SGD without it
+  float* v = nullptr;           // Adam's second moment; null for SGD
+  int64_t numel = 0;
+  bool decay = false;           // apply weight decay (false: no weight_decay, or excluded)
+};
+
+// Keras' `optimizer.iterations`: the updates applied before this one, so this
+// step is t = iterations + 1 (Adam's bias correction, kPowersFromStep).
+struct StepCounter {
+  int64_t value = 0;
+  // When set, the counter is read here instead (device memory for CUDA, host
+  // for the CPU), so a training loop need not pass a new value per step.
+  int64_t* ptr = nullptr;
+  // With ptr: the kernel stores iterations + 1 after the update, unless the
+  // step is skipped (skip_nonfinite), as Keras' loss-scale optimizer leaves the
+  // inner optimizer's iterations. No other launch, no host sync.
+  bool increment = false;
+};
+
+// What to compute. Scalars take a host value, or (CUDA) a device pointer read
+// by the kernel, so the host never waits and a new value needs no retrace.
+// Device scalars: clip and unscale are one element of norm_dtype (as ClipArgs'),
+// learning_rate and the powers one float32.
+struct UpdateArgs {
+  int rule = kAdam;               // an UpdateRule (optim_math.h); AdamW is kAdam + weight decay
+
+  // ---- the clip, folded in (ClipArgs' semantics) ----
+  int clip_mode = kNoClip;        // kClipByGlobalNorm, kClipByNorm, kClipByValue or kNoClip
+  int norm_dtype = kFloat32;      // norm_dtype_of(the gradients); types norm_out, tensor_norms
+  // global_clipnorm, clipnorm, or clipvalue v (the bounds are -v and v), in
+  // norm_dtype: as clip_norm / clip_value_max of the clip. A host value is > 0.
+  Scalar clip;
+  // kClipByGlobalNorm and kNoClip: the gradients are taken as g * unscale
+  // (ClipArgs::unscale); 1 changes nothing. The other clips take 1 only.
+  Scalar unscale{1.0, nullptr};
+  // true: a non-finite global norm (an inf or NaN gradient, or squares past
+  // float32's range) skips the step: nothing is written but norm_out and
+  // tensor_norms, and the step counter is not incremented. false: Keras'
+  // behaviour (the NaN reaches the variables).
+  bool skip_nonfinite = false;
+  void* norm_out = nullptr;       // one element of norm_dtype, or null: the norm of g * unscale
+  void* tensor_norms = nullptr;   // num_tensors elements of norm_dtype, or null (ClipArgs')
+  bool check_overlap = true;      // false: only the scalar buffers are checked (the caller vouches)
+
+  // ---- the rule: float32 values, converted as Keras converts them ----
+  Scalar learning_rate;           // the float32 learning rate (a schedule's value for this step)
+  float weight_decay = 0.0f;      // float32(weight_decay); used for tensors with ParamDesc::decay
+  float momentum = 0.0f;          // SGD: float32(momentum); nonzero: the tensors have m, as Keras
+  bool nesterov = false;          // SGD with momentum
+  float one_minus_beta_1 = 0.0f;  // Adam: float32(1 - beta_1), the difference taken in double
+  float one_minus_beta_2 = 0.0f;  // Adam: float32(1 - beta_2)
+  float epsilon = 0.0f;           // Adam: float32(epsilon)
+  // Adam's bias correction: beta_1^t and beta_2^t as float32 (kPowersGiven:
+  // Keras computes them with ops.power, tf.pow; keras_cpu_power reproduces
+  // TensorFlow's CPU result), or derived from the step counter in the kernel
+  // (kPowersFromStep: power_by_squaring of float32(beta_1), float32(beta_2)).
+  int power_source = kPowersGiven;
+  Scalar beta_1_power, beta_2_power;
+  float beta_1 = 0.0f, beta_2 = 0.0f;  // kPowersFromStep: float32(beta_1), float32(beta_2)
+  StepCounter iterations;              // kPowersFromStep, and StepCounter::increment
+};
+
+// Checks the list and the arguments (dtypes, sizes, pointers, alignment, the
+// state each rule needs, host scalars' ranges) and, if args.check_overlap, that
+// nothing written (params, m, v, norm outputs, a counter incremented) overlaps
+// any other buffer. Both entry points call it before touching data. Errors
+// name the tensor and the buffer ("tensor 3's m and tensor 5's param ...").
+Status validate_update(const ParamDesc* params, int num_tensors, const UpdateArgs& args);
+
+// beta^t as Keras' ops.power(float32(beta), float32(t)) gives it on
+// TensorFlow's CPU: TF's Pow kernel on 0-d tensors is the C library's powf (in
+// this process, the same function), so the NumPy route is bit-identical. For
+// the host scalars beta_1_power / beta_2_power.
+float keras_cpu_power(float beta, int64_t t);
+
+// The fused update on the CPU: the norm pass, then one pass that reads g, p, m,
+// v once and writes p, m, v, each spread over `parallel_for`.
+// \param[in,out] params   the list; host memory; updated in place
+// \param[in] num_tensors  its length (may be 0: the norm is then 0)
+// \param[in] args         host scalars only (StepCounter::ptr: a host pointer)
+// \param[in] parallel_for how to spread work items over threads
+// \return an error status on invalid input; nothing is written then
+Status update_cpu(const ParamDesc* params, int num_tensors, const UpdateArgs& args,
+                  const ParallelFor& parallel_for);
+
+// Bytes of device workspace update_cuda needs for this list (16-byte aligned).
+size_t update_cuda_workspace_bytes(const ParamDesc* params, int num_tensors);
+
+// One cooperative launch on `stream`: the gradients' norms, a grid-wide sync,
+// then the update of every element. Never waits for the device.
+// \param[in,out] params       the list; device pointers, host array
+// \param[in] num_tensors      its length
+// \param[in] args             as for the CPU; pointers are device pointers
+// \param[in] workspace        update_cuda_workspace_bytes() of device memory, 16-byte aligned
+// \param[in] workspace_bytes  its size
+// \param[in] stream           the caller's stream
+// \return an error for invalid input (nothing is launched) or a failed launch
+Status update_cuda(const ParamDesc* params, int num_tensors, const UpdateArgs& args,
+                   void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace clipops

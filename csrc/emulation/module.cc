@@ -12,16 +12,22 @@
 
 #include "clipops.h"
 #include "core_args.h"
+#include "optim_args.h"
 #include "emu.h"
 
 namespace py = pybind11;
 
 namespace clipops_emu {
 void register_core_kernels();
+void register_optim_kernels();
 void register_probe_kernels();
 const void* probe_kernel(const std::string& name);
 std::vector<std::tuple<std::string, size_t, size_t>> tensor_entry_fields();
 size_t tensor_entry_size();
+std::vector<std::tuple<std::string, size_t, size_t>> state_entry_fields();
+std::vector<std::tuple<std::string, size_t, size_t>> update_params_fields();
+size_t state_entry_size();
+size_t update_params_size();
 }  // namespace clipops_emu
 
 namespace {
@@ -59,6 +65,7 @@ namespace clipops_emu {
 void bind(py::module_& m) {
   m.doc() = "clipops' CUDA kernel and launcher run on the CPU by a CUDA emulation (for tests)";
   clipops_emu::register_core_kernels();
+  clipops_emu::register_optim_kernels();
   clipops_emu::register_probe_kernels();
 
   m.def(
@@ -149,6 +156,33 @@ void bind(py::module_& m) {
   m.def("pageable_copies", [] { return clipops_emu::stats().pageable_copies; });
   m.def("pinned_buffers", [] { return clipops_emu::stats().pinned_buffers; });
   m.def("reset_stats", &clipops_emu::reset_stats);
+
+  // ---- the fused update (optim_cuda.cu, the real launcher) ----
+  clipops_py::bind_update_args(m);
+  m.def(
+      "update_cuda_workspace_bytes",
+      [](const std::vector<clipops_py::ParamTuple>& params) {
+        const auto d = clipops_py::to_param_descs(params);
+        return clipops::update_cuda_workspace_bytes(d.data(), static_cast<int>(d.size()));
+      },
+      py::arg("params"));
+  m.def(
+      "update_cuda",
+      [](const std::vector<clipops_py::ParamTuple>& params, const clipops::UpdateArgs& args,
+         uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+        const auto d = clipops_py::to_param_descs(params);
+        clipops_py::raise_if_error(clipops::update_cuda(
+            d.data(), static_cast<int>(d.size()), args, reinterpret_cast<void*>(workspace),
+            workspace_bytes, reinterpret_cast<cudaStream_t>(stream)));
+      },
+      py::arg("params"), py::arg("args"), py::arg("workspace"), py::arg("workspace_bytes"),
+      py::arg("stream"),
+      "clipops::update_cuda, the real launcher; queues its work (see synchronize).");
+  // The layouts phase 2's NVRTC route must mirror (StateEntry, UpdateParams).
+  m.attr("STATE_ENTRY_SIZE") = clipops_emu::state_entry_size();
+  m.attr("STATE_ENTRY_FIELDS") = clipops_emu::state_entry_fields();
+  m.attr("UPDATE_PARAMS_SIZE") = clipops_emu::update_params_size();
+  m.attr("UPDATE_PARAMS_FIELDS") = clipops_emu::update_params_fields();
 
   // The layout the NVRTC route's NumPy dtype (clipops/_nvrtc.py) must match.
   m.attr("TENSOR_ENTRY_SIZE") = clipops_emu::tensor_entry_size();

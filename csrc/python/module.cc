@@ -17,6 +17,7 @@
 #include "clipops.h"
 #include "core_args.h"
 #include "kernel_cache.h"
+#include "optim_args.h"
 
 namespace py = pybind11;
 
@@ -466,4 +467,53 @@ PYBIND11_MODULE(_core, m) {
         "GPU route. Raises ValueError on invalid input, RuntimeError otherwise.");
 
   add_kernel_cache_bindings(m);
+
+  // ---- the fused clip + optimizer update (clipops.h: update_cpu, update_cuda) ----
+  clipops_py::bind_update_args(m);
+  m.def(
+      "update_cpu",
+      [](const std::vector<clipops_py::ParamTuple>& params, const clipops::UpdateArgs& args) {
+        const auto d = clipops_py::to_param_descs(params);
+        clipops::Status s;
+        {
+          py::gil_scoped_release release;
+          s = clipops::update_cpu(d.data(), static_cast<int>(d.size()), args,
+                                  clipops::default_parallel_for());
+        }
+        raise_if_error(s);
+      },
+      py::arg("params"), py::arg("args"),
+      "The fused update on host buffers, in place: params is a list of (param, grad, grad dtype "
+      "code, m or 0, v or 0, numel, decay); raises ValueError on invalid input (nothing written).");
+  m.def("keras_cpu_power", &clipops::keras_cpu_power, py::arg("beta"), py::arg("t"),
+        "beta^t (float32) as Keras' ops.power gives it on TensorFlow's CPU (the C library's powf).");
+  m.def(
+      "power_by_squaring",
+      [](float beta, long long t) { return clipops::detail::power_by_squaring(beta, t); },
+      py::arg("beta"), py::arg("t"),
+      "beta^t (float32) as the kernels derive it from the step counter (kPowersFromStep).");
+  m.def(
+      "update_cuda_workspace_bytes",
+      [](const std::vector<clipops_py::ParamTuple>& params) {
+        const auto d = clipops_py::to_param_descs(params);
+        return clipops::update_cuda_workspace_bytes(d.data(), static_cast<int>(d.size()));
+      },
+      py::arg("params"), "Device workspace bytes update_cuda needs for this list.");
+  m.def(
+      "update_cuda",
+      [](const std::vector<clipops_py::ParamTuple>& params, const clipops::UpdateArgs& args,
+         uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+        const auto d = clipops_py::to_param_descs(params);
+        clipops::Status s;
+        {
+          py::gil_scoped_release release;
+          s = clipops::update_cuda(d.data(), static_cast<int>(d.size()), args,
+                                   reinterpret_cast<void*>(workspace), workspace_bytes,
+                                   reinterpret_cast<cudaStream_t>(stream));
+        }
+        raise_if_error(s);
+      },
+      py::arg("params"), py::arg("args"), py::arg("workspace"), py::arg("workspace_bytes"),
+      py::arg("stream"),
+      "The fused update as one cooperative launch on `stream` over device buffers; never waits.");
 }

@@ -1,0 +1,145 @@
+"""Arguments of the fused clip + optimizer update, as Keras 3 converts them.
+
+Shared by the update's front ends (clipops.numpy now; the CuPy and TensorFlow
+front ends of phase 2): which clip, the float32 hyperparameters with Keras'
+roundings, the weight-decay flags, and the core's ``UpdateArgs``. Array
+handling stays with each front end.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from . import _common
+
+
+def keras_float32(value, what: str) -> float:
+    """``ops.cast(value, "float32")`` of a Python number (or a 0-d array), as a
+    float: one correct rounding of the number to float32."""
+    _common.check_scalar(value, what)
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a number, got a bool")
+    return float(np.asarray(value).astype(np.float32))
+
+
+def keras_one_minus(beta, what: str) -> float:
+    """Keras' ``1 - self.beta_1`` (computed with the value as given: in double
+    for a Python float), then cast to float32 as ``ops.multiply`` does."""
+    _common.check_scalar(beta, what)
+    return keras_float32(1 - beta, f"1 - {what}")
+
+
+def clip_choice(global_clipnorm, clipnorm, clipvalue) -> tuple[str, float]:
+    """The clip Keras' ``_clip_gradients`` applies: ``(mode, value)``, mode one of
+    ``"norm"`` (clipnorm), ``"global_norm"``, ``"value"`` or ``"none"``. As in
+    Keras, at most one may be given, and one that is not > 0 means no clip."""
+    given = {name: v for name, v in (("clipnorm", clipnorm), ("global_clipnorm", global_clipnorm),
+                                     ("clipvalue", clipvalue)) if v is not None}
+    if len(given) > 1:
+        raise ValueError("Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+                         f"Received: {', '.join(f'{k}={v}' for k, v in given.items())}")
+    for name, mode in (("clipnorm", "norm"), ("global_clipnorm", "global_norm"),
+                       ("clipvalue", "value")):  # Keras' order of precedence
+        if name in given:
+            value = given[name]
+            _common.check_scalar(value, name)
+            v = float(np.asarray(value, dtype=np.float64))
+            if v > 0:  # Keras: `if self.clipnorm and self.clipnorm > 0` (NaN and 0 do not clip)
+                if not np.isfinite(v):
+                    raise ValueError(f"{name} must be finite, got {v!r}")
+                return mode, value
+    return "none", 0.0
+
+
+def decay_flags(weight_decay, decay_mask, count: int) -> list[bool]:
+    """Per variable, whether weight decay applies: none without weight_decay
+    (Keras: ``weight_decay=None``), else every variable not masked out
+    (``decay_mask[i]`` False, as Keras' ``exclude_from_weight_decay``)."""
+    if weight_decay is None:
+        if decay_mask is not None:
+            raise ValueError("decay_mask is given, but weight_decay is None (no weight decay)")
+        return [False] * count
+    if decay_mask is None:
+        return [True] * count
+    mask = list(decay_mask)
+    if len(mask) != count:
+        raise ValueError(f"decay_mask has {len(mask)} entries for {count} variables")
+    for i, m in enumerate(mask):
+        if not isinstance(m, (bool, np.bool_)):
+            raise TypeError(f"decay_mask[{i}] must be a bool, got {type(m).__name__}")
+    return [bool(m) for m in mask]
+
+
+def check_nonnegative_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def update_args(core, *, rule: str, clip_mode: str, clip_value: float, norm_code: int,
+                unscale: float, skip: bool, learning_rate, weight_decay=None, momentum=0.0,
+                nesterov: bool = False, beta_1=0.9, beta_2=0.999, epsilon=1e-7, step=None):
+    """``core.UpdateArgs()`` (core: the pybind11 module the call goes to) with
+    host scalars, every hyperparameter converted as Keras converts it
+    (keras/src/optimizers/{sgd,adam}.py and the TensorFlow backend's weight
+    decay). For Adam, beta^t is ``_core.keras_cpu_power`` (TensorFlow's CPU
+    ``tf.pow``) of float32 beta and float32 ``step`` (Keras' ``iterations + 1``)."""
+    a = core.UpdateArgs()
+    a.rule = core.UPDATE_RULES[rule]
+    a.clip_mode = core.UPDATE_CLIPS[clip_mode]
+    a.norm_dtype = norm_code
+    a.clip = _common.scalar_in(clip_value, norm_code, clip_mode) if clip_mode != "none" else 0.0
+    a.unscale = unscale
+    a.skip_nonfinite = skip
+    a.learning_rate = keras_float32(learning_rate, "learning_rate")
+    if weight_decay is not None:
+        a.weight_decay = keras_float32(weight_decay, "weight_decay")
+    if rule == "sgd":
+        a.momentum = keras_float32(momentum, "momentum")
+        a.nesterov = bool(nesterov)
+    else:
+        b1 = np.float32(keras_float32(beta_1, "beta_1"))
+        b2 = np.float32(keras_float32(beta_2, "beta_2"))
+        a.one_minus_beta_1 = keras_one_minus(beta_1, "beta_1")
+        a.one_minus_beta_2 = keras_one_minus(beta_2, "beta_2")
+        a.epsilon = keras_float32(epsilon, "epsilon")
+        t = check_nonnegative_int(step, "step")
+        if t < 1:
+            raise ValueError(f"step must be >= 1 (the first update is step 1), got {t}")
+        power = _common.load_core().keras_cpu_power
+        a.beta_1_power = power(float(b1), t)
+        a.beta_2_power = power(float(b2), t)
+        a.beta_1, a.beta_2 = float(b1), float(b2)
+        a.iterations = t - 1
+    return a
+
+
+# The kernel's tables and parameters as NumPy structured dtypes, for a route
+# that launches the kernel itself (phase 2's NVRTC route): csrc/core/optim_math.h,
+# struct StateEntry (32 bytes) and struct UpdateParams (176 bytes), field for
+# field (tests/test_emulation_optim.py checks them against the C++ layout).
+STATE_ENTRY = np.dtype([("param", "<u8"), ("m", "<u8"), ("v", "<u8"), ("decay", "<i4"),
+                        ("pad", "<i4")])
+UPDATE_PARAMS = np.dtype(
+    [(name, "<u8") for name in ("clip_ptr", "unscale_ptr", "lr_ptr", "beta_1_power_ptr",
+                                "beta_2_power_ptr", "iterations_ptr", "norm_out", "tensor_norms")]
+    + [(name, "<f8") for name in ("clip_value", "unscale_value", "lr_value", "beta_1_power_value",
+                                  "beta_2_power_value")]
+    + [("iterations_value", "<i8")]
+    + [(name, "<f4") for name in ("momentum", "one_minus_beta_1", "one_minus_beta_2", "epsilon",
+                                  "weight_decay", "beta_1", "beta_2", "pad_f")]
+    + [(name, "<i4") for name in ("rule", "clip_mode", "norm_dtype", "skip_nonfinite", "nesterov",
+                                  "power_source", "increment_iterations", "has_momentum")])
+assert STATE_ENTRY.itemsize == 32 and UPDATE_PARAMS.itemsize == 176
+
+
+_TENSOR_REF = re.compile(r"tensor (\d+)'s (param|grad|m|v)")
+
+
+def name_tensors(message: str, positions: list[int], names: dict[str, str]) -> str:
+    """The core's "tensor k's m" (k counts the variables passed to it) as the
+    front end's "momentums[i]" (i: the position in the caller's lists)."""
+    return _TENSOR_REF.sub(lambda mo: f"{names[mo.group(2)]}[{positions[int(mo.group(1))]}]",
+                           message)
