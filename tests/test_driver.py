@@ -211,7 +211,8 @@ def test_the_program_includes_the_kernel_from_the_include_folders_only(fakes, tm
     # NVRTC looks for a quoted include of the program itself in the current
     # directory (test_a_kernel_source_in_the_working_directory_is_not_compiled)
     out = run_route(fakes, tmp_path)
-    assert out["fake_nvrtc_source"] == _core.KERNEL_PROGRAM == "#include <clip_kernel.cuh>\n"
+    assert out["fake_nvrtc_source"] == _core.KERNEL_PROGRAM == \
+        "#include <clip_kernel.cuh>\n#include <optim_kernel.cuh>\n"
 
 
 def test_grid_is_capped_at_the_resident_blocks(fakes, tmp_path):
@@ -601,7 +602,8 @@ def test_a_kernel_source_in_the_working_directory_is_not_compiled(fakes, tmp_pat
     # NVRTC resolves a quoted include of the program itself in the current
     # directory; the program includes <clip_kernel.cuh>, from -I folders only.
     site = cuda12_site()
-    (tmp_path / "clip_kernel.cuh").write_text("#error planted in the working directory\n")
+    for name in ("clip_kernel.cuh", "optim_kernel.cuh"):
+        (tmp_path / name).write_text("#error planted in the working directory\n")
     include = [str(site / "nvidia" / "cuda_runtime" / "include"),
                str(site / "nvidia" / "cuda_cccl" / "include")]
     out = run_route(fakes, tmp_path, nvrtc=str(site / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"),
@@ -609,6 +611,7 @@ def test_a_kernel_source_in_the_working_directory_is_not_compiled(fakes, tmp_pat
     assert out["calls"] == [None], out["calls"]
     [cached] = (tmp_path / "cache").iterdir()
     assert b"clipops_clip_kernel" in cached.read_bytes()
+    assert b"clipops_update_kernel" in cached.read_bytes()
 
 
 # ---- the TF op brings no CUDA of its own -----------------------------------------------

@@ -27,9 +27,12 @@ namespace kernel_cache {
 // that only the -I folders are searched: NVRTC resolves a quoted include of the
 // program itself in the process's current directory, which would let a
 // clip_kernel.cuh there replace the kernel.
-constexpr const char* kProgram = "#include <clip_kernel.cuh>\n";
+// One program, one module per context: the clip kernel and the fused clip +
+// optimizer update (optim_kernel.cuh), whose norm pass is the clip's own.
+constexpr const char* kProgram = "#include <clip_kernel.cuh>\n#include <optim_kernel.cuh>\n";
 constexpr const char* kProgramName = "clipops_kernel.cu";
 constexpr const char* kKernelName = "clipops_clip_kernel";
+constexpr const char* kUpdateKernelName = "clipops_update_kernel";
 
 // The NVRTC options: the nvcc build's code generation (CMakeLists.txt:
 // --fmad=false); every option that changes floating-point results is spelled out.

@@ -298,6 +298,7 @@ void add_kernel_cache_bindings(py::module_& m) {
   m.attr("KERNEL_PROGRAM") = kc::kProgram;
   m.attr("KERNEL_PROGRAM_NAME") = kc::kProgramName;
   m.attr("KERNEL_NAME") = kc::kKernelName;
+  m.attr("UPDATE_KERNEL_NAME") = kc::kUpdateKernelName;
   m.def("nvrtc_options", &kc::nvrtc_options, py::arg("arch_option"), py::arg("kernel_dir"),
         py::arg("include_dirs"),
         "The NVRTC options of both NVRTC routes (the nvcc build's code generation).");
