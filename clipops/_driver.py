@@ -30,6 +30,7 @@ import importlib.metadata
 import os
 import site
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,10 @@ def nvrtc_library() -> str:
 
 
 def include_dirs() -> tuple[str, ...]:
-    """The folders that hold cooperative_groups.h and nv/target, first found first."""
+    """The folders that hold cooperative_groups.h and nv/target, first found first.
+    Relative folders (in $CLIPOPS_CUDA_INCLUDE, $CUDA_HOME, $CUDA_PATH) are skipped with a
+    warning: headers are compiled into code, and a relative folder is wherever the
+    current directory happens to be."""
     env = os.environ.get("CLIPOPS_CUDA_INCLUDE")
     candidates = [Path(p) for p in env.split(os.pathsep) if p] if env else []
     for dist, folder, _ in _WHEEL_HEADERS:
@@ -118,6 +122,12 @@ def include_dirs() -> tuple[str, ...]:
     for root in filter(None, (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
                               "/usr/local/cuda")):
         candidates += [Path(root) / "include", Path(root) / "include" / "cccl"]
+    relative = [str(d) for d in candidates if not d.is_absolute()]
+    if relative:
+        warnings.warn(f"clipops ignores the relative CUDA include folders {relative} (set "
+                      "CLIPOPS_CUDA_INCLUDE, CUDA_HOME or CUDA_PATH to absolute paths)",
+                      RuntimeWarning, stacklevel=2)
+        candidates = [d for d in candidates if d.is_absolute()]
     found_dirs: list[str] = []
     for _, _, header in _WHEEL_HEADERS:
         hit = next((d for d in candidates if (d / header).is_file()), None)

@@ -793,7 +793,7 @@ PLANTED_LIBCUDA = textwrap.dedent("""
     import numpy as np
     from clipops import _core
 
-    _core.configure_driver("libnvrtc.so.12", "libcuda.so.1", [], "", "")
+    _core.configure_driver("libnvrtc.so.12", sys.argv[1], [], "", "")
     x = np.ones(4, np.float32)
     descs = [(x.ctypes.data, x.ctypes.data, 4, 2)]
     need = _core.cuda_workspace_bytes(descs)
@@ -805,7 +805,7 @@ PLANTED_LIBCUDA = textwrap.dedent("""
     except RuntimeError as e:
         error = str(e)
     maps = open("/proc/self/maps").read()
-    print(json.dumps({"error": error, "loaded": [p for p in sys.argv[1:] if p in maps]}))
+    print(json.dumps({"error": error, "loaded": [p for p in sys.argv[2:] if p in maps]}))
 """)
 
 
@@ -826,16 +826,28 @@ def test_a_libcuda_beside_the_package_or_in_the_working_directory_is_not_loaded(
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
     env["PYTHONPATH"] = str(copy.parent)
 
-    def loaded(extra_env: dict) -> list[str]:
-        proc = subprocess.run([sys.executable, "-c", PLANTED_LIBCUDA, *map(str, planted)],
+    def run(extra_env: dict, name: str = "libcuda.so.1") -> dict:
+        proc = subprocess.run([sys.executable, "-c", PLANTED_LIBCUDA, name, *map(str, planted)],
                               env={**env, **extra_env}, cwd=cwd, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)["loaded"]
+        return json.loads(proc.stdout)
+
+    def loaded(extra_env: dict, name: str = "libcuda.so.1") -> list[str]:
+        return run(extra_env, name)["loaded"]
 
     assert loaded({}) == []
     # the check can fail: a folder the user names in LD_LIBRARY_PATH is searched
     assert loaded({"LD_LIBRARY_PATH": str(copy)}) == [str(planted[0])]
+    # an empty or relative LD_LIBRARY_PATH entry is the current directory to the loader
+    # (a trailing ':' makes one): nothing is loaded through it, and the error says why
+    for unsafe in ("/nonexistent:", ":/nonexistent", "/nonexistent::/usr/lib", "relative/dir"):
+        out = run({"LD_LIBRARY_PATH": unsafe})
+        assert out["loaded"] == [], unsafe
+        assert "LD_LIBRARY_PATH" in out["error"], out["error"]
+    # an override relative to the current directory is refused, not resolved there
+    out = run({}, "./libcuda.so.1")
+    assert out["loaded"] == [] and "absolute path" in out["error"], out["error"]
 
 
 def test_config_follows_the_environment(tmp_path, monkeypatch):
@@ -851,6 +863,13 @@ def test_config_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("CLIPOPS_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert _driver.cache_dir() == str(tmp_path / "x" / "clipops")
+    # a relative include folder is wherever the current directory is: skipped, with a warning
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(inc, tmp_path)
+    assert not os.path.isabs(rel) and Path(rel, "cooperative_groups.h").is_file()
+    monkeypatch.setenv("CLIPOPS_CUDA_INCLUDE", rel)
+    with pytest.warns(RuntimeWarning, match="relative CUDA include folders"):
+        assert rel not in _driver.config().include_dirs
     monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # the XDG spec: ignored
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert _driver.cache_dir() == str(tmp_path / "home" / ".cache" / "clipops")

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -157,12 +158,54 @@ bool bind(void* lib, const char* name, F* fn) {
 }
 
 // ---- loading the libraries --------------------------------------------------------
+// The first LD_LIBRARY_PATH entry that is empty or relative, or "" when there is
+// none. The dynamic loader reads such an entry as (a folder under) the current
+// directory, for the library asked for and for every library it pulls in.
+std::string unsafe_library_path_entry() {
+  const char* env = std::getenv("LD_LIBRARY_PATH");
+  if (env == nullptr) return "";
+  const std::string path = env;
+  for (size_t start = 0;;) {
+    const size_t end = path.find_first_of(":;", start);  // glibc splits on both
+    const std::string entry = path.substr(start, end == std::string::npos ? end : end - start);
+    if (entry.empty() || entry[0] != '/') return entry.empty() ? "(an empty entry)" : entry;
+    if (end == std::string::npos) return "";
+    start = end + 1;
+  }
+}
+
+// Opens a library whose code will run in this process. One already loaded (by
+// the framework, or earlier) is reused: RTLD_NOLOAD runs nothing new. Otherwise
+// the name must be absolute or a bare name for the system loader's search, and
+// LD_LIBRARY_PATH must hold no empty or relative entry: a library planted in the
+// current directory would run its constructors before any check could look at it.
+// \param[in] name  a bare name ("libcuda.so.1") or an absolute path
+// \param[in] env   the variable that overrides it, for the message
+// \param[out] lib  the handle
+Status open_library(const std::string& name, const char* env, void** lib) {
+  *lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+  if (*lib != nullptr) return Status::Ok();
+  if (name.find('/') != std::string::npos && name[0] != '/')
+    return Status::Unavailable(std::string(env) + " must be an absolute path or a bare library "
+                               "name, not '" + name + "' (relative to the current directory)");
+  const std::string unsafe = unsafe_library_path_entry();
+  if (!unsafe.empty())
+    return Status::Unavailable(
+        "clipops does not load " + name + " while LD_LIBRARY_PATH holds " + unsafe + ", which the "
+        "dynamic loader reads as the current directory: a library planted there would run in "
+        "this process. Remove that entry from LD_LIBRARY_PATH (a trailing ':' makes one).");
+  *lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (*lib == nullptr) return Status::Unavailable(last_dl_error());
+  return Status::Ok();
+}
+
 Status load_cuda() {
   if (cuda != nullptr) return Status::Ok();
-  void* lib = dlopen(config.cuda_library.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (lib == nullptr)
+  void* lib = nullptr;
+  Status opened = open_library(config.cuda_library, "CLIPOPS_LIBCUDA", &lib);
+  if (!opened.ok())
     return Status::Unavailable("clipops' GPU kernel needs the CUDA driver, but " +
-                               config.cuda_library + " could not be loaded (" + last_dl_error() +
+                               config.cuda_library + " could not be loaded (" + opened.message +
                                "). Install the NVIDIA driver.");
   auto* api = new CudaApi;
   // the _v2 names: the unsuffixed ones are CUDA 3's 32-bit-pointer versions
@@ -211,11 +254,12 @@ Status load_cuda() {
 Status load_nvrtc(const DriverConfig& cfg) {
   std::lock_guard<std::mutex> lock(nvrtc_mu);
   if (nvrtc != nullptr) return Status::Ok();
-  void* lib = dlopen(cfg.nvrtc_library.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (lib == nullptr)
+  void* lib = nullptr;
+  Status opened = open_library(cfg.nvrtc_library, "CLIPOPS_NVRTC", &lib);
+  if (!opened.ok())
     return Status::Unavailable(
         "clipops compiles its GPU kernel at first use with NVRTC, but " + cfg.nvrtc_library +
-        " could not be loaded (" + last_dl_error() + "). Install TensorFlow's CUDA libraries with "
+        " could not be loaded (" + opened.message + "). Install TensorFlow's CUDA libraries with "
         "`pip install tensorflow[and-cuda]` (or `pip install nvidia-cuda-nvrtc-cu12`), or point "
         "CLIPOPS_NVRTC at a libnvrtc.so.12.");
   auto* api = new NvrtcApi;
