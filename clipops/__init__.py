@@ -67,7 +67,7 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinit
       use_norm: optional scalar: the global norm to use instead of computing
         it; it is returned as the norm.
       name: optional name scope (graph mode).
-      nonfinite: what an inf or NaN global norm does (README, "Gradient
+      nonfinite: what an inf or NaN global norm does (docs/health.md, "Gradient
         health"). ``"nan"``, the default: TensorFlow's behaviour, every
         output is NaN. ``"raise"``: ``clipops.NonFiniteError`` naming the first
         tensor whose own norm is not finite; it waits for the device (in a
@@ -109,7 +109,7 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinit
       ImportError: clipops was built without its TensorFlow op, or against
         another TensorFlow release.
 
-    Differences from TensorFlow (README, "Differences from TensorFlow"): the
+    Differences from TensorFlow (docs/frontends.md, "Differences from TensorFlow"): the
     sum of squares is accumulated in float32 or better (float16 lists do not
     overflow), mixed dtypes are accepted, ``clip_norm`` / ``use_norm`` of
     another float dtype are cast to the norm's dtype, and tensors on different
@@ -164,7 +164,7 @@ def clip_by_norm(t_list, clip_norm, name=None, *, return_norms=False):
     Each tensor becomes ``t * clip_norm / max(norm(t), clip_norm)``, computed
     with TensorFlow's own formula ``(t * clip_norm) / maximum(l2norm,
     clip_norm)`` in the tensor's dtype. Its norm is accumulated in float32 or
-    better in the fixed order of the global norm (README, "Reduction order"),
+    better in the fixed order of the global norm (docs/design.md, "Reduction order"),
     so it may differ from TF's in the last bit (and a float16 tensor's norm
     does not overflow where TF's does); everything else is TF's arithmetic.
 

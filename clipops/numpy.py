@@ -147,7 +147,7 @@ def clip_by_global_norm(arrays, clip_norm, use_norm=None, in_place: bool = False
       dtype (the arrays' dtype, float32 for a mixed list). Copying, the clipped
       arrays are fresh C-contiguous ``numpy.ndarray`` s (a subclass such as
       ``np.matrix`` is not kept); those of 256 KiB or more live in blocks of
-      clipops' bounded host cache, reused once freed (README, "Reliability").
+      clipops' bounded host cache, reused once freed (docs/reliability.md, "Bounded resources").
       The smaller ones of one call (two or more) are views into one such
       block, each at a 64-byte boundary: it is freed when the last of them
       is, so keeping one small output keeps that call's block. A list with no

@@ -1,7 +1,7 @@
 """TensorFlow front end: drop-ins for tf.clip_by_global_norm and
 tf.linalg.global_norm, backed by one fused custom op (csrc/tf/).
 
-Where clipops deliberately differs from TensorFlow (README, "Differences from
+Where clipops deliberately differs from TensorFlow (docs/frontends.md, "Differences from
 TensorFlow"):
   - the sum of squares is accumulated in float32 or better, so float16 and
     bfloat16 lists do not overflow where TF's own sum does;

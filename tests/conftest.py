@@ -88,7 +88,7 @@ def random_array(rng, shape, dtype, scale=1.0):
 # ---- an independent model of the documented reduction order ------------------
 
 def _chunk_partials(a: np.ndarray) -> np.ndarray:
-    """Per-chunk partial sums of squares, following README's reduction order."""
+    """Per-chunk partial sums of squares, following the reduction order of docs/design.md."""
     acc_t = np.float64 if a.dtype == np.float64 else np.float32
     x = np.asarray(a, dtype=acc_t).ravel()
     n = x.size

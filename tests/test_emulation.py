@@ -2,7 +2,7 @@
 unchanged, run on the CPU by the CUDA emulation (csrc/emulation,
 clipops._emulation): bitwise equal to the CPU kernel and within tolerance of
 float64, the same bits in every thread and block order, and the emulation's
-own detectors and teeth. README: "Testing the CUDA kernel without a GPU"."""
+own detectors and teeth. docs/testing.md: "Testing the CUDA kernel without a GPU"."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Budgets: CI runs the "ci" profile (a few hundred examples); the full run,
 
     CLIPOPS_FUZZ=full pytest tests/test_fuzz.py
 
-draws 4,000 examples per test (20,000 in all; README, Reliability).
+draws 4,000 examples per test (20,000 in all; docs/reliability.md).
 """
 
 from __future__ import annotations

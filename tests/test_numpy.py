@@ -36,7 +36,7 @@ def test_boundary_sizes_against_float64(rng, dtype, clip_factor):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_bitwise_equal_to_documented_order(rng, dtype):
-    """The kernel follows README's reduction order exactly: an independent
+    """The kernel follows docs/design.md's reduction order exactly: an independent
     NumPy model of that order gives the same bits, for norm and outputs."""
     sizes = BOUNDARY_SIZES + list(rng.integers(1, 3 * CHUNK, size=20))
     arrays = scaled_list(rng, sizes, dtype)

@@ -7,6 +7,7 @@ result files."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -31,8 +32,9 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
     return blocks
 
 
-def gpu_available() -> str | None:
-    """None when a CUDA GPU is usable through CuPy, else why not."""
+def gpu_available(code: str) -> str | None:
+    """None when a CUDA GPU is usable through CuPy and the block's GPU framework (CuPy,
+    PyTorch) is installed, else why not."""
     try:
         import cupy
 
@@ -40,6 +42,9 @@ def gpu_available() -> str | None:
             return "no CUDA GPU"
     except Exception as exc:  # no CuPy, no driver, no device
         return f"no usable CUDA GPU ({type(exc).__name__}: {exc})"
+    for module in re.findall(r"^import (\w+)", code, flags=re.M):
+        if module in ("torch", "jax") and importlib.util.find_spec(module) is None:
+            return f"a GPU but no {module}"
     return None
 
 
@@ -65,7 +70,7 @@ def test_readme_has_python_blocks():
 @pytest.mark.parametrize("line,code", list(_cases()))
 def test_readme_block_runs_as_written(line, code, tmp_path):
     if code.startswith(GPU_MARK):
-        why = gpu_available()
+        why = gpu_available(code)
         if why is not None:
             pytest.skip(f"README.md:{line} is marked '{GPU_MARK}' and this machine has {why}")
     script = tmp_path / f"readme_{line}.py"

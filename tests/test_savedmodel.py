@@ -75,7 +75,7 @@ def test_reload_with_import_clipops(saved, prelude):
 def test_reload_without_clipops_names_the_op(saved):
     path, _ = saved
     out = load_in_fresh_process(path, "")
-    # TensorFlow's own message; README ("SavedModel") says this one means `import clipops`
+    # TensorFlow's own message; docs/frontends.md ("SavedModel") says this one means `import clipops`
     assert "RAISED" in out and "Op type not registered 'ClipopsClipByGlobalNorm'" in out, out
 
 

@@ -253,7 +253,7 @@ class WorkerPool {
     std::mutex mu;
     std::condition_variable ready;
     std::deque<std::shared_ptr<Call>> tickets;  // guarded by mu
-    std::atomic<int> workers{0};                // started and waiting on `ready`
+    std::atomic<int> workers{0};                // threads created for this process
     std::atomic<int> workers_that_ran{0};       // instrumentation (WorkerPoolStats)
     std::atomic<uint64_t> worker_pieces{0};
   };

@@ -1,6 +1,6 @@
 // Launcher of the CUDA kernel through the driver API, with the kernel compiled
 // at first use by NVRTC: the TensorFlow op's GPU route (clipops.h, "CUDA
-// through the driver API"; README "The TF op's GPU kernel on TensorFlow's
+// through the driver API"; docs/design.md "The TF op's GPU kernel on TensorFlow's
 // CUDA 12").
 //
 // Nothing of CUDA is linked and no CUDA header is included: libcuda.so.1 and

@@ -4,7 +4,7 @@
 // and by NVRTC at run time (the CuPy fallback), so the three produce the same
 // bits. It therefore includes nothing: NVRTC has no standard library.
 //
-// THE REDUCTION ORDER (identical on every device; see README "Reduction order")
+// THE REDUCTION ORDER (identical on every device; see docs/design.md "Reduction order")
 //   1. Each tensor is cut into work items ("chunks") of kChunk elements.
 //   2. Within a chunk, lane j (0 <= j < kLanes) sums the squares of elements
 //      j, j + kLanes, j + 2*kLanes, ... in increasing order. A lane accumulates

@@ -47,7 +47,7 @@ enum class Device { kCpu, kGpu };
 // NumPy front end's do. Where TF allocates with malloc (no oneDNN allocator:
 // the default on CPUs without AVX-512, such as AMD EPYCs), every large output
 // was a fresh mapping faulted page by page, 3,353 faults per call inside
-// tf.function on a 2-core AMD EPYC (README "Benchmarks"). A cached block is
+// tf.function on a 2-core AMD EPYC (bench/results/micro_amd_epyc/README.md). A cached block is
 // faulted once and reused by the next step's outputs.
 
 // A TensorBuffer over one cached host block: returned to the cache when the
