@@ -439,13 +439,17 @@ def optim_bytes_moved(c: Case) -> int:
     return 2 * c.nbytes + 24 * c.numel
 
 
-# Accepted error, relative, of one float32 implementation after OPTIM_STEPS steps.
+# The accepted error of a float32 implementation, against its float64 formula.
 # The clip's scale inherits the float32 norm's error: a blocked or tree
 # reduction of n float32 squares is within (log2(n) + 2) u of the exact sum
-# (u = 2^-24), its square root half that; then m, v and the update u_t = m^/(sqrt(v^)+eps)
-# each take about 8 float32 roundings per step. R = 2 (eps_norm + 16 u) covers
-# both steps with a margin of 2; p adds its own roundings (decay and the
-# subtraction: 2 u |p| per step).
+# (u = 2^-24), its square root half that; then m, v and the update term each
+# take at most 8 float32 roundings per step: R = 2 (norm's + 16 u), a margin
+# of 2. p adds the roundings of the decay and the subtraction (2 u |p| per step).
+# The hyperparameters: Keras' (clipops') casts are known exactly and put into
+# its reference; torch and optax compute 1 - beta and beta**t in float32 or in
+# double depending on the release, so their bound also takes what float32
+# constants could change: 1 - beta off by u beta / (1 - beta) relatively, and
+# 1 - beta**t by (t + 1) u beta**t / (1 - beta**t).
 U32 = 2.0 ** -24
 
 
@@ -456,21 +460,37 @@ def optim_rtol(numel: int) -> float:
 def adamw_reference(p0: list, grads: list, *, steps: int, conv: str, lr: float, b1: float,
                     b2: float, eps: float, wd: float, clip: float):
     """`steps` AdamW steps with a global-norm clip in float64, as each
-    implementation defines them (the float32 hyperparameters as given):
+    implementation defines them:
       keras (clipops): scale c / max(norm, c); p -= p*wd*lr; m += (g-m)(1-b1);
-        v += (g^2-v)(1-b2); p -= m*alpha / (sqrt(v)+eps), alpha = lr sqrt(1-b2^t)/(1-b1^t);
+        v += (g^2-v)(1-b2); p -= m*alpha / (sqrt(v)+eps), alpha = lr sqrt(1-b2^t)/(1-b1^t),
+        with Keras' float32 constants (lr, wd, eps, float32(1 - beta) and
+        beta^t of float32 beta as the kernel derives it from the step counter);
       torch: scale min(1, c / (norm + 1e-6)), written into the gradient (the
         next step clips the clipped one); p *= 1 - lr*wd; p -= lr m^ / (sqrt(v^)+eps)
         with m^ = m/(1-b1^t), v^ = v/(1-b2^t);
       optax: scale 1 if norm < c else c / norm; p -= lr (m^/(sqrt(v^)+eps) + wd p).
-    Returns (params, m, v, p_bounds): float64 lists, and per tensor the bound
-    on a float32 run's |p - reference|: 2u|p| per step for p's roundings, plus
-    optim_rtol times the magnitudes the update adds (lr (|u_t| + wd |p|))."""
+    Returns (params, m, v, (p_bounds, m_bounds, v_bounds)): float64 lists, and
+    per tensor the bounds on a float32 run's errors (see the comment above),
+    carried from step to step."""
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    if conv == "keras":
+        power = _common.load_core().power_by_squaring  # the kernel's beta**t (kPowersFromStep)
+        lr, wd, eps = f32(lr), f32(wd), f32(eps)
+        c1, c2 = f32(1 - b1), f32(1 - b2)  # 1 - beta in double, then float32, as Keras
+        b1f, b2f = f32(b1), f32(b2)
+        powers = lambda t: (power(b1f, t), power(b2f, t))  # noqa: E731
+        dm = dv = 0.0
+        dbc = lambda t: 0.0  # noqa: E731
+    else:
+        c1, c2 = 1 - b1, 1 - b2
+        powers = lambda t: (b1 ** t, b2 ** t)  # noqa: E731
+        dm, dv = U32 * b1 / (1 - b1), U32 * b2 / (1 - b2)
+        dbc = lambda t: (t + 1) * U32 * (b1 ** t / (1 - b1 ** t) + 0.5 * b2 ** t / (1 - b2 ** t))  # noqa: E731
     g = [np.asarray(x, np.float64) for x in grads]
     p = [np.asarray(x, np.float64).copy() for x in p0]
     m = [np.zeros_like(x) for x in p]
     v = [np.zeros_like(x) for x in p]
-    bound = [np.zeros_like(x) for x in p]
+    bp, bm, bv = ([np.zeros_like(x) for x in p] for _ in range(3))
     rtol = optim_rtol(sum(x.size for x in p))
     for t in range(1, steps + 1):
         norm = math.sqrt(sum(float(np.dot(x.ravel(), x.ravel())) for x in g))
@@ -483,19 +503,29 @@ def adamw_reference(p0: list, grads: list, *, steps: int, conv: str, lr: float, 
         gc = [x * scale for x in g]
         if conv == "torch":
             g = gc  # clip_grad_norm_ scales the gradients in place
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        b1t, b2t = powers(t)
+        bc1, bc2 = 1 - b1t, 1 - b2t
         for i in range(len(p)):
-            m[i] = m[i] + (gc[i] - m[i]) * (1 - b1)
-            v[i] = v[i] + (gc[i] * gc[i] - v[i]) * (1 - b2)
+            dmi = (gc[i] - m[i]) * c1
+            dvi = (gc[i] * gc[i] - v[i]) * c2
+            m[i] = m[i] + dmi
+            v[i] = v[i] + dvi
+            bm[i] = (1 - c1) * bm[i] + rtol * np.abs(m[i]) + dm * np.abs(dmi)
+            bv[i] = (1 - c2) * bv[i] + rtol * np.abs(v[i]) + dv * np.abs(dvi)
             if conv == "keras":
                 decay = p[i] * wd * lr
                 step = m[i] * (lr * math.sqrt(bc2) / bc1) / (np.sqrt(v[i]) + eps)
             else:
                 decay = p[i] * lr * wd
                 step = lr * (m[i] / bc1) / (np.sqrt(v[i] / bc2) + eps)
+            # the step's error: its own roundings and constants, and m's and v's errors
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel_m = np.where(m[i] != 0, bm[i] / np.abs(m[i]), 0.0)
+                rel_v = np.where(v[i] > 0, bv[i] / v[i], 0.0)
+            err_step = np.abs(step) * (rtol + dbc(t) + rel_m + 0.5 * rel_v)
             p[i] = p[i] - decay - step
-            bound[i] += 2 * U32 * np.abs(p[i]) + rtol * (np.abs(step) + np.abs(decay))
-    return p, m, v, bound
+            bp[i] = bp[i] + 2 * U32 * np.abs(p[i]) + rtol * np.abs(decay) + err_step
+    return p, m, v, (bp, bm, bv)
 
 
 @dataclass
@@ -669,14 +699,14 @@ OPTIM_PEERS: list[tuple[str, str, Callable]] = [
 ]
 
 
-def validate_optim(impl: OptimImpl, refs: dict, numel: int) -> dict:
+def validate_optim(impl: OptimImpl, refs: dict) -> dict:
     """The state after OPTIM_STEPS steps against the implementation's own
     float64 reference: the largest error as a fraction of the bound (<= 1 passes)."""
-    ref_p, ref_m, ref_v, bound_p = refs[impl.conv]
-    rtol = optim_rtol(numel)
+    ref_p, ref_m, ref_v, (bound_p, bound_m, bound_v) = refs[impl.conv]
     worst = {}
-    for what, got, ref in (("p", impl.params(), ref_p), ("m", impl.m(), ref_m),
-                           ("v", impl.v(), ref_v)):
+    for what, got, ref, bound in (("p", impl.params(), ref_p, bound_p),
+                                  ("m", impl.m(), ref_m, bound_m),
+                                  ("v", impl.v(), ref_v, bound_v)):
         if got is None:
             continue
         if len(got) != len(ref):
@@ -686,8 +716,7 @@ def validate_optim(impl: OptimImpl, refs: dict, numel: int) -> dict:
             if gi.shape != ri.shape or gi.dtype != np.float32:
                 return {"ok": False, "why": f"{what}[{i}] is {gi.shape} {gi.dtype}"}
             if ri.size:
-                tol = bound_p[i] if what == "p" else rtol * np.abs(ri)
-                e = np.abs(cupy.asnumpy(gi).astype(np.float64) - ri) / (tol + 1e-30)
+                e = np.abs(cupy.asnumpy(gi).astype(np.float64) - ri) / (bound[i] + 1e-30)
                 err = max(err, float(e.max()))
         worst[what] = err
     ok = all(e <= 1.0 for e in worst.values()) and "p" in worst
@@ -720,7 +749,7 @@ def count_launches(impl) -> tuple[int | None, str | None]:
     return len(kernels), None
 
 
-def measure_optim(impl: OptimImpl, refs: dict, numel: int, stream, args) -> dict:
+def measure_optim(impl: OptimImpl, refs: dict, stream, args) -> dict:
     with stream:
         impl.restore()
         try:
@@ -730,7 +759,7 @@ def measure_optim(impl: OptimImpl, refs: dict, numel: int, stream, args) -> dict
             impl.sync(last)
         except Exception as exc:
             return {"skipped": f"failed: {exc!r}"}
-        check = validate_optim(impl, refs, numel)
+        check = validate_optim(impl, refs)
         if not check["ok"]:
             return {"invalid": check["why"], "validation": check}
         for _ in range(args.warmup):
@@ -788,7 +817,7 @@ def run_optim_case(case: Case, stream, args, routes: list[bool]) -> dict:
             print(f"  {name:46s} skipped: setup failed: {exc!r}")
             continue
         with impl.context():
-            res = measure_optim(impl, refs, case.numel, stream, args)
+            res = measure_optim(impl, refs, stream, args)
         res.update(impl.info)
         record["results"][name] = res
         if "skipped" in res or "invalid" in res:

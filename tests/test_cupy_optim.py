@@ -1294,23 +1294,107 @@ def test_bench_references_follow_each_implementation_s_formula():
     g = [np.array([3.0, 4.0], np.float32)]  # norm 5, clipped to 2.5
     p0 = [np.array([1.0, -2.0], np.float32)]
     h = dict(lr=0.1, b1=0.9, b2=0.999, eps=1e-3, wd=0.5, clip=2.5)
-    gc = np.array([1.5, 2.0])  # g * 2.5 / 5
+    f32 = lambda x: float(np.float32(x))  # noqa: E731 - Keras' float32 constants
     for conv in ("keras", "torch", "optax"):
-        (p,), (m,), (v,), bound = gpu.adamw_reference(p0, g, steps=1, conv=conv, **h)
-        assert np.allclose(m, 0.1 * gc) and np.allclose(v, 0.001 * gc ** 2)
+        (p,), (m,), (v,), bounds = gpu.adamw_reference(p0, g, steps=1, conv=conv, **h)
+        gc = np.array([3.0, 4.0]) * (2.5 / (5 + 1e-6) if conv == "torch" else 0.5)
+        c1, c2 = (f32(1 - 0.9), f32(1 - 0.999)) if conv == "keras" else (1 - 0.9, 1 - 0.999)
+        assert np.allclose(m, c1 * gc, rtol=1e-15) and np.allclose(v, c2 * gc ** 2, rtol=1e-15)
         p64 = p0[0].astype(np.float64)
         if conv == "keras":
-            q = p64 - p64 * 0.5 * 0.1
-            alpha = 0.1 * math.sqrt(1 - 0.999) / (1 - 0.9)
-            want = q - m * alpha / (np.sqrt(v) + 1e-3)
+            q = p64 - p64 * f32(0.5) * f32(0.1)
+            alpha = f32(0.1) * math.sqrt(1 - f32(0.999)) / (1 - f32(0.9))  # beta^1 = float32 beta
+            want = q - m * alpha / (np.sqrt(v) + f32(1e-3))
         else:
             q = p64 * (1 - 0.1 * 0.5)
             want = q - 0.1 * (m / 0.1) / (np.sqrt(v / 0.001) + 1e-3)
         assert np.allclose(p, want, rtol=1e-14), conv
-        assert (bound[0] > 0).all()
-    # torch's clip: max_norm / (norm + 1e-6), not max_norm / norm
-    (m_t,) = gpu.adamw_reference(p0, g, steps=1, conv="torch", **h)[1]
-    assert m_t[0] == pytest.approx(0.1 * 3.0 * 2.5 / (5 + 1e-6), rel=1e-12)
+        assert all((b[0] > 0).all() for b in bounds)
+    # torch's clip: max_norm / (norm + 1e-6), not max_norm / norm; and in place: the
+    # second step clips the clipped gradient again
+    (m_t,) = gpu.adamw_reference(p0, g, steps=2, conv="torch", **h)[1]
+    s1 = 2.5 / (5 + 1e-6)
+    s2 = min(1.0, 2.5 / (5 * s1 + 1e-6))
+    g1, g2 = 3.0 * s1, 3.0 * s1 * s2
+    assert m_t[0] == pytest.approx(0.9 * 0.1 * g1 + 0.1 * g2, rel=1e-12)
+
+
+def _float32_adamw(p0, grads, *, steps, conv, clip, lr, b1, b2, eps, wd, decay=True):
+    """torch's or optax's AdamW in NumPy float32, with every constant in
+    float32 too (the worst case the references allow for)."""
+    f = np.float32
+    p = [x.copy() for x in p0]
+    g = [x.copy() for x in grads]
+    m = [np.zeros_like(x) for x in p0]
+    v = [np.zeros_like(x) for x in p0]
+    b1f, b2f = f(b1), f(b2)
+    for t in range(1, steps + 1):
+        norm = np.sqrt(f(sum(np.sum(x * x, dtype=np.float32) for x in g)))
+        if conv == "torch":
+            scale = min(f(1), f(clip) / (norm + f(1e-6)))
+        else:
+            scale = f(1) if norm < f(clip) else f(clip) / norm
+        gc = [x * scale for x in g]
+        if conv == "torch":
+            g = gc
+        bc1, bc2 = f(1) - b1f ** f(t), f(1) - b2f ** f(t)
+        for i in range(len(p)):
+            m[i] = b1f * m[i] + (f(1) - b1f) * gc[i]
+            v[i] = b2f * v[i] + (f(1) - b2f) * gc[i] * gc[i]
+            upd = (m[i] / bc1) / (np.sqrt(v[i] / bc2) + f(eps))
+            p[i] = p[i] * f(1 - lr * wd) - f(lr) * upd if decay else p[i] - f(lr) * upd
+    return p, m, v
+
+
+@needs_cupy
+def test_bench_validation_passes_right_and_fails_wrong_implementations(monkeypatch, rng):
+    """bench/gpu.py's check before timing: float32 runs of each formula pass
+    against their float64 references (clipops' own CPU kernel with the device
+    counter's powers; torch's and optax's formulas with float32 constants),
+    and runs that leave something out fail."""
+    gpu = _bench_gpu(monkeypatch)
+    core = _core()
+    h = gpu.ADAMW
+    sizes = [5, 1000, CHUNK + 3, 40000]
+    p0 = [random_array(rng, (n,), np.float32) for n in sizes]
+    grads = [random_array(rng, (n,), np.float32, 1e-2) for n in sizes]
+    clip = float(np.float32(math.sqrt(sum(float(np.dot(x.astype(np.float64), x)) for x in grads))
+                            / 2))
+    refs = {conv: gpu.adamw_reference(p0, grads, steps=gpu.OPTIM_STEPS, conv=conv, clip=clip, **h)
+            for conv in ("keras", "torch", "optax")}
+
+    def clipops_cpu(steps):
+        ps = [x.copy() for x in p0]
+        ms, vs = [np.zeros_like(x) for x in p0], [np.zeros_like(x) for x in p0]
+        counter = np.zeros(1, np.int64)
+        for _ in range(steps):
+            a = _optim.update_args(core, rule="adam", clip_mode="global_norm", clip_value=clip,
+                                   norm_code=2, unscale=1.0, skip=False, learning_rate=h["lr"],
+                                   weight_decay=h["wd"], beta_1=h["b1"], beta_2=h["b2"],
+                                   epsilon=h["eps"], step=1)
+            a.power_source = core.POWER_SOURCES["from_step"]
+            a.iterations_ptr, a.increment_iterations = counter.ctypes.data, True
+            core.update_cpu([(p.ctypes.data, g.ctypes.data, 2, m.ctypes.data, v.ctypes.data,
+                              p.size, True) for p, g, m, v in zip(ps, grads, ms, vs)], a)
+        return SimpleNamespace(conv="keras", params=lambda: ps, m=lambda: ms, v=lambda: vs)
+
+    def formula(conv, **kw):
+        ps, ms, vs = _float32_adamw(p0, grads, steps=gpu.OPTIM_STEPS, conv=conv,
+                                    **{**h, "clip": clip, **kw})
+        return SimpleNamespace(conv=conv, params=lambda: ps, m=lambda: ms, v=lambda: vs)
+
+    def ok(impl):
+        return gpu.validate_optim(impl, refs)["ok"]
+
+    assert ok(clipops_cpu(gpu.OPTIM_STEPS))
+    assert ok(formula("torch")) and ok(formula("optax"))
+    assert not ok(clipops_cpu(gpu.OPTIM_STEPS - 1))  # a step short
+    assert not ok(formula("torch", decay=False))  # no weight decay (1e-5 of p per step)
+    assert not ok(formula("optax", clip=clip * 4))  # clipped to another norm
+    assert not ok(formula("torch", b2=0.99))  # another beta_2
+    wrong_eps = formula("torch")
+    wrong_eps.conv = "keras"  # torch's epsilon placement checked against Keras' formula
+    assert not ok(wrong_eps)
 
 
 @needs_cupy
