@@ -726,11 +726,6 @@ _UPDATE_COMMON_ARGS = """
       clipops.NonFiniteError: nonfinite="raise" and the norm is inf or NaN.
 """
 
-_ARRAYS_DOC = """GPU arrays: CuPy arrays, or any DLPack / ``__cuda_array_interface__``
-        producer (torch tensors such as ``p.data``, ``p.grad`` and state tensors),
-        viewed without a copy"""
-
-
 def sgd_update(params, grads, momentums=None, *, learning_rate=0.01, momentum=0.0,
                nesterov=False, weight_decay=None, decay_mask=None, global_clipnorm=None,
                clipnorm=None, clipvalue=None, unscale=None, nonfinite="nan",
@@ -742,7 +737,9 @@ def sgd_update(params, grads, momentums=None, *, learning_rate=0.01, momentum=0.
     ``p = p + (m * momentum - g * lr)``; without momentum ``p = p - g * lr``).
 
     Args:
-      params: float32 variables, C-contiguous, updated in place: ARRAYS.
+      params: float32 GPU arrays (the variables), C-contiguous, updated in place:
+        CuPy arrays or any DLPack / ``__cuda_array_interface__`` producer (torch's
+        ``p.data``; the gradients and state likewise), viewed without a copy.
       grads: one gradient per variable, of its shape (float32, float16 or
         bfloat16), or None (the variable is left alone, as Keras does).
       momentums: with momentum != 0, Keras' ``momentums``: float32 arrays like
@@ -775,7 +772,9 @@ def adam_update(params, grads, momentums, velocities, *, step, learning_rate=0.0
     clipops.numpy.adam_update (beta**t as TensorFlow's CPU pow gives it).
 
     Args:
-      params: float32 variables, C-contiguous, updated in place: ARRAYS.
+      params: float32 GPU arrays (the variables), C-contiguous, updated in place:
+        CuPy arrays or any DLPack / ``__cuda_array_interface__`` producer (torch's
+        ``p.data``; the gradients and state likewise), viewed without a copy.
       grads: one gradient per variable, of its shape (float32, float16 or
         bfloat16), or None (the variable is left alone, as Keras does).
       momentums, velocities: Keras' ``momentums`` and ``velocities`` (m and v):
@@ -831,8 +830,7 @@ def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.
 # The Args shared by the three (a docstring must be a literal, so they are appended here;
 # python -OO strips docstrings).
 if sgd_update.__doc__ is not None:
-    for _fn in (sgd_update, adam_update, adamw_update):
-        _fn.__doc__ = _fn.__doc__.replace("ARRAYS", _ARRAYS_DOC) + _UPDATE_COMMON_ARGS
-    adamw_update.__doc__ = adamw_update.__doc__.replace(
-        "None: no decay.", "Keras' default 0.004; it must be a number.")
-    del _fn
+    sgd_update.__doc__ += _UPDATE_COMMON_ARGS
+    adam_update.__doc__ += _UPDATE_COMMON_ARGS
+    adamw_update.__doc__ += _UPDATE_COMMON_ARGS.replace(
+        "None: no decay.", "Keras' default 0.004;\n        it must be a number.")
