@@ -11,6 +11,11 @@ stream. ``cuda_workspace_bytes`` and ``clip_cuda`` take the arguments of their
 ``clipops._core`` namesakes, so clipops.cupy calls either route the same way,
 and the two routes produce the same bits.
 
+The fused update's kernel (csrc/core/optim_kernel.cuh) is in the same module.
+``update_cuda`` takes ``_core.update_cuda``'s arguments; its checks, tables and
+kernel parameters come from ``_core.update_launch_layout``, the functions the
+nvcc build's launcher (optim_cuda.cu) uses, so only the launch is mirrored here.
+
 Why not ``cupy.RawModule(code=...)``: CuPy appends ``-ftz=true`` to every
 NVRTC compilation it caches. That turns __fmul_rn/__fadd_rn/__fdiv_rn into
 their flush-to-zero forms, so squares, sums and scaled values below 2^-126
@@ -40,7 +45,8 @@ from . import _common, _driver
 
 __all__ = ["CudaUnavailableError", "LaunchError", "TENSOR_ENTRY", "build_table",
            "cuda_workspace_bytes", "clip_cuda", "grid_size", "select_target",
-           "cuda_include_dirs", "compile_kernel", "get_kernel"]
+           "cuda_include_dirs", "compile_kernel", "get_kernel", "get_update_kernel",
+           "update_cuda_workspace_bytes", "update_kernel_args", "update_cuda"]
 
 KERNEL_FILES = _driver.KERNEL_FILES
 
@@ -409,4 +415,87 @@ def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bo
                                        ctypes.addressof(params))
     except driver.CUDADriverError as exc:
         raise LaunchError(f"launching the clip kernel ({grid} blocks of {threads} threads, "
+                          f"{kernel.resident_blocks} resident at most) failed: {exc}") from exc
+
+
+# ---- the fused update (csrc/core/optim_kernel.cuh, optim_cuda.cu) --------------
+
+_update_kernels: dict[int, Kernel] = {}
+
+
+def _load_update(device: int) -> Kernel:
+    """The update kernel from the module that holds the clip kernel (one
+    program, one compilation and one cache entry for both), with its own
+    cooperative grid limit: it uses more registers than the clip kernel."""
+    _, threads = _constants()
+    module = get_kernel(device).module
+    fn = module.get_function(_common.load_core().UPDATE_KERNEL_NAME)
+    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)
+    regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
+    if per_sm < 1:
+        raise CudaUnavailableError(
+            f"clipops' update kernel ({regs} registers per thread, {threads} threads per block) "
+            f"does not fit on one multiprocessor of GPU {device}")
+    sms = runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
+    return Kernel(module, fn, per_sm * sms, regs)
+
+
+def get_update_kernel(device: int) -> Kernel:
+    """The update kernel for `device` (loaded with the clip kernel on first
+    use, then kept for the life of the process). The device must be current."""
+    kernel = _update_kernels.get(device)
+    if kernel is None:
+        get_kernel(device)  # outside the lock below: it takes _kernels_lock itself
+        with _kernels_lock:
+            kernel = _update_kernels.get(device)
+            if kernel is None:
+                kernel = _update_kernels[device] = _load_update(device)
+    return kernel
+
+
+def update_cuda_workspace_bytes(params: list[tuple]) -> int:
+    """Device workspace bytes update_cuda needs (_core's own computation)."""
+    return int(_common.load_core().update_cuda_workspace_bytes(params))
+
+
+def update_kernel_args(workspace: int, states_at: int, num_tensors: int, items: int,
+                       partials_at: int, kernel_params: bytes) -> tuple:
+    """clipops_update_kernel's parameters in declaration order, as C values
+    (the launch copies them): grads, states, num_tensors, num_items, partials,
+    and the UpdateParams struct by value."""
+    return (ctypes.c_uint64(workspace), ctypes.c_uint64(workspace + states_at),
+            ctypes.c_int(num_tensors), ctypes.c_longlong(items),
+            ctypes.c_uint64(workspace + partials_at),
+            (ctypes.c_char * len(kernel_params)).from_buffer_copy(kernel_params))
+
+
+def update_cuda(params: list[tuple], args, workspace: int, workspace_bytes: int,
+                stream: int) -> None:
+    """_core.update_cuda through NVRTC: one cooperative launch on `stream`.
+
+    params: (param, grad, grad dtype code, m or 0, v or 0, numel, decay) per
+    variable; args: a ``_core.UpdateArgs``. Raises ValueError on invalid input
+    (the core's checks, nothing queued), CudaUnavailableError when the kernel
+    cannot be built or loaded, LaunchError when the launch fails. Never waits
+    for the GPU: the tables go through pinned memory (_copy_table_async)."""
+    core = _common.load_core()
+    image, items, states_at, partials_at, kernel_params = core.update_launch_layout(params, args)
+    if workspace == 0 or workspace_bytes < core.update_cuda_workspace_bytes(params):
+        raise ValueError("the CUDA workspace is missing or smaller than "
+                         "update_cuda_workspace_bytes()")
+    if workspace % 16:
+        raise ValueError("the CUDA workspace must be 16-byte aligned")
+    kernel = get_update_kernel(runtime.getDevice())
+    if params:
+        _copy_table_async(np.frombuffer(image, dtype=np.uint8), workspace, stream)
+    _, threads = _constants()
+    grid = grid_size(items, kernel.resident_blocks)
+    values = update_kernel_args(workspace, states_at, len(params), items, partials_at,
+                                kernel_params)
+    pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+    try:
+        driver.launchCooperativeKernel(kernel.function.ptr, grid, 1, 1, threads, 1, 1, 0, stream,
+                                       ctypes.addressof(pointers))
+    except driver.CUDADriverError as exc:
+        raise LaunchError(f"launching the update kernel ({grid} blocks of {threads} threads, "
                           f"{kernel.resident_blocks} resident at most) failed: {exc}") from exc

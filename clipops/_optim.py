@@ -143,3 +143,49 @@ def name_tensors(message: str, positions: list[int], names: dict[str, str]) -> s
     front end's "momentums[i]" (i: the position in the caller's lists)."""
     return _TENSOR_REF.sub(lambda mo: f"{names[mo.group(2)]}[{positions[int(mo.group(1))]}]",
                            message)
+
+
+# ---- host checks of the update's front ends ------------------------------------------------
+# What every front end checks before it looks at an array (clipops.cupy does so
+# before it touches a device). clipops.numpy makes the same checks with the same
+# words in its own _update; it can take these over unchanged.
+
+STATE_NAMES = {"param": "params", "grad": "grads", "m": "momentums", "v": "velocities"}
+
+
+def update_lists(params, grads, momentums, velocities) -> tuple[list, list, list | None,
+                                                                list | None]:
+    """The four lists as lists (None for a state list not given), their lengths
+    checked against params'."""
+    params = _common.check_list(params, "params")
+    n = len(params)
+    lists = {"grads": _common.check_list(grads, "grads")}
+    for name, value in (("momentums", momentums), ("velocities", velocities)):
+        if value is not None:
+            lists[name] = _common.check_list(value, name)
+    for name, lst in lists.items():
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
+    return params, lists["grads"], lists.get("momentums"), lists.get("velocities")
+
+
+def check_unscale_clip(unscale, clip_mode: str) -> None:
+    """unscale goes with the global-norm clip or no clip (as the core requires)."""
+    if unscale is not None and clip_mode not in ("global_norm", "none"):
+        raise ValueError("unscale goes with global_clipnorm or no clip (clipnorm and clipvalue "
+                         "clip each gradient as it is)")
+
+
+def check_sgd_state(momentum, momentums) -> None:
+    """Keras' SGD keeps momentums exactly when momentum is not 0."""
+    if momentum != 0 and momentums is None:
+        raise ValueError("momentum is not 0: pass momentums (float32 arrays like params)")
+    if momentum == 0 and momentums is not None:
+        raise ValueError("momentums are given, but momentum is 0 (Keras keeps none then)")
+
+
+def nonfinite_update_message(norm, tensor_norms, positions: list[int]) -> str:
+    """The NonFiniteError text of a refused update (nonfinite="raise")."""
+    return _common.nonfinite_message(norm, tensor_norms, positions, "grads").replace(
+        "Nothing was clipped: the outputs are the inputs.",
+        "Nothing was updated: the variables and their state keep their values.")

@@ -4,6 +4,9 @@
     grads, norm = ccp.clip_by_global_norm(grads, 1.0)           # new arrays
     grads, norm = ccp.clip_by_global_norm(grads, 1.0, in_place=True)  # like clip_grad_norm_
     norm = ccp.global_norm(grads)
+    # Keras' AdamW with its clip, in place, in one launch (also sgd_update, adam_update):
+    norm = ccp.adamw_update(params, grads, ms, vs, step=step, learning_rate=lr,
+                            global_clipnorm=1.0)
 
 Same semantics as clipops.clip_by_global_norm and clipops.numpy (TF's scale
 formula, NaN on a non-finite norm, float32-or-better accumulation, mixed
@@ -34,7 +37,20 @@ inputs that another framework owns alive, or on a stream ordered after this
 one, until the kernel has run; e.g. run under
 ``cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)``.
 
-The kernel is nvcc-compiled into clipops._core when the package was built
+The fused update (sgd_update, adam_update, adamw_update) takes the same
+arrays and keeps to the same rules: one launch on the current stream, no host
+wait (but for nonfinite="raise"), variables and state written in place. Its
+learning rate and its step may live on the device (a 0-d float array; an int64
+counter the kernel advances), so a training loop changes neither the call nor
+anything compiled from step to step.
+
+PyTorch: torch and CuPy share the legacy default stream (handle 0), so on
+torch's default stream nothing needs doing. On another torch stream, run the
+call on it: ``with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):``.
+DLPack then orders the tensors' pending work before that stream, and the
+update runs in torch's stream order.
+
+The kernels are nvcc-compiled into clipops._core when the package was built
 with CUDA; otherwise (or with CLIPOPS_FORCE_NVRTC=1) the same source, shipped in
 clipops/kernels/, is compiled with NVRTC at the first call on a device (a few
 seconds, then read from CuPy's disk cache; that first call loads a module and
@@ -44,6 +60,7 @@ may block) by clipops._nvrtc. The two routes give the same bits.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 try:
@@ -55,7 +72,7 @@ except ImportError as _exc:
         "runs on the CPU without it.") from _exc
 import numpy as np
 
-from . import _common, _nvrtc
+from . import _common, _nvrtc, _optim
 from ._nvrtc import CudaUnavailableError, LaunchError
 
 __all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value",
@@ -185,15 +202,7 @@ def _prepare(arrays, in_place: bool) -> _Prepared:
         what = f"arrays[{i}]"
         a = _as_device_array(arrays[i], what)
         codes.append(_common.dtype_code(a.dtype.name, i, "arrays"))
-        if a.data.device_id != device:
-            raise UnsupportedArrayError(
-                f"{what} is on GPU {a.data.device_id} but the current device is GPU {device}; "
-                f"clipops runs one kernel on one device: call it under "
-                f"`with cupy.cuda.Device({a.data.device_id}):` or move the array")
-        if a.size and a.data.ptr % a.dtype.itemsize:
-            raise UnsupportedArrayError(
-                f"{what} is not aligned to its {a.dtype.itemsize}-byte elements (address "
-                f"{a.data.ptr:#x}); a GPU faults on such loads: pass an aligned array")
+        _check_placement(a, what, device)
         if not a.flags.c_contiguous:
             if in_place:
                 raise UnsupportedArrayError(
@@ -204,6 +213,19 @@ def _prepare(arrays, in_place: bool) -> _Prepared:
     if in_place:
         _check_no_shared_memory(values, positions)
     return _Prepared(arrays, positions, values, codes, _common.norm_dtype_code(codes), device)
+
+
+def _check_placement(a: cupy.ndarray, what: str, device: int) -> None:
+    """On the current device and aligned to its elements, or UnsupportedArrayError."""
+    if a.data.device_id != device:
+        raise UnsupportedArrayError(
+            f"{what} is on GPU {a.data.device_id} but the current device is GPU {device}; "
+            f"clipops runs one kernel on one device: call it under "
+            f"`with cupy.cuda.Device({a.data.device_id}):` or move the array")
+    if a.size and a.data.ptr % a.dtype.itemsize:
+        raise UnsupportedArrayError(
+            f"{what} is not aligned to its {a.dtype.itemsize}-byte elements (address "
+            f"{a.data.ptr:#x}); a GPU faults on such loads: pass an aligned array")
 
 
 def _check_no_shared_memory(values: list[cupy.ndarray], positions: list[int]) -> None:
@@ -467,3 +489,348 @@ def clip_by_value(arrays, clip_value_min, clip_value_max, in_place: bool = False
     arrays (read by the kernel); they are not checked (min > max gives min,
     a NaN bound NaN, as in TensorFlow). Queued on the current stream."""
     return _clip_each(arrays, in_place, "value", bounds=(clip_value_min, clip_value_max))
+
+
+# ---- the fused clip + optimizer update (csrc/core: update_cuda) ----------------------------------
+# Keras 3's SGD, Adam and AdamW steps with their clip folded in, over float32
+# GPU variables, in place, in ONE cooperative launch that the host never waits
+# for. Arguments as clipops.numpy's (converted by clipops/_optim.py); here the
+# learning rate and the step may also live on the device.
+
+__all__ += ["sgd_update", "adam_update", "adamw_update"]
+
+_FLOAT32 = _common.DTYPE_CODES["float32"]
+_GRAD_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _state_array(x, what: str, device: int) -> cupy.ndarray:
+    """A variable or an optimizer state array: float32, written in place."""
+    a = _as_device_array(x, what)
+    if a.dtype != np.float32:
+        raise TypeError(f"{what} has dtype {a.dtype}; variables and optimizer state are float32")
+    _check_placement(a, what, device)
+    if not a.flags.c_contiguous:
+        raise UnsupportedArrayError(f"{what} is not C-contiguous; the update writes it in place, "
+                                    "which needs a contiguous array")
+    return a
+
+
+def _state_like(x, p: cupy.ndarray, what: str, pwhat: str, device: int) -> cupy.ndarray:
+    a = _state_array(x, what, device)
+    if a.shape != p.shape:
+        raise ValueError(f"{what} has shape {a.shape}, but {pwhat} has {p.shape}")
+    return a
+
+
+def _gradient(x, shape: tuple, what: str, device: int) -> tuple[cupy.ndarray, int]:
+    """A gradient as the kernel reads it (a contiguous copy, made on the current
+    stream, when it is not contiguous) and its dtype code."""
+    g = _as_device_array(x, what)
+    if g.dtype.name not in _GRAD_DTYPES:
+        raise TypeError(f"{what} has dtype {g.dtype.name}; gradients of float32 variables are "
+                        "float32, float16 or bfloat16 (Keras casts them to float32)")
+    _check_placement(g, what, device)
+    if g.shape != shape:
+        raise ValueError(f"{what} has shape {g.shape}, but its variable has shape {shape}")
+    if not g.flags.c_contiguous:
+        g = cupy.ascontiguousarray(g)  # one more kernel; the update reads g in chunks
+    return g, _common.DTYPE_CODES[g.dtype.name]
+
+
+_STEP_KINDS = ("step must be an int (this update's number, from 1) or a one-element int64 GPU "
+               "array (the number of updates done so far, which the kernel advances)")
+
+
+def _step_argument(step) -> tuple[int | None, object]:
+    """(t, None) for a host int t >= 1, or (None, step) for a GPU array, checked
+    once converted (_counter). Touches no device."""
+    if _is_device_array(step):
+        return None, step
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"{_STEP_KINDS}; got {type(step).__module__}.{type(step).__name__}")
+    t = int(step)
+    if t < 1:
+        raise ValueError(f"step must be >= 1 (the first update is step 1), got {t}")
+    return t, None
+
+
+def _counter(x, device: int) -> cupy.ndarray:
+    """The device step counter (Keras' ``iterations``): one int64, read and
+    advanced by the kernel."""
+    a = _as_device_array(x, "step")
+    if a.dtype != np.int64:
+        raise TypeError(f"step, a GPU step counter, has dtype {a.dtype}; it must be int64 (the "
+                        "kernel reads and writes 8 bytes), e.g. cupy.zeros((), cupy.int64) or "
+                        "torch.zeros((), dtype=torch.int64, device='cuda')")
+    if a.size != 1:
+        raise ValueError(f"step, a GPU step counter, must hold one element; got shape {a.shape}")
+    _check_placement(a, "step", device)
+    return a
+
+
+def _float_scalar(x, what: str, device: int, dtype) -> cupy.ndarray:
+    """A 0-d GPU float as the kernel reads it: cast to `dtype` on the current
+    stream (one more kernel) unless it has that dtype already."""
+    a = _as_device_array(x, what)
+    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        raise TypeError(f"{what} must be a float, got a {a.dtype.name} array")
+    _check_placement(a, what, device)
+    return a.astype(dtype, copy=False)
+
+
+def _launch_update(core, descs: list, args, positions: list[int]) -> None:
+    """One launch on the current stream through the build's route; never waits.
+    The core's checks (overlaps among every buffer and scalar, the state each
+    rule needs) run first on both routes; a refusal names the caller's lists."""
+    nvrtc = _use_nvrtc(core)
+    nbytes = core.update_cuda_workspace_bytes(descs)
+    # Lives until this function returns; the pool's stream ordering covers
+    # the rest of the kernel's run (see the module docstring).
+    workspace = cupy.empty(nbytes, dtype=cupy.uint8)
+    stream = cupy.cuda.get_current_stream().ptr
+    try:
+        if nvrtc:
+            _nvrtc.update_cuda(descs, args, workspace.data.ptr, nbytes, stream)
+        else:
+            core.update_cuda(descs, args, workspace.data.ptr, nbytes, stream)
+    except ValueError as exc:  # invalid input: refused before anything was queued
+        msg = _optim.name_tensors(str(exc), positions, _optim.STATE_NAMES)
+        raise ValueError(re.sub(r"\biterations\b", "step", msg)) from None  # the core's name
+    except RuntimeError as exc:
+        if nvrtc:  # already CudaUnavailableError or LaunchError
+            raise
+        raise LaunchError(f"the update kernel could not run: {exc}") from exc
+
+
+def _update(rule: str, params, grads, momentums, velocities, *, step=None, learning_rate,
+            weight_decay, decay_mask, global_clipnorm, clipnorm, clipvalue, unscale, nonfinite,
+            return_norms, **hyper):
+    """The checks and the launch shared by sgd_update, adam_update and adamw_update."""
+    # ---- host arguments, checked and converted before any device call ----
+    policy = _common.check_nonfinite(nonfinite)
+    params, grads, ms, vs = _optim.update_lists(params, grads, momentums, velocities)
+    n = len(params)
+    mode, clip = _optim.clip_choice(global_clipnorm, clipnorm, clipvalue)
+    _optim.check_unscale_clip(unscale, mode)
+    unscale_on_device = unscale is not None and _is_device_array(unscale)
+    if unscale is not None:
+        _common.check_unscale(unscale)
+    flags = _optim.decay_flags(weight_decay, decay_mask, n)
+    _common.check_scalar(learning_rate, "learning_rate")
+    lr_on_device = _is_device_array(learning_rate)
+    t, counter = (None, None) if rule == "sgd" else _step_argument(step)
+    core = _common.load_core()
+    # float32 stands in for the norm's dtype until the gradients are seen; only
+    # the clip threshold's rounding depends on it (set again below).
+    args = _optim.update_args(
+        core, rule=rule, clip_mode=mode, clip_value=clip, norm_code=_FLOAT32,
+        unscale=1.0 if unscale is None or unscale_on_device else float(unscale),
+        skip=policy != "nan", learning_rate=0.0 if lr_on_device else learning_rate,
+        weight_decay=weight_decay, step=1 if counter is not None else t, **hyper)
+
+    # ---- the arrays ----
+    device = _current_device()
+    descs, positions, keep = [], [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:  # as Keras: a variable without a gradient is neither updated nor decayed
+            continue
+        p = _state_array(p, f"params[{i}]", device)
+        g, code = _gradient(g, p.shape, f"grads[{i}]", device)
+        m = None if ms is None else _state_like(ms[i], p, f"momentums[{i}]", f"params[{i}]", device)
+        v = None if vs is None else _state_like(vs[i], p, f"velocities[{i}]", f"params[{i}]",
+                                                device)
+        keep.append(g)  # a contiguous copy lives until the launch is queued
+        descs.append((p.data.ptr, g.data.ptr, code, 0 if m is None else m.data.ptr,
+                      0 if v is None else v.data.ptr, p.size, flags[i]))
+        positions.append(i)
+    norm_code = _common.norm_dtype_code([d[2] for d in descs])
+    ndt = _common.np_dtype(norm_code)
+    if norm_code != _FLOAT32:
+        args.norm_dtype = norm_code
+        if mode != "none":
+            args.clip = _common.scalar_in(clip, norm_code, mode)
+
+    # ---- device scalars and outputs (all read or written by the kernel only) ----
+    if lr_on_device:
+        lr = _float_scalar(learning_rate, "learning_rate", device, np.float32)
+        args.learning_rate_ptr = lr.data.ptr
+        keep.append(lr)
+    if unscale_on_device:
+        u = _float_scalar(unscale, "unscale", device, ndt)
+        args.unscale_ptr = u.data.ptr
+        keep.append(u)
+    if counter is not None:
+        c = _counter(counter, device)
+        args.power_source = core.POWER_SOURCES["from_step"]
+        args.iterations_ptr = c.data.ptr
+        args.increment_iterations = True
+        keep.append(c)
+    norm = cupy.empty((), dtype=ndt)
+    args.norm_out = norm.data.ptr
+    norms = None
+    if (return_norms or policy == "raise") and descs:
+        norms = cupy.empty(len(descs), dtype=ndt)  # the kernel writes every entry
+        args.tensor_norms = norms.data.ptr
+    _launch_update(core, descs, args, positions)
+    del keep
+
+    if policy == "raise":
+        host_norm = norm.get()  # waits for the GPU
+        if not np.isfinite(host_norm):
+            raise _common.NonFiniteError(_optim.nonfinite_update_message(
+                host_norm, norms.get(), positions))
+    if not return_norms:
+        return norm
+    if norms is None:
+        norms = cupy.zeros(0, dtype=ndt)
+    return norm, _common.expand_norms(norms, positions, n, cupy)
+
+
+_UPDATE_COMMON_ARGS = """
+      weight_decay: Keras' ``weight_decay``: ``p -= p * weight_decay * learning_rate``
+        before the update, for every variable not masked out; None: no decay.
+      decay_mask: a sequence of bools, one per variable: False excludes it from weight
+        decay (Keras' ``exclude_from_weight_decay``); None: every variable decays.
+      global_clipnorm, clipnorm, clipvalue: Keras' clip options, Python numbers (at most
+        one; one that is not > 0 does not clip). The gradients are then exactly the
+        outputs of ``clip_by_global_norm``, ``clip_by_norm`` or ``clip_by_value(g, -v, v)``,
+        in their own dtype, before the update casts them to float32.
+      unscale: with global_clipnorm or no clip, the gradients are taken as
+        ``g * unscale`` (``1 / loss_scale``): a number, or a 0-d GPU float array (read
+        by the kernel; cast to the norm's dtype on the stream when it has another).
+      nonfinite: an inf or NaN global norm (of ``g * unscale``): "nan" (Keras' behaviour:
+        the NaN reaches the variables), "skip" (nothing is written and a device step
+        counter is not advanced, as Keras' LossScaleOptimizer; never waits), or "raise"
+        (clipops.NonFiniteError naming the first bad gradient, nothing written; this
+        one waits for the GPU to read the norm).
+      return_norms: also return each gradient's own norm (0 for a None gradient), from
+        the same launch.
+
+    Returns:
+      The global norm of the gradients (of ``g * unscale``) before the clip, a 0-d
+      CuPy array of the gradients' dtype (float32 for a mixed list), on the current
+      stream's timeline; with return_norms, ``(global_norm, tensor_norms)``. With
+      nonfinite="skip", a norm that is not finite means the step was skipped
+      (``cupy.isfinite(norm)`` tells without waiting).
+
+    Raises:
+      TypeError: a list is not a sequence; an array is a host array, or not a GPU
+        array; a variable or state array is not float32; a gradient is not float32,
+        float16 or bfloat16; step or learning_rate of a wrong kind or dtype.
+      ValueError: lengths or shapes differ; a scalar is out of range or not a scalar;
+        two buffers share memory that the update writes (the message names them).
+        UnsupportedArrayError (a ValueError): an array on another device, not
+        contiguous (variables and state) or misaligned. Nothing is queued then.
+      CudaUnavailableError: no usable GPU (no driver, no device, no NVRTC).
+      LaunchError: the launch failed.
+      clipops.NonFiniteError: nonfinite="raise" and the norm is inf or NaN.
+"""
+
+def sgd_update(params, grads, momentums=None, *, learning_rate=0.01, momentum=0.0,
+               nesterov=False, weight_decay=None, decay_mask=None, global_clipnorm=None,
+               clipnorm=None, clipvalue=None, unscale=None, nonfinite="nan",
+               return_norms=False):
+    """Keras 3's ``SGD`` step, fused with its clip, in place, in ONE launch on
+    CuPy's current stream; the host does not wait. The same bits as
+    clipops.numpy.sgd_update on the same data (Keras' float32 operations in
+    Keras' order: ``m = m * momentum - g * lr``; ``p = p + m``, or with nesterov
+    ``p = p + (m * momentum - g * lr)``; without momentum ``p = p - g * lr``).
+
+    Args:
+      params: float32 GPU arrays (the variables), C-contiguous, updated in place:
+        CuPy arrays or any DLPack / ``__cuda_array_interface__`` producer (torch's
+        ``p.data``; the gradients and state likewise), viewed without a copy.
+      grads: one gradient per variable, of its shape (float32, float16 or
+        bfloat16), or None (the variable is left alone, as Keras does).
+      momentums: with momentum != 0, Keras' ``momentums``: float32 arrays like
+        params, updated in place; else None.
+      learning_rate: a number (cast to float32 as Keras does) or a 0-d GPU float
+        array (a schedule's value for this step, read by the kernel: changing
+        it needs no host sync and nothing is recompiled).
+      momentum, nesterov: as ``keras.optimizers.SGD``."""
+    _optim.check_sgd_state(momentum, momentums)
+    return _update("sgd", params, grads, momentums, None, weight_decay=weight_decay,
+                   decay_mask=decay_mask, global_clipnorm=global_clipnorm, clipnorm=clipnorm,
+                   clipvalue=clipvalue, unscale=unscale, nonfinite=nonfinite,
+                   return_norms=return_norms, learning_rate=learning_rate, momentum=momentum,
+                   nesterov=nesterov)
+
+
+def adam_update(params, grads, momentums, velocities, *, step, learning_rate=0.001, beta_1=0.9,
+                beta_2=0.999, epsilon=1e-7, weight_decay=None, decay_mask=None,
+                global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
+                nonfinite="nan", return_norms=False):
+    """Keras 3's ``Adam`` step, fused with its clip, in place, in ONE launch on
+    CuPy's current stream; the host does not wait. One norm pass over the
+    gradients, a grid-wide sync, then one pass that reads g, p, m, v once and
+    writes p, m, v.
+
+    ``m += (g - m) * (1 - beta_1)``, ``v += (g*g - v) * (1 - beta_2)``,
+    ``p -= (m * alpha) / (sqrt(v) + epsilon)`` with
+    ``alpha = lr * sqrt(1 - beta_2**t) / (1 - beta_1**t)``, every constant cast
+    as Keras casts it. With an int step, the same bits as
+    clipops.numpy.adam_update (beta**t as TensorFlow's CPU pow gives it).
+
+    Args:
+      params: float32 GPU arrays (the variables), C-contiguous, updated in place:
+        CuPy arrays or any DLPack / ``__cuda_array_interface__`` producer (torch's
+        ``p.data``; the gradients and state likewise), viewed without a copy.
+      grads: one gradient per variable, of its shape (float32, float16 or
+        bfloat16), or None (the variable is left alone, as Keras does).
+      momentums, velocities: Keras' ``momentums`` and ``velocities`` (m and v):
+        float32 arrays like params, updated in place (zeros before the first step).
+      step: an int t >= 1, this update's number (Keras' ``iterations + 1``), or
+        a step counter on the GPU: a one-element int64 array holding the number
+        of updates done so far (0 before the first; Keras' ``iterations``,
+        torch's ``state["step"]``). The kernel then takes t = counter + 1,
+        derives beta**t from it (within 1 ulp of TensorFlow's pow) and stores
+        t back into the counter (not on a skipped step): no host sync and the
+        same call every step.
+      learning_rate: a number (cast to float32 as Keras does) or a 0-d GPU float
+        array (read by the kernel).
+      beta_1, beta_2, epsilon: as ``keras.optimizers.Adam`` (Python numbers)."""
+    if momentums is None or velocities is None:
+        raise ValueError("Adam needs momentums and velocities (float32 arrays like params)")
+    return _update("adam", params, grads, momentums, velocities, step=step,
+                   weight_decay=weight_decay, decay_mask=decay_mask,
+                   global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue,
+                   unscale=unscale, nonfinite=nonfinite, return_norms=return_norms,
+                   learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+
+
+def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.001,
+                 weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7, decay_mask=None,
+                 global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
+                 nonfinite="nan", return_norms=False):
+    """Keras 3's ``AdamW`` step, fused with its clip, in place, in ONE launch:
+    ``adam_update`` with decoupled weight decay first
+    (``p -= p * weight_decay * learning_rate`` for each variable ``decay_mask``
+    does not exclude), then the Adam step.
+
+    A torch training step with no host sync (``p.data``, ``p.grad`` and the
+    state tensors are viewed through DLPack)::
+
+        norm = clipops.cupy.adamw_update(
+            [p.data for p in ps], [p.grad for p in ps], ms, vs, step=step,
+            learning_rate=1e-3, weight_decay=0.01, global_clipnorm=1.0)
+
+    Args:
+      params, grads, momentums, velocities, step, learning_rate, beta_1, beta_2,
+        epsilon: as adam_update."""
+    if weight_decay is None:
+        raise ValueError("weight_decay must be a number for AdamW (Keras' default is 0.004); "
+                         "adam_update is AdamW without it")
+    return adam_update(params, grads, momentums, velocities, step=step,
+                       learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                       epsilon=epsilon, weight_decay=weight_decay, decay_mask=decay_mask,
+                       global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue,
+                       unscale=unscale, nonfinite=nonfinite, return_norms=return_norms)
+
+
+# The Args shared by the three (a docstring must be a literal, so they are appended here;
+# python -OO strips docstrings).
+if sgd_update.__doc__ is not None:
+    sgd_update.__doc__ += _UPDATE_COMMON_ARGS
+    adam_update.__doc__ += _UPDATE_COMMON_ARGS
+    adamw_update.__doc__ += _UPDATE_COMMON_ARGS.replace(
+        "None: no decay.", "Keras' default 0.004;\n        it must be a number.")

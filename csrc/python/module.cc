@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <new>
 #include <optional>
 #include <string>
@@ -18,6 +19,7 @@
 #include "core_args.h"
 #include "kernel_cache.h"
 #include "optim_args.h"
+#include "optim_launch.h"
 
 namespace py = pybind11;
 
@@ -517,4 +519,33 @@ PYBIND11_MODULE(_core, m) {
       py::arg("params"), py::arg("args"), py::arg("workspace"), py::arg("workspace_bytes"),
       py::arg("stream"),
       "The fused update as one cooperative launch on `stream` over device buffers; never waits.");
+  // The NVRTC route (clipops/_nvrtc.py) launches the update kernel itself; it
+  // takes the checks and the kernel's inputs from here, the functions
+  // optim_cuda.cu uses, so that no layout is written twice.
+  m.def(
+      "update_launch_layout",
+      [](const std::vector<clipops_py::ParamTuple>& params, const clipops::UpdateArgs& args) {
+        const auto d = clipops_py::to_param_descs(params);
+        const int n = static_cast<int>(d.size());
+        raise_if_error(clipops::validate_update(d.data(), n, args));
+        std::vector<clipops::detail::TensorEntry> grads;
+        std::vector<clipops::detail::StateEntry> states;
+        const long long items = clipops::detail::build_update_tables(d.data(), n, &grads, &states);
+        // both tables at their workspace offsets, as optim_cuda.cu copies them
+        const size_t states_at = clipops::detail::update_states_offset(n);
+        std::string image(states_at + sizeof(clipops::detail::StateEntry) * n, '\0');
+        if (n > 0) {
+          std::memcpy(&image[0], grads.data(), sizeof(clipops::detail::TensorEntry) * n);
+          std::memcpy(&image[states_at], states.data(), sizeof(clipops::detail::StateEntry) * n);
+        }
+        const clipops::detail::UpdateParams kernel_params = clipops::detail::update_params(args);
+        return py::make_tuple(
+            py::bytes(image), items, states_at, clipops::detail::update_partials_offset(n),
+            py::bytes(reinterpret_cast<const char*>(&kernel_params), sizeof kernel_params));
+      },
+      py::arg("params"), py::arg("args"),
+      "validate_update, then what update_cuda copies and launches: (table image: the gradients' "
+      "TensorEntry table and the StateEntry table at their workspace offsets, work items, the "
+      "StateEntry table's offset, the partials' offset, the UpdateParams struct as bytes). "
+      "Raises ValueError on invalid input.");
 }
