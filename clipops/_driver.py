@@ -108,6 +108,18 @@ def nvrtc_library() -> str:
     return str(found) if found is not None else "libnvrtc.so.12"
 
 
+def absolute_only(dirs: list[Path]) -> list[Path]:
+    """The absolute folders of `dirs`; the others are dropped with a warning. Headers are
+    compiled into code, and a relative folder is wherever the current directory happens to be
+    (both NVRTC routes filter their include folders through this)."""
+    relative = [str(d) for d in dirs if not d.is_absolute()]
+    if relative:
+        warnings.warn(f"clipops ignores the relative CUDA include folders {relative} (set "
+                      "CLIPOPS_CUDA_INCLUDE, CUDA_HOME or CUDA_PATH to absolute paths)",
+                      RuntimeWarning, stacklevel=3)
+    return [d for d in dirs if d.is_absolute()]
+
+
 def include_dirs() -> tuple[str, ...]:
     """The folders that hold cooperative_groups.h and nv/target, first found first.
     Relative folders (in $CLIPOPS_CUDA_INCLUDE, $CUDA_HOME, $CUDA_PATH) are skipped with a
@@ -122,12 +134,7 @@ def include_dirs() -> tuple[str, ...]:
     for root in filter(None, (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
                               "/usr/local/cuda")):
         candidates += [Path(root) / "include", Path(root) / "include" / "cccl"]
-    relative = [str(d) for d in candidates if not d.is_absolute()]
-    if relative:
-        warnings.warn(f"clipops ignores the relative CUDA include folders {relative} (set "
-                      "CLIPOPS_CUDA_INCLUDE, CUDA_HOME or CUDA_PATH to absolute paths)",
-                      RuntimeWarning, stacklevel=2)
-        candidates = [d for d in candidates if d.is_absolute()]
+    candidates = absolute_only(candidates)
     found_dirs: list[str] = []
     for _, _, header in _WHEEL_HEADERS:
         hit = next((d for d in candidates if (d / header).is_file()), None)

@@ -157,7 +157,7 @@ def _header_candidates(lib: str) -> list[Path]:
         found += [Path(root) / "include", Path(root) / "include" / "cccl"]
     if lib == "cccl":  # last resort: the libcu++ that CuPy bundles for its own kernels
         found.append(Path(cupy.__file__).parent / "_core" / "include" / "cupy" / "_cccl" / "libcudacxx")
-    return found
+    return _driver.absolute_only(found)
 
 
 def cuda_include_dirs() -> list[str]:

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -627,6 +628,18 @@ def test_missing_cuda_headers_is_clear(monkeypatch):
     monkeypatch.setattr(_nvrtc, "_header_candidates", lambda lib: [])
     with pytest.raises(_nvrtc.CudaUnavailableError, match="cooperative_groups.h"):
         _nvrtc.cuda_include_dirs()
+
+
+@needs_cupy
+def test_relative_header_folders_are_not_searched(monkeypatch, tmp_path):
+    # headers are compiled into code: a relative folder is wherever the current directory is
+    (tmp_path / "inc").mkdir()
+    (tmp_path / "inc" / "cooperative_groups.h").write_text("#error planted\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLIPOPS_CUDA_INCLUDE", "inc")
+    with pytest.warns(RuntimeWarning, match="relative CUDA include folders"):
+        found = _nvrtc._header_candidates("cudart")
+    assert Path("inc") not in found and all(d.is_absolute() for d in found)
 
 
 @needs_cupy
