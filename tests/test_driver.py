@@ -614,6 +614,190 @@ def test_a_kernel_source_in_the_working_directory_is_not_compiled(fakes, tmp_pat
     assert b"clipops_update_kernel" in cached.read_bytes()
 
 
+# ---- the fused update through the same route (update_driver) ------------------------------
+
+# Runs update_driver once per stream (after a clip launch on the first stream, if asked) over
+# float32 "device" arrays of `sizes` (host memory: the fake copies for real), Adam with device
+# scalars, and prints what the fakes saw as JSON.
+UPDATE_RUNNER = textwrap.dedent("""
+    import ctypes, json, sys
+    import numpy as np
+    from clipops import _core
+
+    a = json.loads(sys.argv[1])
+    _core.configure_driver(a["nvrtc"], a["cuda"], a["include"], a["kernel_dir"], a["cache"])
+    rng = np.random.default_rng(0)
+    n = len(a["sizes"])
+    p = [rng.standard_normal(k).astype(np.float32) for k in a["sizes"]]
+    g = [rng.standard_normal(k).astype(np.float16) for k in a["sizes"]]
+    m = [np.zeros(k, np.float32) for k in a["sizes"]]
+    v = [np.zeros(k, np.float32) if a["with_v"] else None for k in a["sizes"]]
+    descs = [(p[i].ctypes.data, g[i].ctypes.data, 0, m[i].ctypes.data,
+              0 if v[i] is None else v[i].ctypes.data, p[i].size, i % 2 == 0) for i in range(n)]
+    need = _core.update_cuda_workspace_bytes(descs)
+    raw = np.zeros(need + 16, np.uint8)
+    off = (-raw.ctypes.data) % 16
+    ws = raw.ctypes.data + off
+    scalars = np.array([0.01, 0.9, 0.999], np.float32)  # lr, beta_1^t, beta_2^t on the "device"
+    # the norm dtype's: float16 gradients (float32 for an empty list)
+    ndt = np.float16 if n else np.float32
+    clip_unscale = np.array([1.5, 0.25], ndt)
+    norm = np.zeros(1, ndt)
+    norms = np.zeros(max(n, 1), ndt)
+    args = _core.UpdateArgs()
+    args.rule = _core.UPDATE_RULES["adam"]
+    args.clip_mode = _core.UPDATE_CLIPS["global_norm"]
+    args.norm_dtype = 0 if n else 2
+    args.clip_ptr = clip_unscale.ctypes.data
+    args.unscale_ptr = clip_unscale.ctypes.data + clip_unscale.itemsize
+    args.learning_rate_ptr = scalars.ctypes.data
+    args.beta_1_power_ptr = scalars.ctypes.data + 4
+    args.beta_2_power_ptr = scalars.ctypes.data + 8
+    args.skip_nonfinite = True
+    args.norm_out = norm.ctypes.data
+    args.tensor_norms = norms.ctypes.data
+    args.weight_decay, args.one_minus_beta_1, args.one_minus_beta_2, args.epsilon = 0.004, 0.1, 0.001, 1e-7
+    args.check_overlap = True
+    calls = []
+    if a["clip_first"]:
+        x = np.ones(10, np.float32)
+        cdescs = [(x.ctypes.data, x.ctypes.data, x.size, 2)]
+        cneed = _core.cuda_workspace_bytes(cdescs)
+        craw = np.zeros(cneed + 16, np.uint8)
+        cnorm = np.zeros(1, np.float32)
+        _core.clip_driver(cdescs, 2, True, 1.5, 0, None, 0, cnorm.ctypes.data,
+                          craw.ctypes.data + (-craw.ctypes.data) % 16, cneed, a["streams"][0])
+    for stream in a["streams"]:
+        try:
+            _core.update_driver(descs, args, ws, need, stream)
+            calls.append(None)
+        except Exception as e:
+            calls.append([type(e).__name__, str(e)])
+    states_at = (40 * n + 15) // 16 * 16
+    out = {"calls": calls, "ws": ws, "need": need, "descs": descs, "n": n,
+           "scalars": scalars.ctypes.data, "clip_unscale": clip_unscale.ctypes.data,
+           "norm": norm.ctypes.data, "norms": norms.ctypes.data,
+           "grads_table": raw[off:off + 40 * n].tobytes().hex(),
+           "states_table": raw[off + states_at:off + states_at + 32 * n].tobytes().hex(),
+           "written": bool(any(p_.any() for p_ in m))}
+    f = ctypes.CDLL(a["cuda"])
+    for name in ("fake_module_loads", "fake_copies", "fake_launches", "fake_update_launches",
+                 "fake_ctx_depth", "fake_max_depth"):
+        out[name] = ctypes.c_int.in_dll(f, name).value
+    out["fake_grid"] = list((ctypes.c_uint * 3).in_dll(f, "fake_grid"))
+    out["fake_block"] = list((ctypes.c_uint * 3).in_dll(f, "fake_block"))
+    out["fake_launch_stream"] = ctypes.c_size_t.in_dll(f, "fake_launch_stream").value
+    out["fake_launch_function"] = ctypes.c_size_t.in_dll(f, "fake_launch_function").value
+    out["fake_update_params"] = bytes((ctypes.c_ubyte * 40).in_dll(f, "fake_update_params")).hex()
+    out["fake_update_struct"] = bytes((ctypes.c_ubyte * 176).in_dll(f, "fake_update_struct")).hex()
+    nv = ctypes.CDLL(a["nvrtc"])
+    out["fake_nvrtc_compiles"] = ctypes.c_int.in_dll(nv, "fake_nvrtc_compiles").value
+    print(json.dumps(out))
+""")
+
+STATE_ENTRY = struct.Struct("<QQQii")  # optim_math.h's StateEntry: 32 bytes
+assert STATE_ENTRY.size == 32
+
+
+def run_update_route(fakes, tmp_path, *, env=None, sizes=(5, CHUNK + 1, 0, 3 * CHUNK),
+                     streams=(0x100,), with_v=True, clip_first=False) -> dict:
+    args = {"nvrtc": fakes["libnvrtc"], "cuda": fakes["libcuda"], "include": headers_dir(tmp_path),
+            "kernel_dir": str(_driver.kernel_dir()), "cache": str(tmp_path / "cache"),
+            "sizes": list(sizes), "streams": list(streams), "with_v": with_v,
+            "clip_first": clip_first}
+    proc = subprocess.run([sys.executable, "-c", UPDATE_RUNNER, json.dumps(args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, f"the process crashed ({proc.returncode}):\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def test_update_driver_is_one_cooperative_launch_with_the_tables_the_kernel_expects(fakes,
+                                                                                      tmp_path):
+    import numpy as np
+
+    from clipops import _optim
+
+    # 4 SMs: the clip kernel fits 2 blocks per SM, the update kernel 1 (its own occupancy);
+    # items 1 + 2 + 0 + 3 = 6, so 4 blocks, not 6
+    out = run_update_route(fakes, tmp_path, env={"FAKE_CUDA_SMS": "4",
+                                                 "FAKE_CUDA_BLOCKS_PER_SM": "2",
+                                                 "FAKE_CUDA_UPDATE_BLOCKS_PER_SM": "1"})
+    assert out["calls"] == [None]
+    assert out["fake_launches"] == 1 and out["fake_update_launches"] == 1
+    assert out["fake_copies"] == 1  # both tables in one copy
+    assert out["fake_launch_function"] == 0x5000 + 0x2000  # the module's update kernel
+    assert out["fake_grid"] == [4, 1, 1] and out["fake_block"] == [_core.THREADS, 1, 1]
+    assert out["fake_launch_stream"] == 0x100
+    assert out["fake_ctx_depth"] == 0 and out["fake_max_depth"] == 1
+    assert not out["written"]  # nothing ran: the host never touched the state
+
+    # the gradients' table (norm only: no output) and the states' table after it, aligned
+    n, ws = out["n"], out["ws"]
+    grads = bytes.fromhex(out["grads_table"])
+    states = bytes.fromhex(out["states_table"])
+    first = 0
+    for i, (param, grad, dtype, m, v, numel, decay) in enumerate(out["descs"]):
+        assert ENTRY.unpack_from(grads, 40 * i) == (grad, 0, numel, first, dtype, 0)
+        assert STATE_ENTRY.unpack_from(states, 32 * i) == (param, m, v, int(decay), 0)
+        first += -(-numel // CHUNK)
+
+    # the kernel's parameters, in clipops_update_kernel's order
+    p = bytes.fromhex(out["fake_update_params"])
+    states_at = (40 * n + 15) // 16 * 16
+    partials_at = states_at + (32 * n + 15) // 16 * 16
+    assert struct.unpack_from("<Q", p, 0)[0] == ws                   # grads table
+    assert struct.unpack_from("<Q", p, 8)[0] == ws + states_at       # states table
+    assert struct.unpack_from("<i", p, 16)[0] == n                   # num_tensors
+    assert struct.unpack_from("<q", p, 24)[0] == 6                   # num_items
+    assert struct.unpack_from("<Q", p, 32)[0] == ws + partials_at    # partials
+    assert partials_at + 8 * (6 + n) <= out["need"]
+    # UpdateParams by value: every scalar a device pointer (no host sync), Adam's attrs
+    u = np.frombuffer(bytes.fromhex(out["fake_update_struct"]), _optim.UPDATE_PARAMS)[0]
+    assert u["clip_ptr"] == out["clip_unscale"] and u["unscale_ptr"] == out["clip_unscale"] + 2
+    assert u["lr_ptr"] == out["scalars"]
+    assert u["beta_1_power_ptr"] == out["scalars"] + 4
+    assert u["beta_2_power_ptr"] == out["scalars"] + 8
+    assert u["iterations_ptr"] == 0
+    assert u["norm_out"] == out["norm"] and u["tensor_norms"] == out["norms"]
+    assert (u["rule"], u["clip_mode"], u["norm_dtype"], u["skip_nonfinite"]) == \
+        (_core.UPDATE_RULES["adam"], _core.UPDATE_CLIPS["global_norm"], 0, 1)
+    assert (u["power_source"], u["increment_iterations"], u["has_momentum"]) == (0, 0, 0)
+    assert (u["weight_decay"], u["one_minus_beta_1"], u["one_minus_beta_2"], u["epsilon"]) == \
+        tuple(np.float32(x) for x in (0.004, 0.1, 0.001, 1e-7))
+
+
+def test_update_driver_shares_the_clip_s_module(fakes, tmp_path):
+    # one program holds both kernels: a context compiles and loads once for the two
+    out = run_update_route(fakes, tmp_path, streams=(0x100, 0x100, 0x200), clip_first=True)
+    assert out["calls"] == [None] * 3
+    assert out["fake_launches"] == 4 and out["fake_update_launches"] == 3
+    assert out["fake_module_loads"] == 2  # contexts 0x100 and 0x200, once each
+    assert out["fake_nvrtc_compiles"] == 1  # the second context reads the disk cache
+    assert out["fake_launch_function"] == 0x5000 + 0x2000
+
+
+def test_update_driver_refuses_bad_input_before_the_gpu(fakes, tmp_path):
+    # Adam without velocities: the core's check, nothing loaded or launched
+    out = run_update_route(fakes, tmp_path, with_v=False)
+    [call] = out["calls"]
+    assert call[0] == "ValueError" and "tensor 0: v (Adam's second moment) is missing" in call[1]
+    assert out["fake_launches"] == 0 and out["fake_module_loads"] == 0
+
+
+def test_update_driver_reports_a_failed_launch(fakes, tmp_path):
+    out = run_update_route(fakes, tmp_path, env={"FAKE_CUDA_LAUNCH_ERROR": "719"})
+    [call] = out["calls"]
+    assert call == ["RuntimeError", "launching the update kernel: fake error 719 (CUDA error 719)"]
+    assert out["fake_ctx_depth"] == 0  # the context was popped on the way out
+
+
+def test_update_driver_of_an_empty_list_launches_one_block_that_writes_the_norm(fakes, tmp_path):
+    out = run_update_route(fakes, tmp_path, sizes=())
+    assert out["calls"] == [None] and out["fake_update_launches"] == 1
+    assert out["fake_grid"] == [1, 1, 1] and out["fake_copies"] == 0
+
+
 # ---- the TF op brings no CUDA of its own -----------------------------------------------
 
 def elf_sections_and_needed(path: Path, tags=(1,)) -> tuple[set[str], list[str]]:

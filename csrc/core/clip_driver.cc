@@ -11,7 +11,10 @@
 // cache of kernel_cache.h, shared with the CuPy route), loaded, and its
 // largest cooperative grid found. A launch then stages the tensor table in
 // pinned memory, copies it on the caller's stream and makes one cooperative
-// launch there, as clip_cuda.cu does with the runtime API.
+// launch there, as clip_cuda.cu does with the runtime API. The module holds
+// both kernels of the program (kernel_cache::kProgram): the clip
+// (clip_by_global_norm_driver) and the fused update (update_driver), so a
+// context compiles and loads once for both.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -29,6 +32,7 @@
 #include "clip_launch.h"
 #include "clipops.h"
 #include "kernel_cache.h"
+#include "optim_launch.h"
 
 namespace clipops {
 namespace {
@@ -99,9 +103,13 @@ struct NvrtcApi {
 };
 
 // ---- state: one per process ---------------------------------------------------------
+// The two kernels of a context's module, each with its largest cooperative
+// grid on this GPU (the update kernel uses more registers than the clip's).
 struct Kernel {
-  CUfunction function = nullptr;
-  int resident_blocks = 0;  // the largest cooperative grid on this GPU
+  CUfunction function = nullptr;  // clipops_clip_kernel
+  int resident_blocks = 0;
+  CUfunction update = nullptr;    // clipops_update_kernel
+  int update_resident_blocks = 0;
 };
 
 // A context's kernel. Its own mutex is held while it is compiled and loaded,
@@ -458,12 +466,18 @@ Status get_kernel(unsigned long long context_id, Kernel* kernel) {
   Status status = load_module(cfg, cc, &module);
   if (!status.ok()) return status;
   Kernel k;
-  int per_sm = 0;
+  int per_sm = 0, update_per_sm = 0;
   err = cuda->ModuleGetFunction(&k.function, module, kernel_cache::kKernelName);
   if (err == kSuccess)
     err = cuda->OccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.function, detail::kThreads, 0);
+  if (err == kSuccess)
+    err = cuda->ModuleGetFunction(&k.update, module, kernel_cache::kUpdateKernelName);
+  if (err == kSuccess)
+    err = cuda->OccupancyMaxActiveBlocksPerMultiprocessor(&update_per_sm, k.update,
+                                                          detail::kThreads, 0);
   if (err != kSuccess) return cuda_failure("preparing clipops' kernel", err);
   k.resident_blocks = std::max(1, sms * per_sm);
+  k.update_resident_blocks = std::max(1, sms * update_per_sm);
   entry->kernel = k;  // the module stays loaded for the life of the context
   entry->ready.store(true, std::memory_order_release);
   *kernel = k;
@@ -498,6 +512,25 @@ Status stage_table(unsigned long long context_id, void* dst, const void* src, si
   return Status::Ok();
 }
 
+// What both launchers do once their input is checked: the driver, the
+// stream's context made current (while `scope` lives), its kernels, and the
+// tables (`bytes` at `table`) staged into the workspace on the stream.
+Status prepare_context(CUstream stream, const void* table, size_t bytes, void* workspace,
+                       ScopedContext* scope, Kernel* kernel) {
+  Status status;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!(status = load_cuda()).ok()) return status;
+  }
+  if (!(status = scope->push(stream)).ok()) return status;
+  if (!(status = get_kernel(scope->id(), kernel)).ok()) return status;
+  if (bytes > 0) {
+    std::lock_guard<std::mutex> lock(mu);  // the pinned blocks; microseconds
+    status = stage_table(scope->id(), workspace, table, bytes, stream);
+  }
+  return status;
+}
+
 }  // namespace
 
 void configure_driver_route(const DriverConfig& c) {
@@ -513,26 +546,36 @@ Status clip_by_global_norm_driver(const TensorDesc* tensors, int num_tensors,
   Status status = detail::prepare_launch(tensors, num_tensors, args, workspace, workspace_bytes,
                                          &table, &items);
   if (!status.ok()) return status;
-
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!(status = load_cuda()).ok()) return status;
-  }
   ScopedContext scope;
-  if (!(status = scope.push(stream)).ok()) return status;
   Kernel kernel;
-  if (!(status = get_kernel(scope.id(), &kernel)).ok()) return status;
-  if (num_tensors > 0) {
-    std::lock_guard<std::mutex> lock(mu);  // the pinned blocks; microseconds
-    status = stage_table(scope.id(), workspace, table.data(), sizeof(TensorEntry) * num_tensors,
-                         stream);
-    if (!status.ok()) return status;
-  }
+  status = prepare_context(stream, table.data(), sizeof(TensorEntry) * num_tensors, workspace,
+                           &scope, &kernel);
+  if (!status.ok()) return status;
   detail::KernelArgs kernel_args(workspace, num_tensors, items, args);
   const CUresult err = cuda->LaunchCooperativeKernel(
       kernel.function, detail::grid_size(items, kernel.resident_blocks), 1, 1, detail::kThreads,
       1, 1, 0, stream, kernel_args.params);
   if (err != kSuccess) return cuda_failure("launching the clip kernel", err);
+  return Status::Ok();
+}
+
+Status update_driver(const ParamDesc* params, int num_tensors, const UpdateArgs& args,
+                     void* workspace, size_t workspace_bytes, CUstream stream) {
+  thread_local std::vector<char> image;  // both tables, laid out as in the workspace
+  long long items = 0;
+  Status status = detail::prepare_update_launch(params, num_tensors, args, workspace,
+                                                workspace_bytes, &image, &items);
+  if (!status.ok()) return status;
+  ScopedContext scope;
+  Kernel kernel;
+  status = prepare_context(stream, image.data(), num_tensors > 0 ? image.size() : 0, workspace,
+                           &scope, &kernel);
+  if (!status.ok()) return status;
+  detail::UpdateKernelArgs kernel_args(workspace, num_tensors, items, args);
+  const CUresult err = cuda->LaunchCooperativeKernel(
+      kernel.update, detail::grid_size(items, kernel.update_resident_blocks), 1, 1,
+      detail::kThreads, 1, 1, 0, stream, kernel_args.params);
+  if (err != kSuccess) return cuda_failure("launching the update kernel", err);
   return Status::Ok();
 }
 

@@ -347,4 +347,20 @@ size_t update_cuda_workspace_bytes(const ParamDesc* params, int num_tensors);
 Status update_cuda(const ParamDesc* params, int num_tensors, const UpdateArgs& args,
                    void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// As update_cuda, through the driver route of clip_by_global_norm_driver (the
+// TF op's GPU kernel): the same module, compiled once per context for both
+// kernels, one cooperative launch of clipops_update_kernel on `stream`. Device
+// scalars (learning rate, powers, clip, unscale) are read by the kernel, so the
+// host never waits. A route that cannot run here returns kUnavailable with the
+// cause and the fix, as the clip's.
+// \param[in,out] params       the list; device pointers, host array
+// \param[in] num_tensors      its length
+// \param[in] args             as for update_cuda
+// \param[in] workspace        update_cuda_workspace_bytes() of device memory, 16-byte aligned
+// \param[in] workspace_bytes  its size
+// \param[in] stream           the caller's stream (its context runs the kernel)
+// \return an error for invalid input (nothing is launched) or a failed launch
+Status update_driver(const ParamDesc* params, int num_tensors, const UpdateArgs& args,
+                     void* workspace, size_t workspace_bytes, CUstream stream);
+
 }  // namespace clipops

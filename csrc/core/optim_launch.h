@@ -1,6 +1,6 @@
 // The host side of the fused update shared by its CPU kernel (optim_cpu.cc) and
 // its CUDA launcher (optim_cuda.cu): the kernel's parameters from UpdateArgs,
-// and the workspace layout. Phase 2's NVRTC / driver routes mirror it.
+// the workspace layout, and the launch preparation both launchers share.
 //
 // Workspace: the gradients' TensorEntry table (clip_math.h), then the
 // StateEntry table (optim_math.h), 16-byte aligned, then one double of
@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "clip_launch.h"
@@ -79,6 +80,61 @@ inline long long build_update_tables(const ParamDesc* params, int num_tensors,
     (*states)[i] =
         StateEntry{params[i].param, params[i].m, params[i].v, params[i].decay ? 1 : 0, 0};
   return items;
+}
+
+// clipops_update_kernel's parameters for a launch API that takes `void**
+// params` (cudaLaunchCooperativeKernel, cuLaunchCooperativeKernel), in the
+// kernel's order, the tables and partials placed in the workspace as above.
+// Not copyable: params points into it.
+struct UpdateKernelArgs {
+  const TensorEntry* grads;
+  const StateEntry* states;
+  int num_tensors;
+  long long items;
+  double* partials;
+  UpdateParams a;  // by value: no second copy to the device
+  void* params[6];
+
+  UpdateKernelArgs(void* workspace, int n, long long num_items, const UpdateArgs& args)
+      : grads(static_cast<const TensorEntry*>(workspace)),
+        states(reinterpret_cast<const StateEntry*>(static_cast<char*>(workspace) +
+                                                   update_states_offset(n))),
+        num_tensors(n),
+        items(num_items),
+        partials(reinterpret_cast<double*>(static_cast<char*>(workspace) +
+                                           update_partials_offset(n))),
+        a(update_params(args)),
+        params{&grads, &states, &num_tensors, &items, &partials, &a} {}
+  UpdateKernelArgs(const UpdateKernelArgs&) = delete;
+  UpdateKernelArgs& operator=(const UpdateKernelArgs&) = delete;
+};
+
+// What both launchers of the update kernel (optim_cuda.cu, runtime API; and
+// clip_driver.cc's update_driver, driver API) do before touching the GPU:
+// validate the input and the workspace, then build the host image of both
+// tables, laid out as in the workspace (one copy to the device), and count the
+// work items. Nothing is written on failure.
+inline Status prepare_update_launch(const ParamDesc* params, int num_tensors,
+                                    const UpdateArgs& args, const void* workspace,
+                                    size_t workspace_bytes, std::vector<char>* image,
+                                    long long* items) {
+  Status status = validate_update(params, num_tensors, args);
+  if (!status.ok()) return status;
+  if (workspace == nullptr || workspace_bytes < update_cuda_workspace_bytes(params, num_tensors))
+    return Status::Error(
+        "the CUDA workspace is missing or smaller than update_cuda_workspace_bytes()");
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    return Status::Error("the CUDA workspace must be 16-byte aligned");
+  thread_local std::vector<TensorEntry> grads;
+  thread_local std::vector<StateEntry> states;
+  *items = build_update_tables(params, num_tensors, &grads, &states);
+  const size_t states_at = update_states_offset(num_tensors);
+  image->assign(states_at + sizeof(StateEntry) * static_cast<size_t>(num_tensors), 0);
+  if (num_tensors > 0) {
+    std::memcpy(image->data(), grads.data(), sizeof(TensorEntry) * num_tensors);
+    std::memcpy(image->data() + states_at, states.data(), sizeof(StateEntry) * num_tensors);
+  }
+  return Status::Ok();
 }
 
 }  // namespace detail

@@ -548,4 +548,22 @@ PYBIND11_MODULE(_core, m) {
       "TensorEntry table and the StateEntry table at their workspace offsets, work items, the "
       "StateEntry table's offset, the partials' offset, the UpdateParams struct as bytes). "
       "Raises ValueError on invalid input.");
+  m.def(
+      "update_driver",
+      [](const std::vector<clipops_py::ParamTuple>& params, const clipops::UpdateArgs& args,
+         uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+        const auto d = clipops_py::to_param_descs(params);
+        clipops::Status s;
+        {
+          py::gil_scoped_release release;
+          s = clipops::update_driver(d.data(), static_cast<int>(d.size()), args,
+                                     reinterpret_cast<void*>(workspace), workspace_bytes,
+                                     reinterpret_cast<CUstream>(stream));
+        }
+        raise_if_error(s);
+      },
+      py::arg("params"), py::arg("args"), py::arg("workspace"), py::arg("workspace_bytes"),
+      py::arg("stream"),
+      "update_cuda through the driver route (the TF op's GPU route; tests/test_driver.py). "
+      "Raises ValueError on invalid input, RuntimeError otherwise.");
 }

@@ -34,6 +34,11 @@ unsigned fake_generation; /* how many times the contexts were recreated */
 unsigned fake_grid[3], fake_block[3], fake_shared;
 uintptr_t fake_launch_stream, fake_launch_function;
 unsigned char fake_params[21][8]; /* the first 8 bytes behind each kernel parameter */
+/* clipops_update_kernel's launches: its five pointer/integer parameters (8 bytes
+ * each) and its UpdateParams (176 bytes, by value) */
+int fake_update_launches;
+unsigned char fake_update_params[5][8];
+unsigned char fake_update_struct[176];
 unsigned char fake_loaded_head[64];  /* the first bytes of the last module image */
 
 CUresult cuInit(unsigned flags) {
@@ -91,15 +96,24 @@ CUresult cuModuleLoadData(void** module, const void* image) {
 }
 /* The function of a module loaded in this generation of contexts; a module of
  * a destroyed context is gone (CUDA_ERROR_INVALID_HANDLE). */
+/* Two kernels per module: the clip's at module + 0x1000, the update's at
+ * module + 0x2000. */
+static int is_update_function(const void* fn) { return ((uintptr_t)fn & 0xffff) == 0x7000; }
 CUresult cuModuleGetFunction(void** fn, void* module, const char* name) {
-  if (strcmp(name, "clipops_clip_kernel") != 0) return 500; /* not found */
+  uintptr_t offset;
+  if (strcmp(name, "clipops_clip_kernel") == 0) offset = 0x1000;
+  else if (strcmp(name, "clipops_update_kernel") == 0) offset = 0x2000;
+  else return 500; /* not found */
   if ((uintptr_t)module != 0x5000 + 0x10000 * fake_generation) return 400;
-  *fn = (void*)((uintptr_t)module + 0x1000);
+  *fn = (void*)((uintptr_t)module + offset);
   return 0;
 }
+/* the update kernel holds more registers: its own blocks per SM */
 CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void* fn, int threads, size_t smem) {
-  (void)fn; (void)smem;
-  *blocks = threads == 256 ? env_int("FAKE_CUDA_BLOCKS_PER_SM", 2) : 0;
+  (void)smem;
+  const int per_sm = is_update_function(fn) ? env_int("FAKE_CUDA_UPDATE_BLOCKS_PER_SM", 1)
+                                            : env_int("FAKE_CUDA_BLOCKS_PER_SM", 2);
+  *blocks = threads == 256 ? per_sm : 0;
   return 0;
 }
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
@@ -126,6 +140,12 @@ CUresult cuLaunchCooperativeKernel(void* fn, unsigned gx, unsigned gy, unsigned 
   fake_block[0] = bx; fake_block[1] = by; fake_block[2] = bz;
   fake_shared = shared;
   fake_launch_stream = (uintptr_t)stream;
-  for (int i = 0; i < 21; ++i) memcpy(fake_params[i], params[i], 8);
+  if (is_update_function(fn)) {
+    ++fake_update_launches;
+    for (int i = 0; i < 5; ++i) memcpy(fake_update_params[i], params[i], 8);
+    memcpy(fake_update_struct, params[5], sizeof fake_update_struct);
+  } else {
+    for (int i = 0; i < 21; ++i) memcpy(fake_params[i], params[i], 8);
+  }
   return env_int("FAKE_CUDA_LAUNCH_ERROR", 0);
 }
