@@ -1,5 +1,6 @@
-// TensorFlow kernels: turn the op's tensors into core descriptors and call the
-// core (csrc/core/clipops.h). CPU and GPU share everything but the last call.
+// TensorFlow kernels of the clip ops: turn the op's tensors into core
+// descriptors and call the core (csrc/core/clipops.h). The fused update's
+// kernel is in update_kernels.cc; what both share, in adapter.h. CPU and GPU share everything but the last call.
 // The GPU kernel takes the core's driver route (csrc/core/clip_driver.cc): the
 // kernel compiled at first use by the NVRTC of TensorFlow's CUDA 12, launched
 // through the driver API on TF's stream. It is registered on every build.
@@ -8,8 +9,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 
-#include "xla/stream_executor/stream.h"
-
+#include "adapter.h"
 #include "clipops.h"
 #include "kernel_cache.h"
 
@@ -21,25 +21,9 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 
-int DTypeCode(DataType dt) {
-  switch (dt) {
-    case tensorflow::DT_HALF: return clipops::kFloat16;
-    case tensorflow::DT_BFLOAT16: return clipops::kBFloat16;
-    case tensorflow::DT_FLOAT: return clipops::kFloat32;
-    default: return clipops::kFloat64;  // the op's attrs admit nothing else
-  }
-}
-
-constexpr const char* kDTypeNames[] = {"half", "bfloat16", "float", "double"};
-
-double ScalarValue(const Tensor& t) {
-  switch (t.dtype()) {
-    case tensorflow::DT_HALF: return static_cast<float>(t.scalar<Eigen::half>()());
-    case tensorflow::DT_BFLOAT16: return static_cast<float>(t.scalar<Eigen::bfloat16>()());
-    case tensorflow::DT_FLOAT: return t.scalar<float>()();
-    default: return t.scalar<double>()();
-  }
-}
+using clipops_tf::DTypeCode;
+using clipops_tf::kDTypeNames;
+using clipops_tf::ScalarValue;
 
 enum class Device { kCpu, kGpu };
 
@@ -148,8 +132,7 @@ class ClipOp : public OpKernel {
                                              " must be a scalar, got shape " +
                                              v.shape().DebugString()));
       if constexpr (kDevice == Device::kCpu) {
-        const clipops::ScopedIeeeSubnormals ieee;  // TF's DAZ would read a subnormal as 0
-        scalars[k].second->value = ScalarValue(v);
+        scalars[k].second->value = ScalarValue(v);  // TF's DAZ aside (adapter.h)
       } else {
         // in device memory, read by the kernel: the host never waits for the stream
         scalars[k].second->device_ptr = v.data();
@@ -182,28 +165,17 @@ class ClipOp : public OpKernel {
 
     clipops::Status status;
     if constexpr (kDevice == Device::kCpu) {
-      auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-      clipops::ParallelFor parallel_for =
-          [pool](int64_t items, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {
-            pool->ParallelFor(items, tsl::thread::ThreadPool::SchedulingParams::Adaptive(cost), fn);
-          };
-      status = clipops::clip_by_global_norm_cpu(descs.data(), n, args, parallel_for);
+      status = clipops::clip_by_global_norm_cpu(descs.data(), n, args,
+                                                clipops_tf::CpuParallelFor(ctx));
     } else {
       const size_t bytes = clipops::cuda_workspace_bytes(descs.data(), n);
       Tensor workspace;
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8,
                                              {static_cast<int64_t>(bytes)}, &workspace));
-      auto* stream = static_cast<CUstream>(
-          ctx->op_device_context()->stream()->platform_specific_handle().stream);
       status = clipops::clip_by_global_norm_driver(descs.data(), n, args, workspace.data(),
-                                                   bytes, stream);
+                                                   bytes, clipops_tf::GpuStream(ctx));
     }
-    OP_REQUIRES(ctx, status.code != clipops::Status::kInvalidArgument,
-                absl::InvalidArgumentError(status.message));
-    // the GPU route cannot run here: the message names the cause and the fix
-    OP_REQUIRES(ctx, status.code != clipops::Status::kUnavailable,
-                absl::FailedPreconditionError(status.message));
-    OP_REQUIRES(ctx, status.ok(), absl::InternalError(status.message));
+    OP_REQUIRES_OK(ctx, clipops_tf::ToTfStatus(status));
   }
 
  private:
