@@ -7,8 +7,15 @@ tensors and scales every tensor, with TensorFlow's formula::
     grads, norm = clipops.clip_by_global_norm(grads, 15.0)  # tf.clip_by_global_norm
     norm = clipops.global_norm(grads)                        # tf.linalg.global_norm
 
+The optimizer update fused with the clip, Keras 3's SGD, Adam and AdamW step
+over a list of variables in one op (one CUDA launch on a GPU)::
+
+    norm = clipops.adamw_update(variables, grads, m, v, step=t, learning_rate=1e-3,
+                                global_clipnorm=1.0)
+
 Front ends, one core (csrc/core):
-  - clipops.clip_by_global_norm / clipops.global_norm: TensorFlow op (clipops.tensorflow)
+  - clipops.clip_by_global_norm / clipops.global_norm / clipops.adamw_update, ...:
+    TensorFlow ops (clipops.tensorflow)
   - clipops.numpy: NumPy arrays on the CPU
   - clipops.cupy: CuPy (and any __cuda_array_interface__ / DLPack) arrays on a GPU
   - clipops.keras: Keras 3 optimizers that clip with the fused op (``fused(optimizer)``)
@@ -38,8 +45,9 @@ if importlib.util.find_spec(f"{__name__}._build_info") is None:
         "first with `pip install --no-build-isolation .` (README, Install).")
 from ._common import ClipResult, NonFiniteError  # noqa: E402  (after the source-folder check)
 
-__all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value", "build_info",
-           "ClipResult", "NonFiniteError", "__version__"]
+__all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value", "sgd_update",
+           "adam_update", "adamw_update", "build_info", "ClipResult", "NonFiniteError",
+           "__version__"]
 
 
 def clip_by_global_norm(t_list, clip_norm, use_norm=None, name=None, *, nonfinite="nan",
@@ -230,6 +238,163 @@ def clip_by_value(t_list, clip_value_min, clip_value_max, name=None):
     from . import tensorflow as _tf
 
     return _tf.clip_by_value(t_list, clip_value_min, clip_value_max, name=name)
+
+
+_UPDATE_ARGS = """
+      weight_decay: Keras' ``weight_decay``: ``p -= p * weight_decay * learning_rate``
+        (float32, Keras' order) before the update, for every variable not masked
+        out; None: no decay.
+      decay_mask: a sequence of bools, one per variable: False excludes it from weight
+        decay (Keras' ``exclude_from_weight_decay``); None: every variable decays.
+      global_clipnorm, clipnorm, clipvalue: Keras' clip options (at most one; a Python
+        number that is not > 0 does not clip, as in Keras; a tensor is taken as given).
+        The gradients are then exactly what ``clip_by_global_norm``, ``clip_by_norm`` or
+        ``clip_by_value(g, -v, v)`` of clipops output, in their own dtype, before the
+        update casts them to float32.
+      unscale: with global_clipnorm or no clip, the gradients are taken as
+        ``g * unscale`` (``1 / loss_scale``), as in ``clip_by_global_norm``.
+      nonfinite: an inf or NaN global norm (of ``g * unscale``): "nan" (Keras'
+        behaviour: the NaN reaches the variables), "skip" (nothing is written; the
+        returned norm says so), or "raise" (``clipops.NonFiniteError`` naming the first
+        bad gradient, nothing written; in a ``tf.function`` a failed assertion at run
+        time; not under XLA).
+      return_norms: also return each gradient's own norm (0 for a None gradient), from
+        the same pass.
+      name: optional name scope (graph mode).
+
+    Returns:
+      The global norm of the gradients (of ``g * unscale``) before the clip, a scalar
+      tensor of the gradients' dtype (float32 for a mixed list); with return_norms,
+      ``(global_norm, tensor_norms)``. With nonfinite="skip", a norm that is not finite
+      means the step was skipped.
+
+    Raises:
+      TypeError: a list is not a sequence; a variable is not a float32 ``tf.Variable``
+        (or ``keras.Variable``); a gradient is not float32, float16 or bfloat16.
+      ValueError: lengths or shapes differ; a variable is passed twice; a scalar is out
+        of range; an option is given that the rule does not take. Nothing is written.
+      clipops.NonFiniteError: nonfinite="raise" and the norm is inf or NaN.
+      ImportError: clipops was built without its TensorFlow op.
+
+    The variables are locked while the op runs, and copied first when a read still
+    holds their buffer, as TensorFlow's own ``ResourceApplyAdam`` does. An
+    ``IndexedSlices`` gradient is made dense first (duplicate indices summed), as
+    Keras' ``update_step`` makes it, so its norm is the dense gradient's. Inside XLA
+    (``jit_compile=True``) the same formula runs as TF ops (clipops/_tf_xla.py). The
+    op has no gradient.
+"""
+
+
+def sgd_update(params, grads, momentums=None, *, learning_rate=0.01, momentum=0.0,
+               nesterov=False, weight_decay=None, decay_mask=None, global_clipnorm=None,
+               clipnorm=None, clipvalue=None, unscale=None, nonfinite="nan", return_norms=False,
+               name=None):
+    """Keras 3's ``SGD`` step fused with its clip, in place, over TensorFlow variables:
+    one op (one CUDA launch on a GPU; a norm pass and an update pass on a CPU).
+
+    Bit-identical to Keras' weight decay and ``SGD.update_step`` (TensorFlow backend,
+    not XLA) applied to the clipped gradients: every hyperparameter is cast to float32
+    as Keras casts it and every operation is Keras' float32 operation in Keras' order
+    (``m = m * momentum - g * lr``; ``p = p + m``, or with nesterov
+    ``p = p + (m * momentum - g * lr)``; without momentum ``p = p - g * lr``).
+
+    Args:
+      params: a sequence of float32 ``tf.Variable`` (or ``keras.Variable``), updated in
+        place.
+      grads: gradients, one per variable, of its shape: float32, float16 or bfloat16
+        tensors or ``IndexedSlices``, or None (the variable is left alone, as Keras does).
+      momentums: with momentum != 0, Keras' ``momentums``: float32 variables like params,
+        updated in place; else None.
+      learning_rate: a Python number or a scalar tensor/variable (a schedule's value for
+        this step), cast to float32.
+      momentum, nesterov: as ``keras.optimizers.SGD``."""
+    from . import tensorflow as _tf
+
+    return _tf.sgd_update(params, grads, momentums, learning_rate=learning_rate,
+                          momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                          decay_mask=decay_mask, global_clipnorm=global_clipnorm,
+                          clipnorm=clipnorm, clipvalue=clipvalue, unscale=unscale,
+                          nonfinite=nonfinite, return_norms=return_norms, name=name)
+
+
+def adam_update(params, grads, momentums, velocities, *, step, learning_rate=0.001, beta_1=0.9,
+                beta_2=0.999, epsilon=1e-7, weight_decay=None, decay_mask=None,
+                global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
+                nonfinite="nan", return_norms=False, name=None):
+    """Keras 3's ``Adam`` step fused with its clip, in place, over TensorFlow variables:
+    one op reads g, p, m, v once and writes p, m, v (one CUDA launch on a GPU).
+
+    Bit-identical to Keras' weight decay and ``Adam.update_step`` (TensorFlow backend,
+    not XLA) applied to the clipped gradients: ``m += (g - m) * (1 - beta_1)``,
+    ``v += (g*g - v) * (1 - beta_2)``, ``p -= (m * alpha) / (sqrt(v) + epsilon)`` with
+    ``alpha = lr * sqrt(1 - beta_2**t) / (1 - beta_1**t)``, every constant as Keras
+    makes it (``1 - beta_1`` in double, then float32; ``beta**t`` by TensorFlow's
+    ``tf.pow`` of float32 values, computed once per call on the variables' device).
+
+    Args:
+      params: a sequence of float32 ``tf.Variable`` (or ``keras.Variable``), updated in
+        place.
+      grads: gradients, one per variable, of its shape: float32, float16 or bfloat16
+        tensors or ``IndexedSlices``, or None (the variable is left alone, as Keras does).
+      momentums, velocities: Keras' ``momentums`` and ``velocities`` (m and v): float32
+        variables like params, updated in place (zeros before the first step).
+      step: the number of this update, from 1: a Python int or an integer tensor
+        (Keras' ``optimizer.iterations + 1``).
+      learning_rate: a Python number or a scalar tensor/variable, cast to float32.
+      beta_1, beta_2, epsilon: as ``keras.optimizers.Adam`` (Python numbers)."""
+    from . import tensorflow as _tf
+
+    return _tf.adam_update(params, grads, momentums, velocities, step=step,
+                           learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                           epsilon=epsilon, weight_decay=weight_decay, decay_mask=decay_mask,
+                           global_clipnorm=global_clipnorm, clipnorm=clipnorm,
+                           clipvalue=clipvalue, unscale=unscale, nonfinite=nonfinite,
+                           return_norms=return_norms, name=name)
+
+
+def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.001,
+                 weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7, decay_mask=None,
+                 global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
+                 nonfinite="nan", return_norms=False, name=None):
+    """Keras 3's ``AdamW`` step fused with its clip, in place, over TensorFlow variables:
+    ``adam_update`` with the decoupled weight decay first (Keras' AdamW is Adam plus the
+    weight decay every Keras optimizer applies before ``update_step``):
+    ``p -= p * weight_decay * learning_rate`` for each variable ``decay_mask`` does not
+    exclude, then the Adam step, in the same op.
+
+    Example::
+
+        m = [tf.Variable(tf.zeros_like(v)) for v in variables]
+        v = [tf.Variable(tf.zeros_like(v)) for v in variables]
+        for t, (x, y) in enumerate(data, start=1):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x))
+            grads = tape.gradient(loss, variables)
+            norm = clipops.adamw_update(variables, grads, m, v, step=t,
+                                        learning_rate=1e-3, global_clipnorm=1.0)
+
+    Args:
+      params, grads, momentums, velocities, step, learning_rate, beta_1, beta_2,
+        epsilon: as adam_update."""
+    from . import tensorflow as _tf
+
+    return _tf.adamw_update(params, grads, momentums, velocities, step=step,
+                            learning_rate=learning_rate, weight_decay=weight_decay,
+                            beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, decay_mask=decay_mask,
+                            global_clipnorm=global_clipnorm, clipnorm=clipnorm,
+                            clipvalue=clipvalue, unscale=unscale, nonfinite=nonfinite,
+                            return_norms=return_norms, name=name)
+
+
+# The Args shared by the three (a docstring must be a literal, so they are appended here;
+# python -OO strips docstrings).
+if sgd_update.__doc__ is not None:
+    sgd_update.__doc__ += _UPDATE_ARGS
+    adam_update.__doc__ += _UPDATE_ARGS
+    adamw_update.__doc__ += _UPDATE_ARGS.replace(
+        "before the update, for every variable not masked\n        out; None: no decay.",
+        "before the update, for every variable not masked\n        out; Keras' default "
+        "0.004; it must be a number.")
 
 
 def build_info() -> dict:

@@ -71,6 +71,25 @@ def global_norm(values: list, dtype: tf.DType, with_norms: bool = False):
     return norm, _norm_from_sumsq(tf.stack(sums), dtype)
 
 
+def _global_scale(norm: tf.Tensor, clip: tf.Tensor, unscale: tf.Tensor | None) -> tf.Tensor:
+    """TF's clip scale in the norm dtype, times unscale in float64 (clip_math.h step_scale)."""
+    scale = clip * tf.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
+    if unscale is not None:  # in float64, then to each dtype through float32 (Scaler)
+        scale = tf.cast(scale, tf.float64) * tf.cast(unscale, tf.float64)
+    return scale
+
+
+def _scaled(values: list, scale: tf.Tensor) -> list:
+    """Each value times the scale cast to its dtype, as the kernels' Scaler."""
+
+    def cast(s, dtype):
+        if s.dtype == tf.float64 and dtype in (tf.float16, tf.bfloat16):
+            s = tf.cast(s, tf.float32)
+        return tf.cast(s, dtype)
+
+    return [v * cast(scale, v.dtype) for v in values]
+
+
 def clip_by_global_norm(values: list, clip: tf.Tensor, use_norm: tf.Tensor | None,
                         skip_nonfinite: bool = False, unscale: tf.Tensor | None = None):
     """(clipped values, norm, tensor norms); clip, use_norm and unscale are
@@ -82,18 +101,10 @@ def clip_by_global_norm(values: list, clip: tf.Tensor, use_norm: tf.Tensor | Non
     norms = _norm_from_sumsq(tf.stack(sums), clip.dtype, unscale)
     if use_norm is not None:
         norm = use_norm
-    scale = clip * tf.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
-    if unscale is not None:  # in float64, then to each dtype through float32 (Scaler)
-        scale = tf.cast(scale, tf.float64) * tf.cast(unscale, tf.float64)
+    scale = _global_scale(norm, clip, unscale)
     if skip_nonfinite:
         scale = tf.where(tf.math.is_finite(norm), scale, tf.ones_like(scale))
-
-    def cast(s, dtype):
-        if s.dtype == tf.float64 and dtype in (tf.float16, tf.bfloat16):
-            s = tf.cast(s, tf.float32)
-        return tf.cast(s, dtype)
-
-    return [v * cast(scale, v.dtype) for v in values], norm, norms
+    return _scaled(values, scale), norm, norms
 
 
 def clip_by_norm(values: list, clip: tf.Tensor):
@@ -107,3 +118,74 @@ def clip_by_norm(values: list, clip: tf.Tensor):
         c = tf.cast(clip, v.dtype)
         clipped.append((v * c) / tf.maximum(_norm_from_sumsq(s, v.dtype), c))
     return clipped, _norm_from_sumsq(tf.stack(sums), clip.dtype)
+
+
+def _clip_by_value(values: list, clip: tf.Tensor) -> list:
+    """clip_by_value(v, -clip, clip), the bounds cast to each dtype (ValueClipper)."""
+    return [tf.clip_by_value(v, tf.cast(-clip, v.dtype), tf.cast(clip, v.dtype)) for v in values]
+
+
+def fused_update(rule: str, grads: list, params: list, momentums: list, velocities: list, *,
+                 learning_rate, beta_1_power, beta_2_power, clip_mode: str, clip, unscale,
+                 decay: list, skip: bool, weight_decay: float = 0.0, momentum: float = 0.0,
+                 nesterov: bool = False, one_minus_beta_1: float = 0.0,
+                 one_minus_beta_2: float = 0.0, epsilon: float = 0.0):
+    """ClipopsFusedUpdate's computation in TF ops, for XLA: the op's norms (the
+    sums of squares above), its clip of each gradient in the gradient's dtype, and
+    Keras 3's weight decay and update_step op for op in float32
+    (csrc/core/optim_math.h): the same formula as the op's kernels and as Keras'
+    own code, which XLA compiles alike. The variables are assigned; with skip, a
+    step whose norm is not finite assigns their old values. Returns (global norm,
+    tensor norms), in clip's dtype.
+
+    Where the bits can differ from the op's (tests/test_tf_optim.py): XLA sums the
+    float32 groups in an order of its own (a clipped step's scale, through the
+    norm), and XLA's Pow (Keras' beta^t under XLA, computed by the caller) is not
+    the C library's."""
+    dtype = clip.dtype
+    sums = [_sum_of_squares(g) for g in grads]
+    norm = _norm_from_sumsq(tf.add_n(sums), dtype, unscale)
+    norms = _norm_from_sumsq(tf.stack(sums), dtype, unscale)
+    if clip_mode == "global_norm":
+        clipped = _scaled(grads, _global_scale(norm, clip, unscale))
+    elif clip_mode == "norm":
+        clipped, _ = clip_by_norm(grads, clip)
+    elif clip_mode == "value":
+        clipped = _clip_by_value(grads, clip)
+    else:  # the gradients times unscale (1: as they are)
+        clipped = _scaled(grads, tf.cast(unscale, tf.float64))
+    finite = tf.math.is_finite(norm) if skip else None
+    lr = tf.cast(learning_rate, tf.float32)
+    wd = tf.constant(weight_decay, tf.float32)
+    if rule == "adam":
+        b1p, b2p = (tf.cast(b, tf.float32) for b in (beta_1_power, beta_2_power))
+        alpha = lr * tf.sqrt(1.0 - b2p) / (1.0 - b1p)
+        c1, c2 = tf.constant(one_minus_beta_1, tf.float32), tf.constant(one_minus_beta_2,
+                                                                         tf.float32)
+        eps = tf.constant(epsilon, tf.float32)
+    mu = tf.constant(momentum, tf.float32)
+
+    def store(var, new):
+        var.assign(new if finite is None else tf.where(finite, new, var.read_value()))
+
+    for i, (g, p) in enumerate(zip(clipped, params)):
+        g = tf.cast(g, tf.float32)
+        w = p.read_value()
+        if decay[i]:  # the TF backend's weight decay, before update_step: p - (p * wd) * lr
+            w = w - w * wd * lr
+        if rule == "adam":
+            m = momentums[i].read_value()
+            v = velocities[i].read_value()
+            m = m + (g - m) * c1
+            v = v + (tf.square(g) - v) * c2
+            w = w - (m * alpha) / (tf.sqrt(v) + eps)
+            store(momentums[i], m)
+            store(velocities[i], v)
+        elif momentums:
+            m = momentums[i].read_value() * mu - g * lr
+            w = w + (m * mu - g * lr) if nesterov else w + m
+            store(momentums[i], m)
+        else:
+            w = w - g * lr
+        store(p, w)
+    return norm, norms

@@ -1,5 +1,7 @@
 """TensorFlow front end: drop-ins for tf.clip_by_global_norm and
-tf.linalg.global_norm, backed by one fused custom op (csrc/tf/).
+tf.linalg.global_norm, backed by one fused custom op (csrc/tf/), and the fused
+clip + optimizer update (sgd_update, adam_update, adamw_update: Keras 3's
+update_step in one op over a list of variables).
 
 Where clipops deliberately differs from TensorFlow (docs/frontends.md, "Differences from
 TensorFlow"):
@@ -24,8 +26,11 @@ from tensorflow.python.framework import ops as _tf_ops
 from . import _build_info, _common, _driver, _tf_xla
 from . import clip_by_global_norm as _documented_clip, global_norm as _documented_norm
 from . import clip_by_norm as _documented_clip_by_norm, clip_by_value as _documented_clip_by_value
+from . import sgd_update as _documented_sgd_update, adam_update as _documented_adam_update
+from . import adamw_update as _documented_adamw_update
 
-__all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value"]
+__all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value", "sgd_update",
+           "adam_update", "adamw_update"]
 
 _TF_DTYPES = {0: tf.float16, 1: tf.bfloat16, 2: tf.float32, 3: tf.float64}
 
@@ -483,3 +488,280 @@ def _clip_by_value_grad(op, *grads):
         g_lo.append(tf.cast(tf.reduce_sum(tf.where(to_min, tf.zeros_like(g), g)), lo_in.dtype))
         g_hi.append(tf.cast(tf.reduce_sum(tf.where(to_t, tf.zeros_like(g), g_tmin)), hi_in.dtype))
     return g_t + [tf.add_n(g_lo), tf.add_n(g_hi)]
+
+
+# ---- the fused clip + optimizer update (ClipopsFusedUpdate) ------------------
+# Keras 3's weight decay and update_step for SGD, Adam and AdamW, with the clip,
+# in one op over the variables (csrc/tf/update_ops.cc). The scalars are made as
+# Keras makes them: the float hyperparameters are float32 attrs
+# (_optim.keras_float32: one rounding of the Python number; 1 - beta in double
+# first), the learning rate is cast to float32, and beta^t is tf.pow of
+# float32(beta) and float32(t) on the variables' device, once per step.
+
+_UPDATE_CLIPS = {"global_norm": "global_norm", "norm": "norm", "value": "value", "none": "none"}
+# the op's names for the state, as they appear in its errors
+_STATE_ARGS = ("params", "momentums", "velocities", "grads")
+
+
+def _variable(v, what: str):
+    """A float32 resource variable (a keras.Variable gives its tf.Variable)."""
+    if not isinstance(v, tf.Variable) and isinstance(getattr(v, "value", None), tf.Variable):
+        v = v.value  # a keras.Variable (TensorFlow backend) holds its tf.Variable here
+    if not hasattr(v, "handle") or not hasattr(v, "assign"):
+        raise TypeError(f"{what} must be a tf.Variable (or keras.Variable), got "
+                        f"{type(v).__name__}")
+    if v.dtype != tf.float32:
+        raise TypeError(f"{what} is a {v.dtype.name} variable; the fused update takes float32 "
+                        "variables (as Keras' mixed-precision policies keep them)")
+    return v
+
+
+def _dense_gradient(g, what: str):
+    """A gradient as the op takes it: a dense tensor of float16, bfloat16 or float32. An
+    IndexedSlices is made dense (its duplicate indices summed), as Keras' update_step makes it."""
+    if isinstance(g, tf.IndexedSlices):
+        g = tf.convert_to_tensor(g)
+    elif not isinstance(g, (tf.Tensor, tf.Variable)):
+        g = tf.convert_to_tensor(g)
+    code = _CODES.get(g.dtype)
+    if code is None or code == _common.DTYPE_CODES["float64"]:
+        raise TypeError(f"{what} has dtype {g.dtype.name}; gradients of float32 variables are "
+                        "float32, float16 or bfloat16 (Keras casts them to float32)")
+    return g, code
+
+
+def keras_powers(beta_1, beta_2, step):
+    """Adam's beta_1^t and beta_2^t as Keras computes them in update_step:
+    ``ops.power(ops.cast(beta, "float32"), ops.cast(step, "float32"))``, i.e. TF's
+    Pow of two float32 tensors, on the current device (call it where the variables
+    are: TF's CPU and GPU Pow differ in the last bit for some t)."""
+    t = tf.cast(step, tf.float32)
+    return (tf.pow(tf.cast(beta_1, tf.float32), t), tf.pow(tf.cast(beta_2, tf.float32), t))
+
+
+def fused_update_op(rule: str, grads: list, params: list, momentums: list, velocities: list, *,
+                    learning_rate, beta_1_power, beta_2_power, clip_mode: str, clip, unscale,
+                    decay: list, hyper: dict, skip: bool, with_norms: bool):
+    """ClipopsFusedUpdate over checked inputs, or its XLA route inside XLA.
+
+    grads: dense float16/bfloat16/float32 tensors; params, momentums, velocities:
+    float32 tf.Variables (or their components inside a tf.distribute update);
+    learning_rate, beta_1_power, beta_2_power: float32 scalars; clip, unscale:
+    scalars of the norm dtype; decay: one bool per variable; hyper: the float32
+    attrs (weight_decay, momentum, nesterov, one_minus_beta_1, one_minus_beta_2,
+    epsilon) as Python numbers. Returns (global norm, tensor norms: empty unless
+    with_norms)."""
+    if _tf_xla.in_xla_context():
+        norm, norms = _tf_xla.fused_update(
+            rule, grads, params, momentums, velocities, learning_rate=learning_rate,
+            beta_1_power=beta_1_power, beta_2_power=beta_2_power, clip_mode=clip_mode, clip=clip,
+            unscale=unscale, decay=decay, skip=skip, **hyper)
+        return norm, (norms if with_norms else norms[:0])
+    return _ops.clipops_fused_update(
+        grads=grads, params=[p.handle for p in params],
+        momentums=[m.handle for m in momentums], velocities=[v.handle for v in velocities],
+        learning_rate=learning_rate, beta_1_power=beta_1_power, beta_2_power=beta_2_power,
+        clip=clip, unscale=unscale, rule=rule, clip_mode=clip_mode, decay=decay,
+        skip_nonfinite=skip, with_norms=with_norms, **hyper)
+
+
+@tf.RegisterGradient("ClipopsFusedUpdate")
+def _fused_update_grad(op, *grads):
+    raise LookupError("ClipopsFusedUpdate (clipops' fused optimizer update) writes variables in "
+                      "place and has no gradient; compute the norms you differentiate with "
+                      "clipops.global_norm instead")
+
+
+def keras_hyper(rule: str, *, weight_decay=None, momentum=0.0, nesterov=False, beta_1=0.9,
+                beta_2=0.999, epsilon=1e-7) -> dict:
+    """The op's float attrs as Keras 3 rounds them (clipops/_optim.py): float32 of each
+    Python number, ``1 - beta`` taken in double first."""
+    from . import _optim
+
+    h = {"weight_decay": 0.0 if weight_decay is None
+         else _optim.keras_float32(weight_decay, "weight_decay")}
+    if rule == "sgd":
+        h["momentum"] = _optim.keras_float32(momentum, "momentum")
+        h["nesterov"] = bool(nesterov)
+    else:
+        h["one_minus_beta_1"] = _optim.keras_one_minus(beta_1, "beta_1")
+        h["one_minus_beta_2"] = _optim.keras_one_minus(beta_2, "beta_2")
+        h["epsilon"] = _optim.keras_float32(epsilon, "epsilon")
+    return h
+
+
+def _clip_choice(global_clipnorm, clipnorm, clipvalue):
+    """(mode, value): Keras' choice (_optim.clip_choice) for Python numbers; a tensor
+    threshold is taken as given (its sign cannot be checked while tracing)."""
+    from . import _optim
+
+    given = [(n, v) for n, v in (("norm", clipnorm), ("global_norm", global_clipnorm),
+                                 ("value", clipvalue)) if v is not None]
+    if any(isinstance(v, (tf.Tensor, tf.Variable)) for _, v in given):
+        if len(given) > 1:
+            raise ValueError("Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set")
+        _common.check_scalar(given[0][1], given[0][0])
+        return given[0]
+    return _optim.clip_choice(global_clipnorm, clipnorm, clipvalue)
+
+
+_STATE_REF = None
+
+
+def _caller_names(message: str, positions: list) -> str:
+    """The op's "params[3]" (3 counts the gradients that are not None) as the
+    caller's index."""
+    import re
+
+    global _STATE_REF
+    if _STATE_REF is None:
+        _STATE_REF = re.compile(r"\b(params|momentums|velocities|grads)\[(\d+)\]")
+    return _STATE_REF.sub(lambda mo: f"{mo.group(1)}[{positions[int(mo.group(2))]}]", message)
+
+
+def _update(rule: str, params, grads, momentums, velocities, *, learning_rate, step, hyper: dict,
+            weight_decay, decay_mask, global_clipnorm, clipnorm, clipvalue, unscale, nonfinite,
+            return_norms, name):
+    """The checks and the call shared by sgd_update, adam_update and adamw_update."""
+    from . import _optim
+
+    policy = _common.check_nonfinite(nonfinite)
+    params = _common.check_list(params, "params")
+    grads = _common.check_list(grads, "grads")
+    n = len(params)
+    lists = {"grads": grads}
+    for what, value in (("momentums", momentums), ("velocities", velocities)):
+        if value is not None:
+            lists[what] = _common.check_list(value, what)
+    for what, lst in lists.items():
+        if len(lst) != n:
+            raise ValueError(f"{what} has {len(lst)} entries for {n} params")
+    mode, clip_value = _clip_choice(global_clipnorm, clipnorm, clipvalue)
+    if unscale is not None:
+        if mode not in ("global_norm", "none"):
+            raise ValueError("unscale goes with global_clipnorm or no clip (clipnorm and clipvalue "
+                             "clip each gradient as it is)")
+        _common.check_unscale(unscale)
+    flags = _optim.decay_flags(weight_decay, decay_mask, n)
+    if rule == "adam" and isinstance(step, (int, np.integer)) and not isinstance(step, bool):
+        if step < 1:
+            raise ValueError(f"step must be >= 1 (the first update is step 1), got {step}")
+
+    g_in, p_in, m_in, v_in, decay, positions, codes = [], [], [], [], [], [], []
+    ms, vs = lists.get("momentums"), lists.get("velocities")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:  # as Keras: a variable without a gradient is neither updated nor decayed
+            continue
+        p = _variable(p, f"params[{i}]")
+        g, code = _dense_gradient(g, f"grads[{i}]")
+        if g.shape.is_fully_defined() and p.shape.is_fully_defined() and g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {g.shape}, but params[{i}] has {p.shape}")
+        for what, lst, out in (("momentums", ms, m_in), ("velocities", vs, v_in)):
+            if lst is not None:
+                s = _variable(lst[i], f"{what}[{i}]")
+                if s.shape != p.shape:
+                    raise ValueError(f"{what}[{i}] has shape {s.shape}, but params[{i}] has "
+                                     f"{p.shape}")
+                out.append(s)
+        g_in.append(g)
+        p_in.append(p)
+        decay.append(flags[i])
+        positions.append(i)
+        codes.append(code)
+    norm_dtype = _TF_DTYPES[_common.norm_dtype_code(codes)]
+    if not p_in:  # nothing to update: the norm of no gradients, as the clip's
+        norm = tf.zeros((), norm_dtype)
+        return (norm, tf.zeros((n,), norm_dtype)) if return_norms else norm
+    want_norms = return_norms or policy == "raise"
+    with tf.device(p_in[0].device), tf.name_scope(name or f"{rule}_update"):
+        lr = _scalar(learning_rate, tf.float32, "learning_rate")
+        if rule == "adam":
+            b1p, b2p = keras_powers(hyper.pop("beta_1"), hyper.pop("beta_2"), step)
+        else:
+            b1p = b2p = _scalar(1.0, tf.float32, "beta_power")  # unused by SGD
+        clip = _scalar(clip_value if mode != "none" else 1.0, norm_dtype, mode)
+        u = _scalar(1.0 if unscale is None else unscale, norm_dtype, "unscale")
+        if policy == "raise" and _tf_xla.in_xla_context():
+            raise ValueError(
+                "nonfinite='raise' needs the host to look at the norm, which a function that XLA "
+                "compiles cannot do; use nonfinite='skip' under XLA")
+        try:
+            norm, norms = fused_update_op(
+                rule, g_in, p_in, m_in, v_in, learning_rate=lr, beta_1_power=b1p,
+                beta_2_power=b2p, clip_mode=_UPDATE_CLIPS[mode], clip=clip, unscale=u,
+                decay=decay, hyper=hyper, skip=policy != "nan", with_norms=want_norms)
+        except tf.errors.InvalidArgumentError as exc:  # eager: the caller's indices
+            raise ValueError(_caller_names(exc.message, positions)) from None
+        if policy == "raise":
+            norm = _raise_if_not_updated(norm, norms, positions)
+    if return_norms:
+        return norm, _expand_norms(norms, positions, n)
+    return norm
+
+
+def _raise_if_not_updated(norm, norms, positions: list):
+    """nonfinite="raise" after the op skipped a non-finite step (nothing written):
+    eagerly NonFiniteError; in a graph a failed assertion at run time."""
+    if tf.executing_eagerly():
+        if not np.isfinite(norm.numpy()):
+            msg = _common.nonfinite_message(norm.numpy(), norms.numpy(), positions, "grads")
+            raise _common.NonFiniteError(msg.replace(
+                "Nothing was clipped: the outputs are the inputs.",
+                "Nothing was updated: the variables and their state keep their values."))
+        return norm
+    check = tf.debugging.Assert(
+        tf.math.is_finite(norm),
+        ["clipops: the global norm of the gradients is not finite (nonfinite='raise'); nothing "
+         "was updated. Global norm:", norm, "each gradient's norm:", norms])
+    with tf.control_dependencies([check]):
+        return tf.identity(norm)
+
+
+def sgd_update(params, grads, momentums=None, *, learning_rate=0.01, momentum=0.0,
+               nesterov=False, weight_decay=None, decay_mask=None, global_clipnorm=None,
+               clipnorm=None, clipvalue=None, unscale=None, nonfinite="nan", return_norms=False,
+               name=None):
+    if momentum != 0 and momentums is None:
+        raise ValueError("momentum is not 0: pass momentums (float32 variables like params)")
+    if momentum == 0 and momentums is not None:
+        raise ValueError("momentums are given, but momentum is 0 (Keras keeps none then)")
+    hyper = keras_hyper("sgd", weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
+    return _update("sgd", params, grads, momentums, None, learning_rate=learning_rate,
+                   step=None, hyper=hyper, weight_decay=weight_decay, decay_mask=decay_mask,
+                   global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue,
+                   unscale=unscale, nonfinite=nonfinite, return_norms=return_norms, name=name)
+
+
+def adam_update(params, grads, momentums, velocities, *, step, learning_rate=0.001, beta_1=0.9,
+                beta_2=0.999, epsilon=1e-7, weight_decay=None, decay_mask=None,
+                global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
+                nonfinite="nan", return_norms=False, name=None):
+    if momentums is None or velocities is None:
+        raise ValueError("Adam needs momentums and velocities (float32 variables like params)")
+    hyper = keras_hyper("adam", weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2,
+                        epsilon=epsilon)
+    hyper.update(beta_1=beta_1, beta_2=beta_2)  # for the powers; _update takes them out
+    return _update("adam", params, grads, momentums, velocities, learning_rate=learning_rate,
+                   step=step, hyper=hyper, weight_decay=weight_decay, decay_mask=decay_mask,
+                   global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue,
+                   unscale=unscale, nonfinite=nonfinite, return_norms=return_norms, name=name)
+
+
+def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.001,
+                 weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7, decay_mask=None,
+                 global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
+                 nonfinite="nan", return_norms=False, name=None):
+    if weight_decay is None:
+        raise ValueError("weight_decay must be a number for AdamW (Keras' default is 0.004); "
+                         "adam_update is AdamW without it")
+    return adam_update(params, grads, momentums, velocities, step=step,
+                       learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                       weight_decay=weight_decay, decay_mask=decay_mask,
+                       global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue,
+                       unscale=unscale, nonfinite=nonfinite, return_norms=return_norms,
+                       name=name or "adamw_update")
+
+
+sgd_update.__doc__ = _documented_sgd_update.__doc__
+adam_update.__doc__ = _documented_adam_update.__doc__
+adamw_update.__doc__ = _documented_adamw_update.__doc__
