@@ -557,12 +557,19 @@ def fused_update_op(rule: str, grads: list, params: list, momentums: list, veloc
             beta_1_power=beta_1_power, beta_2_power=beta_2_power, clip_mode=clip_mode, clip=clip,
             unscale=unscale, decay=decay, skip=skip, **hyper)
         return norm, (norms if with_norms else norms[:0])
+    # Every float attr given as a Python float: the generated wrapper's defaults are ints
+    # (0), which TF's eager fast path refuses, falling back to a ~20x slower path.
+    attrs = dict(_NO_HYPER, **hyper)
     return _ops.clipops_fused_update(
         grads=grads, params=[p.handle for p in params],
         momentums=[m.handle for m in momentums], velocities=[v.handle for v in velocities],
         learning_rate=learning_rate, beta_1_power=beta_1_power, beta_2_power=beta_2_power,
         clip=clip, unscale=unscale, rule=rule, clip_mode=clip_mode, decay=decay,
-        skip_nonfinite=skip, with_norms=with_norms, **hyper)
+        skip_nonfinite=skip, with_norms=with_norms, **attrs)
+
+
+_NO_HYPER = {"weight_decay": 0.0, "momentum": 0.0, "nesterov": False, "one_minus_beta_1": 0.0,
+             "one_minus_beta_2": 0.0, "epsilon": 0.0}
 
 
 @tf.RegisterGradient("ClipopsFusedUpdate")

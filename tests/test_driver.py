@@ -1105,6 +1105,75 @@ def test_the_driver_route_on_a_gpu_gives_the_cpu_kernel_s_bits(tmp_path):
         assert o.get().tobytes() == w.tobytes()
 
 
+@pytest.mark.gpu
+def test_update_driver_on_a_gpu_gives_the_cpu_kernel_s_bits(tmp_path):
+    """The TF op's GPU route of the fused update (update_driver) without TF: AdamW with a
+    global clip, every scalar a device pointer, against update_cpu on the same inputs."""
+    import ctypes
+
+    import numpy as np
+
+    cupy = pytest.importorskip("cupy", reason="needs CuPy to hold the GPU arrays")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            raise RuntimeError("no device")
+    except Exception:
+        pytest.skip("needs a CUDA GPU")
+    candidates = [os.environ.get("CLIPOPS_NVRTC"), _driver.nvrtc_library(), "libnvrtc.so.13",
+                  "/usr/local/cuda/lib64/libnvrtc.so"]
+    nvrtc = next((c for c in filter(None, candidates) if _loads(ctypes, c)), None)
+    if nvrtc is None:
+        pytest.fail(f"no NVRTC could be loaded from {candidates}")
+    _core.configure_driver(nvrtc, "libcuda.so.1", list(_driver.include_dirs()),
+                           str(_driver.kernel_dir()), str(tmp_path))
+    rng = np.random.default_rng(11)
+    sizes = (3, CHUNK + 1, 700, 5 * CHUNK - 1)
+    host = {k: [rng.standard_normal(n).astype(np.float32) * s for n in sizes]
+            for k, s in (("p", 1.0), ("m", 0.1), ("v", 0.01))}
+    host["v"] = [np.abs(x) for x in host["v"]]
+    host["g"] = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    dev = {k: [cupy.asarray(x) for x in xs] for k, xs in host.items()}
+
+    def addr(x):
+        return x.data.ptr if isinstance(x, cupy.ndarray) else x.ctypes.data
+
+    def descs(d):
+        return [(addr(d["p"][i]), addr(d["g"][i]), FLOAT32, addr(d["m"][i]), addr(d["v"][i]),
+                 sizes[i], i % 2 == 0) for i in range(len(sizes))]
+
+    def args():
+        a = _core.UpdateArgs()
+        a.rule, a.clip_mode, a.norm_dtype = (_core.UPDATE_RULES["adam"],
+                                             _core.UPDATE_CLIPS["global_norm"], FLOAT32)
+        a.weight_decay, a.one_minus_beta_1, a.one_minus_beta_2, a.epsilon = 0.01, 0.1, 1e-3, 1e-7
+        return a
+
+    scalars = np.array([1e-3, 0.9 ** 3, 0.999 ** 3, 2.0, 1.0], np.float32)  # lr, powers, clip, 1
+    cpu = args()
+    cpu.learning_rate, cpu.beta_1_power, cpu.beta_2_power, cpu.clip = (float(x)
+                                                                     for x in scalars[:4])
+    norm_cpu = np.zeros((), np.float32)
+    cpu.norm_out = norm_cpu.ctypes.data
+    _core.update_cpu(descs(host), cpu)
+    gpu = args()
+    d_scalars = cupy.asarray(scalars)
+    base = d_scalars.data.ptr
+    gpu.learning_rate_ptr, gpu.beta_1_power_ptr, gpu.beta_2_power_ptr = base, base + 4, base + 8
+    gpu.clip_ptr, gpu.unscale_ptr = base + 12, base + 16
+    norm_gpu = cupy.zeros((), cupy.float32)
+    gpu.norm_out = norm_gpu.data.ptr
+    d = descs(dev)
+    need = _core.update_cuda_workspace_bytes(d)
+    ws = cupy.empty(need, cupy.uint8)
+    stream = cupy.cuda.get_current_stream()
+    _core.update_driver(d, gpu, ws.data.ptr, need, stream.ptr)
+    stream.synchronize()
+    assert norm_gpu.get().tobytes() == norm_cpu.tobytes()
+    for k in ("p", "m", "v"):
+        for i in range(len(sizes)):
+            assert dev[k][i].get().tobytes() == host[k][i].tobytes(), (k, i)
+
+
 def _loads(ctypes, path: str) -> bool:
     try:
         ctypes.CDLL(path)
