@@ -1,9 +1,26 @@
-"""Keras 3 integration: any Keras optimizer clips with clipops' fused op inside ``model.fit``.
+"""Keras 3 integration: any Keras optimizer clips with clipops' fused op inside ``model.fit``,
+and SGD, Adam and AdamW do their clip, weight decay and update as one op.
 
     import keras, clipops.keras
-    model.compile(optimizer=clipops.keras.fused(keras.optimizers.Adam(1e-3, global_clipnorm=1.0)),
+    model.compile(optimizer=clipops.keras.fused(keras.optimizers.AdamW(1e-3, global_clipnorm=1.0)),
                   loss="mse")
     model.fit(x, y)
+
+The fused update (``optimizer.fuses_update``): for Keras' own ``SGD`` (momentum, nesterov),
+``Adam`` and ``AdamW`` (not ``amsgrad``; hyperparameters that are Python numbers), the clip,
+the weight decay and the update of every variable are ONE op after the cross-replica sum
+(``ClipopsFusedUpdate``: one CUDA launch on a GPU, a norm pass and an update pass on a CPU),
+where Keras runs some 30 small ops per variable. It writes Keras' own state (``momentums``,
+``_momentums`` and ``_velocities``), with Keras' float32 arithmetic op for op: bit for bit
+Keras' own update step (non-XLA, eager) applied to the clipped gradients. Two known
+differences, both within an ulp of a variable where they show: Keras' weight decay
+``p - p * wd * lr`` is rewritten by TensorFlow's graph optimizer (Grappler) inside a
+``tf.function`` to ``p - p * (wd * lr)``, while the op keeps Keras' written (eager) order; and a
+clipped step's scale differs by the norm's rounding (as with the fused clip alone). Under XLA
+(``jit_compile=True`` or ``"auto"``) the same formula runs as TF ops and gives Keras' own XLA
+bits. Any other optimizer (RMSprop, Lion, Adam with amsgrad, a subclass that overrides
+``update_step``, ...) keeps the fused clip and Keras' own weight decay and update, as does a
+step whose variables are not all float32 on one device.
 
 ``fused(optimizer)`` turns the optimizer itself into an object of a subclass of its own class
 ("FusedAdam" for Adam, registered with Keras as ``clipops>FusedAdam``) and returns it: only its
@@ -40,7 +57,8 @@ Where the clip happens, and how it differs from Keras 3 (TensorFlow backend):
 
 Mixed precision: ``fused(LossScaleOptimizer(...))`` gives a ``FusedLossScaleOptimizer`` (pass
 it to ``compile``; Keras does not wrap it again): the non-finite check, the unscale and the clip
-are one fused op, one pass over the gradients (``clip_by_global_norm(..., unscale=1/s,
+(and with SGD, Adam or AdamW and ``global_clipnorm``, the update too) are one fused op, one pass
+over the gradients (``clip_by_global_norm(..., unscale=1/s,
 nonfinite="skip")``; see ``FusedLossScaleOptimizer``), with no per-tensor ``isfinite``. Keras'
 skip-on-overflow is kept: a step with a non-finite gradient changes no weight and halves the
 loss scale. A plain fused optimizer that ``compile``
@@ -110,6 +128,9 @@ _INTERNALS = {
                                  "_overwrite_model_variables_with_average_value"),
     _LossScaleOptimizer: ("_overwrite_variable_with_gradient",
                           "_stateful_handle_non_finite_grads"),
+    # the fused update: the rules it replaces and the state it writes in their place
+    keras.optimizers.SGD: ("update_step", "build"),
+    keras.optimizers.Adam: ("update_step", "build"),
 }
 
 
@@ -142,12 +163,15 @@ _PREPARED = threading.local()
 
 
 @contextlib.contextmanager
-def _prepared(optimizer, summed: bool, clipped: bool):
+def _prepared(optimizer, summed: bool, clipped: bool, updated: bool = False):
+    """While alive, `optimizer`'s update step takes its gradients as already summed across
+    replicas (summed), clipped, or its whole update as done (updated: the
+    FusedLossScaleOptimizer ran the fused update itself)."""
     flags = getattr(_PREPARED, "flags", None)
     if flags is None:
         flags = _PREPARED.flags = {}
     old = flags.get(id(optimizer))
-    flags[id(optimizer)] = (summed, clipped)
+    flags[id(optimizer)] = (summed, clipped, updated)
     try:
         yield
     finally:
@@ -158,7 +182,7 @@ def _prepared(optimizer, summed: bool, clipped: bool):
 
 
 def _prepared_flags(optimizer) -> tuple:
-    return getattr(_PREPARED, "flags", {}).get(id(optimizer), (False, False))
+    return getattr(_PREPARED, "flags", {}).get(id(optimizer), (False, False, False))
 
 
 def _clip_option(optimizer) -> str | None:
@@ -168,6 +192,38 @@ def _clip_option(optimizer) -> str | None:
         if value is not None and value > 0:
             return name
     return None
+
+
+_SGD, _ADAM = keras.optimizers.SGD, keras.optimizers.Adam
+_KERAS_OPTIMIZER = keras.optimizers.Optimizer  # the TensorFlow backend's TFOptimizer below it
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _update_rule(optimizer) -> str | None:
+    """'sgd' or 'adam' when clipops' op can do this optimizer's weight decay and update step,
+    else None (the fused clip only). That is Keras' own SGD.update_step or Adam.update_step
+    (AdamW is Adam's), without amsgrad, with Keras' TF-backend weight decay and update step
+    not overridden by a subclass, and hyperparameters that are Python numbers (the op takes
+    them as float32 attrs, rounded as Keras rounds them)."""
+    base = super(_FusedClip, optimizer)
+    if getattr(base._apply_weight_decay, "__func__", None) is not \
+            _KERAS_OPTIMIZER._apply_weight_decay or \
+            getattr(base._backend_update_step, "__func__", None) is not \
+            _KERAS_OPTIMIZER._backend_update_step:
+        return None
+    step = getattr(base.update_step, "__func__", None)
+    if step is _SGD.update_step:
+        rule, numbers = "sgd", (optimizer.momentum,)
+    elif step is _ADAM.update_step and not optimizer.amsgrad:
+        rule, numbers = "adam", (optimizer.beta_1, optimizer.beta_2, optimizer.epsilon)
+    else:
+        return None
+    if optimizer.weight_decay is not None:
+        numbers += (optimizer.weight_decay,)
+    return rule if all(_number(x) for x in numbers) else None
 
 
 def _merge_call_strategy() -> bool:
@@ -180,7 +236,9 @@ def _merge_call_strategy() -> bool:
 
 class _FusedClip:
     """Mixin placed before a Keras optimizer class: moves the clip after the cross-replica
-    sum and does global_clipnorm with clipops' fused op. See the module's docstring.
+    sum and does it with clipops' fused ops; for SGD, Adam and AdamW the clip, the weight
+    decay and the update of every variable are one op (``fuses_update``). See the module's
+    docstring.
 
     ``fused`` gives an existing, unbuilt optimizer this class by assigning ``__class__``, so the
     mixin keeps no state of its own made in ``__init__`` (the ``__init__`` here only validates,
@@ -221,8 +279,8 @@ class _FusedClip:
     def last_global_norm(self):
         """The global norm of the gradients of the last update step (before clipping, after the
         cross-replica sum and the loss-scale unscale), as a scalar variable; 0 before the first
-        step. Recorded for ``global_clipnorm`` and ``clipnorm`` (there, the norm of the
-        per-tensor norms), not for ``clipvalue``."""
+        step. Recorded for ``global_clipnorm`` and ``clipnorm`` (there, with the fused clip
+        alone, the norm of the per-tensor norms), not for ``clipvalue``."""
         if not self.built:
             raise ValueError("the optimizer has not run a step yet (it is not built)")
         return self._clipops_norm
@@ -309,18 +367,112 @@ class _FusedClip:
         # there instead, after the sum (see _backend_update_step).
         return grads
 
+    @property
+    def fuses_update(self) -> bool:
+        """True when the clip, the weight decay and the update of all variables run as one
+        clipops op (``ClipopsFusedUpdate``): Keras' own SGD, Adam and AdamW (not amsgrad).
+        False: the fused clip, then Keras' own weight decay and update step. A step whose
+        variables are not all float32 on one device also takes Keras' update."""
+        return _update_rule(self) is not None
+
+    def _apply_weight_decay(self, variables):
+        # With the fused update the op decays the variables (Keras' formula, its flags from
+        # _use_weight_decay); _backend_update_step applies Keras' own where it falls back.
+        if _update_rule(self) is None:
+            super()._apply_weight_decay(variables)
+
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        """TFOptimizer's update step with the clip between the all-reduce and the update."""
+        """TFOptimizer's update step with the clip between the all-reduce and the update, and
+        for SGD, Adam and AdamW the clip, the weight decay and the update as one op."""
+        summed, clipped, updated = _prepared_flags(self)
+        if updated:  # the FusedLossScaleOptimizer ran the fused update already
+            return
         variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
-        summed, clipped = _prepared_flags(self)
         if not summed:
             pairs = self._all_reduce_sum_gradients(list(zip(grads, variables)))
             grads = [g for g, _ in pairs]
+        rule = _update_rule(self)
+        if rule is not None and self._can_fuse_update(grads, variables):
+            norm, norms = self._fused_update(rule, list(grads), trainable_variables,
+                                             learning_rate, clip=not clipped)
+            if not clipped and _clip_option(self) in ("global_clipnorm", "clipnorm"):
+                self._record_norms(norm, norms, trainable_variables)
+            return
         if not clipped:
             grads = self._clip_summed(list(grads), trainable_variables)
+        if rule is not None:  # _apply_weight_decay left it to the fused update
+            super()._apply_weight_decay(trainable_variables)
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_tf_update_step, self._distribution_strategy,
             list(zip(grads, variables)), learning_rate)
+
+    def _can_fuse_update(self, grads, variables) -> bool:
+        """Whether this step's gradients and variables suit the op: float32 variables, on one
+        device (a strategy places each replica's on its own), float gradients."""
+        if not all(v.dtype == tf.float32 for v in variables):
+            return False
+        if not all(g.dtype in (tf.float32, tf.float16, tf.bfloat16) for g in grads):
+            return False
+        if not tf.distribute.has_strategy():
+            return len({v.device for v in variables}) <= 1
+        return True
+
+    def _fused_update(self, rule: str, grads: list, trainable_variables, learning_rate, *,
+                      clip: bool, unscale=None, skip: bool = False):
+        """The clip (unless the gradients are clipped already), the weight decay and the
+        update of every variable as one ClipopsFusedUpdate per device, after the cross-replica
+        sum (in the cross-replica context, as Keras' own update). Returns (global norm,
+        per-variable norms) of the first device; unscale: the gradients are taken as
+        g * unscale; skip: a non-finite norm writes nothing."""
+        option = _clip_option(self) if clip else None
+        mode, value = {"global_clipnorm": ("global_norm", self.global_clipnorm),
+                       "clipnorm": ("norm", self.clipnorm), "clipvalue": ("value", self.clipvalue),
+                       None: ("none", 1.0)}[option]
+        if rule == "sgd":
+            hyper = _ctf.keras_hyper(rule, weight_decay=self.weight_decay,
+                                     momentum=self.momentum, nesterov=self.nesterov)
+        else:
+            hyper = _ctf.keras_hyper(rule, weight_decay=self.weight_decay, beta_1=self.beta_1,
+                                     beta_2=self.beta_2, epsilon=self.epsilon)
+        decay = [self.weight_decay is not None and self._use_weight_decay(v)
+                 for v in trainable_variables]
+        index = [self._get_variable_index(v) for v in trainable_variables]
+        if rule == "adam":
+            ms = [self._momentums[i].value for i in index]
+            vs = [self._velocities[i].value for i in index]
+        else:
+            ms = [self.momentums[i].value for i in index] if self.momentum != 0 else []
+            vs = []
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        grads = [_ctf._dense_gradient(g, "a gradient")[0] for g in grads]
+        codes = [_ctf._CODES[g.dtype] for g in grads]
+        norm_dtype = _ctf._TF_DTYPES[_ctf._common.norm_dtype_code(codes)]
+
+        def update(first, grads, variables, ms, vs, learning_rate):
+            # per device, as Keras' update_step: the learning rate cast to float32, and
+            # beta^t from `iterations` (read before apply() increments it), tf.pow there
+            lr = tf.cast(learning_rate, tf.float32)
+            if rule == "adam":
+                b1p, b2p = _ctf.keras_powers(self.beta_1, self.beta_2, self.iterations + 1)
+            else:
+                b1p = b2p = tf.ones((), tf.float32)  # unused by SGD
+            c = tf.constant(value, norm_dtype)
+            u = tf.ones((), norm_dtype) if unscale is None else tf.cast(unscale, norm_dtype)
+            return _ctf.fused_update_op(rule, grads, variables, ms, vs, learning_rate=lr,
+                                        beta_1_power=b1p, beta_2_power=b2p, clip_mode=mode,
+                                        clip=c, unscale=u, decay=decay, hyper=hyper, skip=skip,
+                                        with_norms=True)
+
+        def distributed(distribution, grads, variables, ms, vs, learning_rate):
+            return distribution.extended.update(variables[0], update,
+                                                args=(grads, variables, ms, vs, learning_rate),
+                                                group=False)
+
+        norm, norms = tf.__internal__.distribute.interim.maybe_merge_call(
+            distributed, self._distribution_strategy, grads, variables, ms, vs, learning_rate)
+        if isinstance(norm, tuple):  # one per device (the same values): the first's
+            norm, norms = norm[0], norms[0]
+        return norm, norms
 
     def _clip_summed(self, grads: list, variables: list) -> list:
         option = _clip_option(self)
@@ -382,8 +534,13 @@ def fused_class(cls: type) -> type:
     made = type(name, (_FusedClip, cls), {
         "__module__": __name__,
         "__doc__": f"``{cls.__module__}.{cls.__qualname__}`` whose clip (global_clipnorm, "
-                   "clipnorm or clipvalue) runs after the cross-replica sum, global_clipnorm "
-                   "with clipops' fused op. Made by clipops.keras.fused_class.",
+                   "clipnorm or clipvalue) runs after the cross-replica sum with clipops' fused "
+                   "ops" + (", and with it the weight decay and the update of every variable "
+                            "in one op (fuses_update; not with amsgrad)"
+                            if getattr(cls, "update_step", None) in (_SGD.update_step,
+                                                                     _ADAM.update_step) else
+                            "; its update is Keras' own (clipops fuses SGD's, Adam's and "
+                            "AdamW's)") + ". Made by clipops.keras.fused_class.",
     })
     keras.saving.register_keras_serializable(package="clipops", name=name)(made)
     _FUSED_CLASSES[cls] = made
@@ -397,7 +554,13 @@ def is_fused(optimizer) -> bool:
 
 
 def fused(optimizer):
-    """Makes an optimizer clip with clipops' fused op after the cross-replica sum.
+    """Makes an optimizer clip with clipops' fused op after the cross-replica sum, and fuses
+    the update too for SGD, Adam and AdamW.
+
+    For Keras' own ``SGD``, ``Adam`` and ``AdamW`` (not ``amsgrad``) the clip, the weight decay
+    and the update of all variables become one op (``optimizer.fuses_update`` is True); other
+    optimizers keep the fused clip and Keras' own update (``fuses_update`` False). See the
+    module's docstring for the numerics.
 
     ``fused(keras.optimizers.Adam(1e-3, global_clipnorm=1.0))`` changes the optimizer's class to
     ``FusedAdam`` (``fused_class``) and returns the same object: everything it holds is kept,
@@ -508,11 +671,17 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
         if tf.distribute.in_cross_replica_context():
             raise ValueError("apply() must be called in a replica context.")
         grads = _sum_across_replicas(self.inner_optimizer, list(grads), trainable_variables)
-        unscaled, finite, norm, norms, clipped = self._unscale(grads, trainable_variables)
+        fused = self._fused_update(grads, trainable_variables)
+        if fused is not None:  # one op: unscale, check, clip, weight decay and update
+            finite, norm, norms = fused
+            unscaled, clipped, updated = grads, True, True
+        else:
+            unscaled, finite, norm, norms, clipped = self._unscale(grads, trainable_variables)
+            updated = False
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             keras.ops.cond(finite,
                            lambda: self._apply_finite(unscaled, trainable_variables, norm, norms,
-                                                      clipped),
+                                                      clipped, updated),
                            self._stateful_handle_non_finite_grads)
             return
 
@@ -522,13 +691,40 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
 
             def apply_fn():
                 distribution.extended.call_for_each_replica(
-                    self._apply_finite, args=(unscaled, trainable_variables, norm, norms, clipped))
+                    self._apply_finite,
+                    args=(unscaled, trainable_variables, norm, norms, clipped, updated))
 
             # a cond whose branch calls merge_call must be in cross-replica context (as Keras)
             keras.ops.cond(finite, apply_fn, self._stateful_handle_non_finite_grads)
 
         tf.distribute.get_replica_context().merge_call(
             cross_replica, args=(unscaled, finite, norm, norms))
+
+    def _fused_update(self, grads: list, trainable_variables):
+        """When the inner optimizer fuses its update (SGD, Adam, AdamW with global_clipnorm):
+        the one op that unscales, clips, decays and updates every variable, and writes nothing
+        when the norm is not finite; returns (finite, norm, per-tensor norms). None when the
+        step needs the separate unscale (_unscale): gradient accumulation, a
+        loss_scale_factor, clipnorm or clipvalue (which clip the unscaled gradients one by
+        one), variables overwritten with their gradients, or variables the op cannot take."""
+        inner = self.inner_optimizer
+        variables = trainable_variables if trainable_variables is not None \
+            else self._trainable_variables
+        rule = _update_rule(inner)
+        if (rule is None or _clip_option(inner) != "global_clipnorm"
+                or inner.gradient_accumulation_steps or inner.loss_scale_factor is not None):
+            return None
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        if not pairs or any(self._overwrite_variable_with_gradient(v) for _, v in pairs):
+            return None
+        present, used = [g for g, _ in pairs], [v for _, v in pairs]
+        if not inner._can_fuse_update(present, [v.value if isinstance(v, keras.Variable) else v
+                                                for v in used]):
+            return None
+        inverse = tf.math.reciprocal(tf.cast(self.dynamic_scale, tf.float32))  # exact: 2^k
+        norm, norms = inner._fused_update(rule, present, used, inner.learning_rate, clip=True,
+                                          unscale=inverse, skip=True)
+        return tf.math.is_finite(norm), tf.cast(norm, tf.float32), tf.cast(norms, tf.float32)
 
     def _unscale(self, grads: list, trainable_variables):
         """The one fused op: (unscaled gradients, finite, global norm, per-tensor norms of the
@@ -566,11 +762,14 @@ class FusedLossScaleOptimizer(_LossScaleOptimizer):
         return (unscaled, finite, tf.cast(r.global_norm, tf.float32),
                 tf.cast(r.tensor_norms, tf.float32), clip_here)
 
-    def _apply_finite(self, unscaled, trainable_variables, norm, norms, clipped: bool):
+    def _apply_finite(self, unscaled, trainable_variables, norm, norms, clipped: bool,
+                      updated: bool = False):
         inner = self.inner_optimizer
         variables = trainable_variables if trainable_variables is not None \
             else self._trainable_variables
-        with _prepared(inner, summed=True, clipped=clipped):
+        # updated: the weights are already updated; inner.apply() does the rest of its step
+        # (EMA, constraints, the iteration count) on this finite step only, as Keras' would
+        with _prepared(inner, summed=True, clipped=clipped, updated=updated):
             inner.apply(list(unscaled), trainable_variables=trainable_variables)
         if clipped:  # the norms the clip used, of the unscaled gradients
             inner._record_norms(norm, norms, [v for g, v in zip(unscaled, variables)
@@ -740,7 +939,7 @@ def _behaviour_problems(rng: np.random.Generator) -> list:
             out.append((fused(opt) if fuse else opt, variables))
         return out
 
-    def compare(case, make, steps, clipped, records_norms=False, op=None):
+    def compare(case, make, steps, clipped, records_norms=False, op=None, fuses_update=None):
         (fo, fv), (ko, kv) = pair(make)
         for i, grads in enumerate(steps):
             before = [v.numpy() for v in kv]
@@ -748,6 +947,10 @@ def _behaviour_problems(rng: np.random.Generator) -> list:
                 opt.apply([tf.constant(g) for g in grads], variables)
             problem = _keras_step_differs(before, [v.numpy() for v in fv],
                                           [v.numpy() for v in kv], clipped[i])
+            if not problem and not clipped[i]:  # the state too: m, v, iterations
+                problem = next((f"optimizer variable {a.path} differs from Keras'"
+                                for a, b in zip(fo.variables, ko.variables)
+                                if a.numpy().tobytes() != b.numpy().tobytes()), "")
             if problem:
                 problems.append(f"{case}, step {i}: {problem}")
                 return fo, ko
@@ -763,23 +966,48 @@ def _behaviour_problems(rng: np.random.Generator) -> list:
             problems.append(f"{case}: the fused optimizer's variables "
                             f"{[v.path for v in fo.variables]} are not Keras' "
                             f"{[v.path for v in ko.variables]} (checkpoints would not load)")
+        inner = getattr(fo, "inner_optimizer", fo)
+        if fuses_update is not None and inner.fuses_update != fuses_update:
+            problems.append(f"{case}: fuses_update is {inner.fuses_update}, not {fuses_update}")
         if op is not None:
             ops = _traced_ops(fo, [tf.constant(g) for g in steps[0]], fv)
             if op not in ops:
                 problems.append(f"{case}: a traced step has no {op}")
+            # the fused update replaces Keras' per-variable update ops
+            left = ops & {"AssignSubVariableOp", "AssignAddVariableOp"}
+            if op == "ClipopsFusedUpdate" and left:
+                problems.append(f"{case}: a traced step still has Keras' update ops {left}")
         return fo, ko
 
     def sgd(**kw):
         return lambda variables: keras.optimizers.SGD(0.5, name="clipops_check", **kw)
 
+    # SGD fuses its update: the clip, the weight decay and the update in one op.
     # global_clipnorm: a step under the clip (Keras' bits), one over it (the norm's rounding)
     compare("global_clipnorm", sgd(global_clipnorm=1.0), [with_norms(0.5), with_norms(3.0)],
-            clipped=[False, True], records_norms=True, op="ClipopsClipByGlobalNorm")
+            clipped=[False, True], records_norms=True, op="ClipopsFusedUpdate",
+            fuses_update=True)
     # clipnorm: one tensor under, one over; judged as clipped (the looser bound) as a whole
     compare("clipnorm", sgd(clipnorm=1.0), [with_norms(0.5, 3.0)], clipped=[True],
-            records_norms=True, op="ClipopsClipByNorm")
+            records_norms=True, op="ClipopsFusedUpdate")
     compare("clipvalue", sgd(clipvalue=0.3), [with_norms(2.0)], clipped=[False],
-            op="ClipopsClipByValue")
+            op="ClipopsFusedUpdate")
+    # the fused update's rules: momentum with nesterov and weight decay, Adam (its powers from
+    # `iterations`), over steps whose state carries over; none clipped (Keras' bits)
+    compare("SGD(momentum, nesterov, weight_decay)",
+            sgd(momentum=0.9, nesterov=True, weight_decay=0.1, global_clipnorm=1.0),
+            [with_norms(0.5), with_norms(0.7), with_norms(0.3)], clipped=[False] * 3,
+            op="ClipopsFusedUpdate", fuses_update=True)
+    compare("Adam", lambda variables: keras.optimizers.Adam(0.1, global_clipnorm=1.0,
+                                                            name="clipops_check"),
+            [with_norms(0.5), with_norms(0.7), with_norms(0.3)], clipped=[False] * 3,
+            op="ClipopsFusedUpdate", fuses_update=True)
+    # an optimizer whose update clipops does not fuse keeps the fused clip and Keras' update
+    compare("RMSprop (the fused clip only)",
+            lambda variables: keras.optimizers.RMSprop(0.1, global_clipnorm=1.0,
+                                                       name="clipops_check"),
+            [with_norms(0.5), with_norms(0.7)], clipped=[False] * 2, records_norms=True,
+            op="ClipopsClipByGlobalNorm", fuses_update=False)
     # state that is not in the config: weight decay exclusions, by name and by variable
     for how in ("var_names", "var_list"):
         def adamw(variables, how=how):
@@ -791,7 +1019,8 @@ def _behaviour_problems(rng: np.random.Generator) -> list:
                 opt.exclude_from_weight_decay(var_list=[variables[1]])
             return opt
         compare(f"AdamW exclude_from_weight_decay({how}=...)", adamw,
-                [with_norms(1.0), with_norms(1.0)], clipped=[False, False])
+                [with_norms(1.0), with_norms(1.0)], clipped=[False, False],
+                op="ClipopsFusedUpdate", fuses_update=True)
     compare("gradient_accumulation_steps=2", sgd(global_clipnorm=1.0,
                                                  gradient_accumulation_steps=2),
             [with_norms(0.5), with_norms(0.5), with_norms(3.0), with_norms(3.0)],
@@ -816,13 +1045,16 @@ def _behaviour_problems(rng: np.random.Generator) -> list:
 def check_keras(seed: int = 0) -> list:
     """Runs a tiny step of each fused path against the installed Keras' own optimizer.
 
-    ``global_clipnorm``, ``clipnorm`` and ``clipvalue`` on SGD, AdamW with weight-decay
-    exclusions (by name and by variable), ``gradient_accumulation_steps`` and a
-    ``LossScaleOptimizer`` (with an overflow step): each on two small random weights, eagerly on
-    one device (in a thread of its own, outside any strategy scope or dtype policy of the
-    caller). Each step must give Keras' bits where nothing is clipped and agree within the
-    norm's rounding where it is; the fused op must have run (its recorded norms, its op in a
-    traced step) and the optimizer's variables must be Keras' (checkpoints interchange).
+    ``global_clipnorm``, ``clipnorm`` and ``clipvalue`` on SGD; the fused update's rules (SGD
+    with momentum, nesterov and weight decay; Adam over three steps; AdamW with weight-decay
+    exclusions by name and by variable); an optimizer whose update is not fused (RMSprop: the
+    fused clip only); ``gradient_accumulation_steps`` and a ``LossScaleOptimizer`` (with an
+    overflow step): each on two small random weights, eagerly on one device (in a thread of its
+    own, outside any strategy scope or dtype policy of the caller). Each step must give Keras'
+    bits where nothing is clipped (weights and optimizer state) and agree within the norm's
+    rounding where it is; the fused op must have run (its recorded norms, its op in a traced
+    step, and no Keras update op left beside the fused update) and the optimizer's variables
+    must be Keras' (checkpoints interchange).
 
     Args:
       seed: the random weights' and gradients' seed.
