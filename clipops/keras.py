@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import warnings
 
@@ -402,9 +403,17 @@ class _FusedClip:
             grads = self._clip_summed(list(grads), trainable_variables)
         if rule is not None:  # _apply_weight_decay left it to the fused update
             super()._apply_weight_decay(trainable_variables)
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_tf_update_step, self._distribution_strategy,
-            list(zip(grads, variables)), learning_rate)
+        # The optimizer's own update step, which may keep state of its own there (Nadam's
+        # u_product), with the gradients marked summed: its all-reduce passes them through.
+        with _prepared(self, summed=True, clipped=True):
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        # Summed once only: not again when _backend_update_step hands the summed, clipped
+        # gradients over to the optimizer's own update step.
+        if _prepared_flags(self)[0]:
+            return list(grads_and_vars)
+        return super()._all_reduce_sum_gradients(grads_and_vars)
 
     def _can_fuse_update(self, grads, variables) -> bool:
         """Whether this step's gradients and variables suit the op: float32 variables, on one
@@ -525,6 +534,13 @@ def fused_class(cls: type) -> type:
     made = _FUSED_CLASSES.get(cls)
     if made is not None:
         return made
+    # clipops replaces these; a class's own version would be silently dropped
+    replaced = [m for m in ("_clip_gradients", "_backend_apply_gradients")
+                if getattr(cls, m) is not getattr(_KERAS_OPTIMIZER, m)]
+    if replaced:
+        raise TypeError(f"{cls.__qualname__} overrides {', '.join(replaced)}, which "
+                        "clipops.keras replaces with its own (the clip after the cross-replica "
+                        "sum); its override would be lost, so it cannot be fused")
     name = "Fused" + cls.__name__
     other = _REGISTERED.get(name)
     if other is not None:
@@ -543,6 +559,7 @@ def fused_class(cls: type) -> type:
                             "AdamW's)") + ". Made by clipops.keras.fused_class.",
     })
     keras.saving.register_keras_serializable(package="clipops", name=name)(made)
+    setattr(sys.modules[__name__], name, made)  # `clipops.keras.FusedAdam`: pickle finds it
     _FUSED_CLASSES[cls] = made
     _REGISTERED[name] = cls
     return made

@@ -679,6 +679,11 @@ print(json.dumps({
                                 update(adamw, one, batch_size=128)),
     "fused_lso_mirrored": rel(update(fused(lso(sgd())), mirrored, "mixed_float16", 128),
                               update(lso(sgd()), one, "mixed_float16", 128)),
+    # four micro-batches of 64, two updates: the accumulators reset and fill again
+    "fused_sgd_mirrored_2": rel(update(fused(sgd()), mirrored, batch_size=64),
+                                update(sgd(), one, batch_size=64)),
+    "fused_adamw_mirrored_2": rel(update(fused(adamw), mirrored, batch_size=64),
+                                  update(adamw, one, batch_size=64)),
 }))
 """
 
@@ -696,6 +701,7 @@ def test_mirrored_strategy_with_gradient_accumulation(rng, tmp_path):
     assert r["fused_sgd_mirrored"] <= 1e-4, r
     assert r["fused_adamw_mirrored"] <= 1e-4, r
     assert r["fused_lso_mirrored"] <= 1e-3, r  # float16 forward pass on both sides
+    assert r["fused_sgd_mirrored_2"] <= 1e-4 and r["fused_adamw_mirrored_2"] <= 1e-4, r
 
 
 def _op_counts(model, x, y) -> dict:
@@ -741,3 +747,57 @@ def test_the_fused_ops_are_what_runs(rng, policy):
     grads = len(model.trainable_variables)
     assert keras_counts.get("IsFinite", 0) >= grads, keras_counts
     assert counts.get("RealDiv", 0) <= keras_counts.get("RealDiv", 0) - grads, (counts, keras_counts)
+
+
+def _every_keras_optimizer():
+    for name in sorted(dir(keras.optimizers)):
+        cls = getattr(keras.optimizers, name)
+        if (isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)
+                and cls is not keras.optimizers.Optimizer
+                and not issubclass(cls, (keras.optimizers.LossScaleOptimizer,
+                                         keras.optimizers.MultiOptimizer))):
+            yield cls
+
+
+@pytest.mark.parametrize("cls", list(_every_keras_optimizer()), ids=lambda c: c.__name__)
+def test_every_keras_optimizer_fused_steps_as_keras_own(cls, rng):
+    # Unclipped steps (a power-of-two clip far above the norms) must be Keras' own, bit for
+    # bit, whatever the optimizer keeps in its own update step: Nadam's u_product lives in
+    # its _backend_update_step, which the fused class once replaced (the weights went inf/NaN).
+    w0 = [rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)]
+    grads = [[(rng.standard_normal(w.shape) * 0.1).astype(np.float32) for w in w0]
+             for _ in range(3)]
+    out = []
+    for fuse in (False, True):
+        variables = [keras.Variable(w.copy()) for w in w0]
+        opt = cls(0.01, global_clipnorm=1024.0)
+        if fuse:
+            opt = ck.fused(opt)
+        for g in grads:
+            opt.apply([tf.constant(x) for x in g], variables)
+        out.append([v.numpy() for v in variables])
+    for keras_w, fused_w in zip(*out):
+        assert np.isfinite(fused_w).all()
+        np.testing.assert_array_equal(fused_w, keras_w)
+
+
+def test_a_class_overriding_what_clipops_replaces_is_refused():
+    class OwnClip(keras.optimizers.SGD):
+        def _clip_gradients(self, grads):
+            return [g * 0.5 for g in grads]
+
+    with pytest.raises(TypeError, match="overrides _clip_gradients"):
+        ck.fused_class(OwnClip)
+    opt = OwnClip(0.1, global_clipnorm=1.0)
+    with pytest.raises(TypeError, match="overrides _clip_gradients"):
+        ck.fused(opt)
+    assert type(opt) is OwnClip  # refused before anything changed
+
+
+def test_a_fused_optimizer_pickles():
+    import pickle
+
+    opt = ck.fused(keras.optimizers.Adam(1e-3, global_clipnorm=1.0))
+    back = pickle.loads(pickle.dumps(opt))
+    assert type(back) is type(opt) and type(back).__name__ == "FusedAdam"
+    assert back.get_config() == opt.get_config()
