@@ -485,3 +485,199 @@ def test_headline_marks_a_smoke_run_and_leaves_docs_without_markers_alone(tmp_pa
     assert rc == 1 and docs.read_text() == "no markers here\n"
     assert readme.read_text() == "no markers here either\n"
     assert "SMOKE" in (tmp_path / "headline.md").read_text()
+
+
+# ---- optim.py: the fused clip + AdamW benchmark's judges -------------------------------------
+
+def _optim():
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("keras")
+    import optim
+    return optim
+
+
+def _optim_data(optim, shapes=((300, 7), (13,), (1,)), seed=3):
+    return optim.make_data(cases_module.case("t", "test list", list(shapes)), seed)
+
+
+def _adamw_f32(optim, d, fault=None):
+    """Keras' AdamW step of the case's state in float32, op for op in Keras' order (the
+    clip as TF computes it), or with one deliberate fault."""
+    f = np.float32
+    k = optim.keras_constants(optim.ITERATIONS + 1)
+    norm = f(d.norm64)
+    scale = f(d.clip) * (f(1) / max(norm, f(d.clip)))
+    if fault == "no_clip":
+        scale = f(1)
+    alpha = f(k.lr) * np.sqrt(f(1) - f(k.b2p)) / (f(1) - f(k.b1p))
+    if fault == "no_bias_correction":
+        alpha = f(k.lr)
+    c1 = f(optim.BETA_1) if fault == "beta_for_one_minus_beta" else f(k.c1)
+    out = ([], [], [])
+    for p, g, m, v in zip(d.params, d.grads, d.momentums, d.velocities):
+        g = g * scale
+        q = p if fault == "no_weight_decay" else p - (p * f(k.wd)) * f(k.lr)
+        m1 = m + (g - m) * c1
+        v1 = v + (g * g - v) * f(k.c2)
+        p1 = q - (m1 * alpha) / (np.sqrt(v1) + f(k.eps))
+        for lst, x in zip(out, (p1, m1, v1)):
+            lst.append(x.astype(np.float32))
+    return out
+
+
+def test_optim_float64_bound_holds_float32_steps_and_catches_wrong_ones():
+    optim = _optim()
+    d = _optim_data(optim)
+    k = optim.keras_constants(optim.ITERATIONS + 1)
+    right = optim.check_against_f64(d, _adamw_f32(optim, d), k)
+    assert right["f64_ok"], right
+    # the fused kernel too, from the same state
+    p, m, v = ([x.copy() for x in xs] for xs in (d.params, d.momentums, d.velocities))
+    cn.adamw_update(p, d.grads, m, v, step=optim.ITERATIONS + 1, learning_rate=optim.LEARNING_RATE,
+                    weight_decay=optim.WEIGHT_DECAY, global_clipnorm=d.clip)
+    assert optim.check_against_f64(d, (p, m, v), k)["f64_ok"]
+    for fault in ("no_clip", "no_bias_correction", "beta_for_one_minus_beta", "no_weight_decay"):
+        wrong = optim.check_against_f64(d, _adamw_f32(optim, d, fault), k)
+        assert not wrong["f64_ok"] and wrong["f64_worst_over_bound"] > 1, fault
+    # a NaN is never within a bound
+    p[0][0, 0] = np.nan
+    assert optim.check_against_f64(d, (p, m, v), k)["f64_elements_over"] == 1
+
+
+def test_optim_validation_fails_a_row_one_ulp_off_keras_bits():
+    optim = _optim()
+    d = _optim_data(optim)
+
+    class OffByAnUlp(optim.NumpyImpl):  # the learning rate one float32 ulp too large
+        def step(self):
+            self.iterations += 1
+            cn.adamw_update(self.p, self.grads, self.m, self.v, step=self.iterations,
+                            learning_rate=float(np.nextafter(np.float32(optim.LEARNING_RATE),
+                                                             np.float32(1))),
+                            weight_decay=optim.WEIGHT_DECAY, global_clipnorm=self.clip)
+
+    rows = optim.NumpyImpl(d).rows(d, xla=False)
+    bad = OffByAnUlp(d).rows(d, xla=False)[0]
+    bad.name = "off_by_an_ulp"
+    report = optim.validate(d, rows + [bad])
+    good, off = report["rows"]["clipops_numpy"], report["rows"]["off_by_an_ulp"]
+    assert good["ok"] and good["bits_ok"] and good["f64_ok"]
+    # within the float64 bound (an ulp of the learning rate), but not Keras' bits
+    assert off["f64_ok"] and not off["bits_ok"] and not off["ok"] and not report["ok"]
+
+
+def test_optim_floor_speedups_and_targets():
+    optim = _optim()
+
+    def case(ms, gbs=10.0, numel=1_000_000):  # ms: row -> median ms
+        c = {"floor_bytes": 32 * numel, "bandwidth": {"gbs": gbs},
+             "results": {n: {"median_s": t / 1e3, "p10_s": t / 1e3, "p90_s": t / 1e3}
+                         for n, t in ms.items()}}
+        optim.add_derived(c)
+        return c
+
+    resnet = case({"keras_function": 12.8, "keras_xla": 3.0, "clipops_numpy": 3.5,
+                   "fused_function": 4.0})
+    assert resnet["floor_s"] == pytest.approx(32e6 / 10e9)  # 3.2 ms
+    assert resnet["results"]["clipops_numpy"]["floor_ratio"] == pytest.approx(3.5 / 3.2)
+    assert resnet["results"]["clipops_numpy"]["of_copy_bandwidth"] == pytest.approx(3.2 / 3.5)
+    assert resnet["speedups"]["fused_function"] == pytest.approx(
+        {"vs_keras_function": 3.2, "vs_keras_xla": 0.75})
+    assert "keras_function" not in resnet["speedups"]  # peers are not judged
+    fit = [{"mode": "fit", "fused": "update fused",
+            "paired_step_diff": {"median_s": 2e-4, "ci95_s": [1e-4, 3e-4]}},
+           {"mode": "fit-xla", "fused": "update fused",
+            "paired_step_diff": {"median_s": 1e-4, "ci95_s": [-1e-4, 3e-4]}}]
+    rows = optim.evaluate_targets({"resnet50": resnet}, fit)
+
+    def target(row, metric):
+        return next(t for t in rows if t["row"] == row and t["metric"] == metric)
+    assert target("clipops_numpy", "floor_ratio")["met"] is True       # 1.09x <= 1.3x
+    assert target("fused_function", "floor_ratio")["met"] is True      # 1.25x
+    assert target("fused_function", "vs_keras_function")["met"] is True  # 3.2x >= 3x
+    assert target("clipops_numpy", "vs_keras_xla")["met"] is False     # 0.86x
+    assert target("clipops_function", "floor_ratio")["met"] is None    # not run
+    assert target("fused_fit", "paired_step_diff")["met"] is True
+    assert target("fused_fit-xla", "paired_step_diff")["met"] is False  # the interval holds 0
+
+
+def test_optim_reads_a_fused_update_from_the_traced_ops():
+    optim = _optim()
+    import keras
+
+    assert optim.runs_fused_update({"ClipopsFusedUpdate", "AssignSubVariableOp"})
+    assert not optim.runs_fused_update({"ClipopsClipByGlobalNorm", "AssignSubVariableOp"})
+    assert not optim.runs_fused_update(set())
+    # Keras' own AdamW runs no clipops op at all
+    var = [keras.Variable(np.ones((3, 2), np.float32))]
+    opt = keras.optimizers.AdamW(1e-3, global_clipnorm=1.0)
+    opt.build(var)
+    ops = optim.traced_op_types(lambda *g: opt.apply(list(g), var), np.ones((3, 2), np.float32))
+    assert not any(op.startswith("Clipops") for op in ops) and not optim.update_is_fused(
+        opt, [np.ones((3, 2), np.float32)], var)
+
+
+def _fake_optim_payload(smoke=False):
+    results = {n: {"median_s": t / 1e3, "p10_s": 0.9 * t / 1e3, "p90_s": 1.1 * t / 1e3,
+                   "family": n.rsplit("_", 1)[0], "mode": n.rsplit("_", 1)[1],
+                   "first_call_s": 0.5}
+               for n, t in (("keras_function", 100.0), ("keras_xla", 50.0),
+                            ("clipops_numpy", 40.0))}
+    val = {n: {"f64_worst_over_bound": 0.5, "bits_reference": "eager" if "clipops" in n else None,
+               "bits_ok": True} for n in results}
+    case = {"num_tensors": 161, "numel": 1_000_000, "floor_bytes": 32_000_000,
+            "bandwidth": {"gbs": 1.0, "before": 0.9, "after": 1.0},
+            "load_average": {"before": "0.10", "after": "0.20"}, "results": results,
+            "validation": {"rows": val, "keras_function_equals_keras_eager": False},
+            "skipped": {"clipops_eager, clipops_function": "not run: no TF op"}}
+    return {"smoke": smoke, "wall_s": 12.0, "cases": {"resnet50": case}, "fit_rows": [],
+            "machine": {"date": "2031-01-02T03:04:05+00:00", "cpu": "Made-up CPU",
+                        "cpu_count": 2, "git": "abc1234", "cpu_flags": ["avx2", "avx512f"]}}
+
+
+def test_optim_report_is_drawn_from_the_json_alone(tmp_path):
+    optim = _optim()
+    pytest.importorskip("matplotlib")
+    payload = _fake_optim_payload(smoke=True)
+    optim.add_derived(payload["cases"]["resnet50"])
+    payload["targets"] = optim.evaluate_targets(payload["cases"], [])
+    path = tmp_path / "optim.json"
+    path.write_text(json.dumps(payload))
+    md, png = optim.render_all(path)
+    text = md.read_text()
+    assert "A smoke run" in text and "Made-up CPU x 2, git abc1234" in text and "avx512f" in text
+    # the floor is 32 ms at 1 GB/s: 40 ms is 1.25x; the speed-ups are the peers' over it
+    line = next(li for li in text.splitlines() if li.startswith("| clipops_numpy"))
+    assert "| 40.000 |" in line and "| 1.25x |" in line and "| n/a | 2.50x | 1.25x | n/a |" in line
+    assert "yes (eager)" in line
+    assert "not run: no TF op" in text and "differs from its eager bits" in text
+    verdicts = {li.split("|")[1].strip(): li.split("|")[-2].strip()
+                for li in text.split("## Targets")[1].splitlines() if li.startswith("| ResNet")}
+    assert verdicts["ResNet-50, clip + AdamW: clipops_numpy at most 1.3x the 32 B/param floor"] \
+        == "met"
+    assert verdicts["ResNet-50, clip + AdamW: clipops_numpy faster than Keras' AdamW under XLA"] \
+        == "met"
+    assert verdicts["ResNet-50, clip + AdamW: clipops_numpy at least 3x faster than Keras' "
+                    "AdamW in tf.function"] == "missed"
+    assert verdicts["ResNet-50, clip + AdamW: clipops_function at most 1.3x the 32 B/param "
+                    "floor"] == "-"
+    assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_optim_smoke_run_validates_times_and_writes_its_files(tmp_path):
+    pytest.importorskip("tensorflow")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    r = subprocess.run([sys.executable, str(BENCH / "optim.py"), "--smoke", "--cases", "mnist",
+                        "--no-fit", "--impls", "keras", "clipops_numpy", "--out", str(tmp_path)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not TF_NATIVE_LOG.search(r.stdout + r.stderr)
+    saved = json.loads((tmp_path / "optim.json").read_text())
+    case = saved["cases"]["mnist"]
+    assert case["validation"]["ok"] and case["validation"]["rows"]["clipops_numpy"]["bits_ok"]
+    assert set(case["results"]) == {"keras_eager", "keras_function", "keras_xla", "clipops_numpy"}
+    assert all(r["floor_ratio"] > 0 for r in case["results"].values())
+    assert case["state_after_timing"]["clipops_numpy"] == {"nonfinite": 0, "subnormal": 0}
+    assert (tmp_path / "optim.md").exists() and (tmp_path / "optim.png").exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import clipops.numpy as cn
-from conftest import (BF16, BOUNDARY_SIZES, CHUNK, THREADS, assert_close, model_norm,
+from conftest import (BF16, BOUNDARY_SIZES, CHUNK, LANES, THREADS, assert_close, model_norm,
                       model_scale, random_array, ref_clip, ref_norm)
 
 DTYPES = [np.float16, np.float32, np.float64] + ([BF16] if BF16 is not None else [])
@@ -49,6 +49,31 @@ def test_bitwise_equal_to_documented_order(rng, dtype):
         want = (a.astype(np.float32) * np.float32(scale)).astype(dtype) if a.dtype.itemsize == 2 \
             else a * a.dtype.type(scale)
         assert o.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32] + ([BF16] if BF16 is not None else []),
+                         ids=lambda d: np.dtype(d).name)
+def test_each_lane_adds_its_rows_in_order(dtype):
+    """Random data hides the order of a lane's float additions: the final norm
+    rounds their last bits away. Here lane 0 holds 1 and fifteen 2^-12 (squares
+    1 and 2^-24: each a tie that rounds back to 1 after the 1, but that add up
+    to more than an ulp when added first): the documented order (row after row)
+    gives exactly 1, any other grouping of a lane's rows another norm. The
+    second tensor (5 rows: one group of rows and one left over) ends in the 1."""
+    lanes = LANES
+    small = 2.0 ** -12
+    full = np.zeros(CHUNK, dtype)
+    full[0], full[lanes::lanes] = 1.0, small
+    short = np.zeros(5 * lanes, dtype)
+    short[:4 * lanes:lanes], short[4 * lanes] = small, 1.0
+    # a float32 tensor makes the norm float32 for the 16-bit dtypes (a mixed list)
+    for arrays in ([full, np.zeros(1, np.float32)], [short, np.zeros(1, np.float32)]):
+        want = model_norm(arrays, np.float32)
+        assert cn.global_norm(arrays).tobytes() == want.tobytes()
+        # the input tells orders apart: with lane 0's rows reversed the model differs
+        flipped = [arrays[0].reshape(-1, lanes)[::-1].ravel(), arrays[1]]
+        assert model_norm(flipped, np.float32) != want
+    assert model_norm([full, np.zeros(1, np.float32)], np.float32) == 1.0
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=lambda d: np.dtype(d).name)

@@ -18,19 +18,35 @@ namespace {
 
 using namespace detail;
 
-// Adds the squares of `rows` full rows of kLanes elements into the lanes, row
-// after row: the input is read once, front to back, and the lanes (4 KiB of
-// float, 8 KiB of double) stay in L1. The lanes are independent and each still
-// takes its rows in order, so any vector width gives the same bits. The AVX2
-// clone is picked at load time where the CPU has it (no FMA: separate
-// roundings). An earlier order kept 32 lanes in registers while all 16 rows
-// went past, reading a chunk as 16 interleaved streams a row apart: the norm
-// pass of the mixed float16/float32 list took 1.7x as long, of the ResNet-50
-// list 1.2x (bench/results/norm_order_ab, 2-core AMD EPYC).
+// Adds the squares of `rows` full rows of kLanes elements into the lanes, a
+// group of kRowGroup rows at a time: the input is read front to back, as
+// kRowGroup streams a row apart, and the lanes (4 KiB of float, 8 KiB of
+// double) stay in L1, loaded and stored once per group. The lanes are
+// independent and each still takes its rows in order, so any vector width and
+// any grouping give the same bits. The AVX2 clone is picked at load time where
+// the CPU has it (no FMA: separate roundings). An earlier order kept 32 lanes
+// in registers while all 16 rows went past, reading a chunk as 16 interleaved
+// streams a row apart: the norm pass of the mixed float16/float32 list took
+// 1.7x as long, of the ResNet-50 list 1.2x (bench/results/norm_order_ab, 2-core
+// AMD EPYC). One row at a time, a lane's load and store per row made the norm
+// pass of the ResNet-50 list take 1.4x as long as with groups of 4 (2-core
+// Intel Xeon, bench/results/norm_row_groups_ab).
+constexpr int kRowGroup = 4;
+static_assert(kRowsPerChunk % kRowGroup == 0, "a full chunk is whole groups");
+
 template <int DT>
 inline void add_rows(const typename Storage<DT>::type* x, int64_t rows,
                      typename Storage<DT>::acc* lanes) {
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  for (; r + kRowGroup <= rows; r += kRowGroup) {
+    const typename Storage<DT>::type* p = x + r * kLanes;
+    for (int j = 0; j < kLanes; ++j) {
+      typename Storage<DT>::acc lane = lanes[j];
+      for (int k = 0; k < kRowGroup; ++k) lane = add_square(lane, to_acc<DT>(p[k * kLanes + j]));
+      lanes[j] = lane;
+    }
+  }
+  for (; r < rows; ++r) {  // a chunk cut short (a tensor's last) may end in a partial group
     const typename Storage<DT>::type* p = x + r * kLanes;
     for (int j = 0; j < kLanes; ++j) lanes[j] = add_square(lanes[j], to_acc<DT>(p[j]));
   }
@@ -95,18 +111,33 @@ void scale_f16_f16c(const unsigned short* in, unsigned short* out, int64_t count
     scale_f16_f16c_loop<false>(in, out, count, s);
 }
 
-// add_rows<kFloat16> with F16C: the same order and the same two roundings per
-// element (the square, then the sum; no FMA). A half NaN converts to a float
-// NaN whose square is the software path's (the product quiets either one).
+// add_rows<kFloat16> with F16C: the same order, the same row groups and the
+// same two roundings per element (the square, then the sum; no FMA). A half NaN
+// converts to a float NaN whose square is the software path's (the product
+// quiets either one).
 __attribute__((target("avx2,f16c"))) void add_rows_f16_f16c(const unsigned short* x,
                                                             int64_t rows, float* lanes) {
-  for (int64_t r = 0; r < rows; ++r) {
+#define CLIPOPS_HALF8(p) _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+  int64_t r = 0;
+  for (; r + kRowGroup <= rows; r += kRowGroup) {
     const unsigned short* p = x + r * kLanes;
     for (int j = 0; j < kLanes; j += 8) {
-      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)));
+      __m256 lane = _mm256_loadu_ps(lanes + j);
+      for (int k = 0; k < kRowGroup; ++k) {
+        const __m256 v = CLIPOPS_HALF8(p + k * kLanes + j);
+        lane = _mm256_add_ps(lane, _mm256_mul_ps(v, v));
+      }
+      _mm256_storeu_ps(lanes + j, lane);
+    }
+  }
+  for (; r < rows; ++r) {
+    const unsigned short* p = x + r * kLanes;
+    for (int j = 0; j < kLanes; j += 8) {
+      const __m256 v = CLIPOPS_HALF8(p + j);
       _mm256_storeu_ps(lanes + j, _mm256_add_ps(_mm256_loadu_ps(lanes + j), _mm256_mul_ps(v, v)));
     }
   }
+#undef CLIPOPS_HALF8
 }
 
 bool has_f16c() {
