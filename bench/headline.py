@@ -3,8 +3,10 @@
 
     python bench/headline.py          # bench/results/{micro,mnist}.json -> headline.md, .png
 
-Reads a micro.json (the clip alone, bench/micro.py) and a mnist.json (the
-training step, bench/mnist.py), and writes headline.md (one small table) and
+Reads a micro.json (the clip alone, bench/micro.py), a mnist.json (the
+training step, bench/mnist.py) and, when it exists, an optim.json (the fused
+clip + AdamW step and model.fit with fused(AdamW), bench/optim.py, with its
+targets), and writes headline.md (one small table) and
 headline.png (one picture) to --out, and the "current results" block of
 docs/benchmarks.md and README.md's headline (between their markers; --no-docs
 leaves both alone).
@@ -36,6 +38,14 @@ STEP_MODELS = {"classic-sgd": "MNIST training step, classic MLP, SGD",
                "keras-adam": "MNIST training step, Keras MLP, Adam"}
 MODES = {"eager": ("tf_eager", "clipops_eager"), "function": ("tf_function", "clipops_function")}
 NO_GPU = "not yet run on a GPU"
+# bench/optim.py: the clip + AdamW step, Keras' AdamW against clipops' TF op, per mode
+OPTIM_CASES = {"mnist": "clip + AdamW step, MNIST MLP variables", "resnet50":
+               "clip + AdamW step, ResNet-50 variables"}
+OPTIM_MODES = {"eager": ("keras_eager", "clipops_eager"),
+               "function": ("keras_function", "clipops_function")}
+# the optimizer targets the headline states (all of them are in optim.md)
+OPTIM_TARGET_ROWS = ("clipops_function", "fused_function", "fused_xla", "fused_fit",
+                     "fused_fit-xla")
 
 
 def _machine(payload: dict) -> dict:
@@ -77,6 +87,53 @@ def step_rows(mnist: dict) -> list[dict]:
     return list(rows.values())
 
 
+def optim_rows(optim: dict | None) -> list[dict]:
+    """The fused clip + AdamW step (bench/optim.py): Keras' AdamW against clipops'
+    TF op per case and mode, and model.fit, Keras' AdamW against fused(AdamW)."""
+    if not optim:
+        return []
+    rows = []
+    for case, label in OPTIM_CASES.items():
+        c = optim["cases"].get(case) or {}
+        results = c.get("results") or {}
+        row = {"what": f"{label} ({int(c['numel']) / 1e6:.1f}M params)" if c else label,
+               "modes": {}}
+        for mode, (keras_row, ours) in OPTIM_MODES.items():
+            if keras_row in results and ours in results:
+                t, o = results[keras_row]["median_s"], results[ours]["median_s"]
+                row["modes"][mode] = {"tf_s": t, "clipops_s": o, "speedup": t / o}
+        if row["modes"]:
+            rows.append(row)
+    for f in optim.get("fit_rows") or []:
+        if f["mode"] != "fit" or not (f["runs"].get("keras") and f["runs"].get("fused")):
+            continue
+        t, o = f["runs"]["keras"]["median_s"], f["runs"]["fused"]["median_s"]
+        rows.append({"what": "model.fit step, MNIST MLP, Keras' AdamW / fused(AdamW)",
+                     "modes": {"function": {"tf_s": t, "clipops_s": o, "speedup": t / o,
+                                            "verdict": verdict_kind(f["paired_step_diff"])}}})
+    return rows
+
+
+def optim_targets(optim: dict | None) -> list[str]:
+    """The optimizer step's targets (issue 25, CPU) with this run's numbers."""
+    if not optim:
+        return []
+    rows = []
+    for t in optim.get("targets", []):
+        if t["row"] not in OPTIM_TARGET_ROWS or t.get("value") is None:
+            continue
+        if t["metric"] == "paired_step_diff":
+            value = f"{t['value'] * 1e3:.2f} ms faster" if t["value"] >= 0 else \
+                f"{-t['value'] * 1e3:.2f} ms slower"
+        else:
+            value = f"{t['value']:.2f}x"
+        rows.append([t["target"], value, "met" if t["met"] else "**missed**"])
+    if not rows:
+        return []
+    return ["", "The fused optimizer step's targets on the CPU (all of them: "
+            "[optim.md](optim.md)):", "", *table(["target", "this run", ""], rows, "lrl")]
+
+
 def _cell(m: dict | None, digits: int) -> tuple[str, str]:
     """("TF / clipops ms", "speed-up[, verdict]") of one mode, or dashes."""
     if not m:
@@ -87,13 +144,19 @@ def _cell(m: dict | None, digits: int) -> tuple[str, str]:
             f"{m['speedup']:.2f}x" + (f" ({kind})" if kind else ""))
 
 
-def caption(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) -> list[str]:
-    """Where and when each half was measured, and how to read the table."""
+def caption(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path,
+            optim: dict | None = None, optim_path: Path | None = None) -> list[str]:
+    """Where and when each part was measured, and how to read the table."""
     smoke = " (SMOKE run: toy sizes, not meaningful)" if micro.get("smoke") else ""
     steps = mnist.get("config", {}).get("steps", "?")
-    return [f"Clip alone: `{_rel(micro_path)}`{smoke}, {machine_line(_machine(micro))}.",
-            f"Training step: `{_rel(mnist_path)}`, {machine_line(_machine(mnist))}, {steps} "
-            "steps per run, data: " + mnist.get("data", {}).get("source", "?") + ".",
+    lines = [f"Clip alone: `{_rel(micro_path)}`{smoke}, {machine_line(_machine(micro))}.",
+             f"Training step: `{_rel(mnist_path)}`, {machine_line(_machine(mnist))}, {steps} "
+             "steps per run, data: " + mnist.get("data", {}).get("source", "?") + "."]
+    if optim:
+        osmoke = " (SMOKE run: toy sizes, not meaningful)" if optim.get("smoke") else ""
+        lines.append(f"Optimizer step (clipops' TF op `clipops.adamw_update`, Keras' own "
+                     f"AdamW): `{_rel(optim_path)}`{osmoke}, {machine_line(_machine(optim))}.")
+    return lines + [
             "Medians of repeated calls (clip) or steps (training); speed-up = TF's time / "
             "clipops' time in the same run (> 1: clipops faster); a step's verdict is the paired "
             "difference of the two runs' step times, with its 95% interval ([how to read "
@@ -107,25 +170,31 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def headline_md(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) -> str:
-    """headline.md: one small table and its caption."""
+def headline_md(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path,
+                optim: dict | None = None, optim_path: Path | None = None) -> str:
+    """headline.md: one small table, the optimizer step's targets, and the caption."""
     rows = []
-    for r, digits in [(r, 3) for r in clip_rows(micro)] + [(r, 2) for r in step_rows(mnist)]:
+    for r, digits in ([(r, 3) for r in clip_rows(micro)] + [(r, 2) for r in step_rows(mnist)]
+                      + [(r, 2) for r in optim_rows(optim)]):
         e, f = (_cell(r["modes"].get(m), digits) for m in MODES)
         rows.append([r["what"], "CPU", *e, *f])
     rows += [["clip alone, the same lists", "GPU", NO_GPU, "", "", ""],
              ["MNIST training step", "GPU", NO_GPU, "", "", ""]]
-    lines = ["# clipops against TensorFlow: the clip and the training step", ""]
+    if optim:
+        rows.append(["clip + AdamW step", "GPU", NO_GPU, "", "", ""])
+    lines = ["# clipops against TensorFlow: the clip, the training step and the optimizer step",
+             ""]
     lines += table(["", "device", "eager: TF / clipops, ms", "speed-up",
                     "tf.function: TF / clipops, ms", "speed-up"], rows, "llrlrl")
-    lines += ["", *caption(micro, mnist, micro_path, mnist_path), "",
+    lines += optim_targets(optim)
+    lines += ["", *caption(micro, mnist, micro_path, mnist_path, optim, optim_path), "",
               "![speed-up of clipops against TF](headline.png)"]
     return "\n".join(lines) + "\n"
 
 
-def headline_png(micro: dict, mnist: dict, path: Path) -> Path:
+def headline_png(micro: dict, mnist: dict, path: Path, optim: dict | None = None) -> Path:
     """headline.png: TF / clipops per row and mode, a bar each, the 1x line marked."""
-    rows = clip_rows(micro) + step_rows(mnist)
+    rows = clip_rows(micro) + step_rows(mnist) + optim_rows(optim)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 0.75 * len(rows) + 1.6))
     height = 0.38
@@ -148,12 +217,15 @@ def headline_png(micro: dict, mnist: dict, path: Path) -> Path:
     return save(fig, path)
 
 
-def results_block(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path) -> str:
+def results_block(micro: dict, mnist: dict, micro_path: Path, mnist_path: Path,
+                  optim: dict | None = None, optim_path: Path | None = None) -> str:
     """docs/benchmarks.md's "current results": the headline, then the fuller tables."""
     lines = [BEGIN, "<!-- written by `python bench/headline.py` from the files it names; "
              "edit the script, not this block -->", ""]
-    body = headline_md(micro, mnist, micro_path, mnist_path).split("\n", 2)[2]
+    body = headline_md(micro, mnist, micro_path, mnist_path, optim, optim_path)
+    body = body.split("\n", 2)[2]
     lines += [body.replace("](headline.png)", "](../bench/results/headline.png)")
+              .replace("](optim.md)", "](../bench/results/optim.md)")
               .replace("](../../docs/benchmarks.md#", "](#")
               .rstrip(), ""]
     lines += [f"#### The clip alone: every list (`{_rel(micro_path)}`)", ""]
@@ -204,6 +276,7 @@ def readme_block(headline: str) -> str:
     repository's root (tests/test_readme.py checks README holds exactly this)."""
     body = headline.split("\n", 2)[2].strip()
     body = body.replace("](headline.png)", "](bench/results/headline.png)")
+    body = body.replace("](optim.md)", "](bench/results/optim.md)")
     body = body.replace("](../../docs/", "](docs/")
     return "\n".join([README_BEGIN, body, README_END])
 
@@ -226,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--micro", type=Path, default=RESULTS / "micro.json",
                     help="bench/micro.py's result (default: %(default)s)")
+    ap.add_argument("--optim", type=Path, default=RESULTS / "optim.json",
+                    help="bench/optim.py's result; left out when the file does not exist "
+                         "(default: %(default)s)")
     ap.add_argument("--mnist", type=Path, default=RESULTS / "mnist.json",
                     help="bench/mnist.py's result (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=RESULTS,
@@ -237,15 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-docs", action="store_true", help="leave the docs and README alone")
     args = ap.parse_args(argv)
     micro, mnist = (json.loads(p.read_text()) for p in (args.micro, args.mnist))
+    optim = json.loads(args.optim.read_text()) if args.optim.is_file() else None
     args.out.mkdir(parents=True, exist_ok=True)
     md = args.out / "headline.md"
-    md.write_text(headline_md(micro, mnist, args.micro, args.mnist))
-    png = headline_png(micro, mnist, args.out / "headline.png")
+    md.write_text(headline_md(micro, mnist, args.micro, args.mnist, optim, args.optim))
+    png = headline_png(micro, mnist, args.out / "headline.png", optim)
     print(md.read_text())
     print(f"wrote {md}, {png}")
     if not args.no_docs:
         try:
-            update_docs(args.docs, results_block(micro, mnist, args.micro, args.mnist))
+            update_docs(args.docs, results_block(micro, mnist, args.micro, args.mnist, optim,
+                                                 args.optim))
             update_docs(args.readme, readme_block(md.read_text()), README_BEGIN, README_END)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)

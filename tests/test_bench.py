@@ -681,3 +681,63 @@ def test_optim_smoke_run_validates_times_and_writes_its_files(tmp_path):
     assert all(r["floor_ratio"] > 0 for r in case["results"].values())
     assert case["state_after_timing"]["clipops_numpy"] == {"nonfinite": 0, "subnormal": 0}
     assert (tmp_path / "optim.md").exists() and (tmp_path / "optim.png").exists()
+
+
+def _fake_optim():
+    res = {k: {"median_s": v / 1e3} for k, v in
+           (("keras_eager", 250.0), ("clipops_eager", 50.0), ("keras_function", 200.0),
+            ("clipops_function", 40.0))}
+    target = {"case": "resnet50", "metric": "floor_ratio", "op": "<=", "threshold": 1.3}
+    return {"smoke": False, "machine": {"date": "2031-03-04T05:06:00+00:00", "cpu": "Third CPU",
+                                        "cpu_count": 2, "git": "0123abc"},
+            "cases": {"resnet50": {"numel": "25600000", "results": res}},
+            "fit_rows": [{"mode": "fit", "runs": {"keras": {"median_s": 9e-3},
+                                                  "fused": {"median_s": 6e-3}},
+                          "paired_step_diff": _diff(3.0, 2.9, 3.1)}],
+            "targets": [
+                {**target, "target": "TF op at most 1.3x the floor", "row": "clipops_function",
+                 "value": 1.25, "met": True},
+                {**target, "target": "fused at most 1.3x the floor", "row": "fused_function",
+                 "value": 1.35, "met": False},
+                {**target, "target": "NumPy: not in the headline", "row": "clipops_numpy",
+                 "value": 1.2, "met": True},
+                {"target": "model.fit faster", "case": "mnist_fit", "row": "fused_fit",
+                 "metric": "paired_step_diff", "op": "interval > 0", "threshold": 0.0,
+                 "value": 3e-3, "met": True}]}
+
+
+def test_headline_adds_the_optimizer_step_when_optim_json_exists(tmp_path):
+    pytest.importorskip("matplotlib")
+    import headline
+
+    for name, payload in (("micro", _fake_micro()), ("mnist", _fake_mnist()),
+                          ("optim", _fake_optim())):
+        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{headline.README_BEGIN}\n{headline.README_END}\n")
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"{headline.BEGIN}\n{headline.END}\n")
+    rc = headline.main(["--micro", str(tmp_path / "micro.json"), "--mnist",
+                        str(tmp_path / "mnist.json"), "--optim", str(tmp_path / "optim.json"),
+                        "--out", str(tmp_path / "out"), "--docs", str(docs),
+                        "--readme", str(readme)])
+    assert rc == 0
+    md = (tmp_path / "out" / "headline.md").read_text()
+    row = next(line for line in md.splitlines() if "ResNet-50 variables (25.6M params)" in line)
+    assert "250.00 / 50.00 | 5.00x" in row and "200.00 / 40.00 | 5.00x" in row
+    fit = next(line for line in md.splitlines() if line.startswith("| model.fit step"))
+    assert "9.00 / 6.00 | 1.50x (clipops faster)" in fit
+    assert "| TF op at most 1.3x the floor | 1.25x | met |" in md
+    assert "| fused at most 1.3x the floor | 1.35x | **missed** |" in md
+    assert "| model.fit faster | 3.00 ms faster | met |" in md
+    assert "not in the headline" not in md
+    assert "| clip + AdamW step | GPU | not yet run on a GPU |" in md
+    assert "2031-03-04 05:06 UTC, Third CPU x 2, git 0123abc" in md
+    # links from the README's folder and from docs/
+    assert "](bench/results/optim.md)" in readme.read_text()
+    assert "](../bench/results/optim.md)" in docs.read_text()
+    # without optim.json the optimizer rows are simply not there
+    rc = headline.main(["--micro", str(tmp_path / "micro.json"), "--mnist",
+                        str(tmp_path / "mnist.json"), "--optim", str(tmp_path / "none.json"),
+                        "--out", str(tmp_path / "out2"), "--no-docs"])
+    assert rc == 0 and "AdamW" not in (tmp_path / "out2" / "headline.md").read_text()
