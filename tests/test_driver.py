@@ -1029,6 +1029,9 @@ def test_a_libcuda_beside_the_package_or_in_the_working_directory_is_not_loaded(
         out = run({"LD_LIBRARY_PATH": unsafe})
         assert out["loaded"] == [], unsafe
         assert "LD_LIBRARY_PATH" in out["error"], out["error"]
+    # an empty value is no search path at all (glibc), not the current directory
+    assert run({"LD_LIBRARY_PATH": ""})["loaded"] == []
+    assert "LD_LIBRARY_PATH" not in (run({"LD_LIBRARY_PATH": ""})["error"] or "")
     # an override relative to the current directory is refused, not resolved there
     out = run({}, "./libcuda.so.1")
     assert out["loaded"] == [] and "absolute path" in out["error"], out["error"]

@@ -171,7 +171,7 @@ bool bind(void* lib, const char* name, F* fn) {
 // directory, for the library asked for and for every library it pulls in.
 std::string unsafe_library_path_entry() {
   const char* env = std::getenv("LD_LIBRARY_PATH");
-  if (env == nullptr) return "";
+  if (env == nullptr || *env == '\0') return "";  // glibc ignores an empty value
   const std::string path = env;
   for (size_t start = 0;;) {
     const size_t end = path.find_first_of(":;", start);  // glibc splits on both
