@@ -23,6 +23,7 @@ On a GPU machine, after `pip install --no-deps --no-build-isolation .`:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -1395,6 +1396,63 @@ def test_bench_validation_passes_right_and_fails_wrong_implementations(monkeypat
     wrong_eps = formula("torch")
     wrong_eps.conv = "keras"  # torch's epsilon placement checked against Keras' formula
     assert not ok(wrong_eps)
+
+
+@needs_cupy
+def test_bench_runs_each_implementation_of_a_case_into_its_row(monkeypatch, capsys):
+    """bench/gpu.py's loop over a case's implementations (run_impls) and its
+    timing (time_impl, here through measure_optim), with stand-ins for the
+    device: a timed row, a row timed by wall clock only, an invalid one, a
+    missing peer and one whose setup fails are each reported in their row and
+    line, and the timed rows get their bandwidths (add_gbs)."""
+    gpu = _bench_gpu(monkeypatch)
+    monkeypatch.setattr(gpu, "device_times", lambda run, stream, reps: ([2e-6] * reps, True))
+    monkeypatch.setattr(gpu, "count_launches", lambda impl: (1, None))
+    monkeypatch.setattr(gpu, "validate_optim", lambda impl, refs: (
+        {"ok": True} if impl.good else {"ok": False, "why": "3x the tolerance"}))
+    monkeypatch.setattr(gpu, "peer_missing", lambda module: "not installed" if module == "absent"
+                        else None)
+    freed = []
+    monkeypatch.setattr(gpu.cupy, "get_default_memory_pool",
+                        lambda: SimpleNamespace(free_all_blocks=lambda: freed.append(1)))
+    runs = []
+
+    def impl(good=True, on_cupy_stream=True):
+        return SimpleNamespace(run=lambda: runs.append(1), sync=lambda last: None,
+                               restore=lambda: None, on_cupy_stream=on_cupy_stream,
+                               context=contextlib.nullcontext, info={"route": "stand-in"},
+                               good=good)
+
+    def setup_fails():
+        raise RuntimeError("no such device")
+
+    args = SimpleNamespace(warmup=2, reps=7, rounds=3)
+    record = {"results": {}}
+    gpu.run_impls(record, [("ours", impl)],
+                  [("wall", "present", lambda: impl(on_cupy_stream=False)),
+                   ("gone", "absent", None), ("broken", "present", setup_fails),
+                   ("wrong", "present", lambda: impl(good=False))], 10,
+                  lambda maker: maker(),
+                  lambda i: gpu.measure_optim(i, {}, contextlib.nullcontext(), args),
+                  lambda res: f"   launches {res['launches']}")
+    gpu.add_gbs(record, 3200)
+    rows = record["results"]
+    assert list(rows) == ["gone", "ours", "wall", "broken", "wrong"]
+    ours = rows["ours"]
+    assert ours["device_us"] == pytest.approx(2.0) and ours["reps"] == 7
+    assert ours["device_gbs"] == pytest.approx(3200 / 2e-6 / 1e9) and ours["primed"] is True
+    assert ours["launches"] == 1 and ours["route"] == "stand-in" and ours["validation"]["ok"]
+    assert ours["pipelined_us"] > 0 and ours["pipelined_gbs"] > 0
+    assert "device_us" not in rows["wall"] and rows["wall"]["pipelined_us"] > 0
+    assert rows["gone"] == {"skipped": "not installed"}
+    assert rows["broken"]["skipped"].startswith("setup failed: RuntimeError('no such device'")
+    assert rows["wrong"]["invalid"] == "3x the tolerance" and "pipelined_us" not in rows["wrong"]
+    # per timed run: the optimizer's steps, the warm-up, one timed call, reps x rounds pipelined
+    assert len(runs) == 2 * (gpu.OPTIM_STEPS + 2 + 1 + 7 * 3) + gpu.OPTIM_STEPS
+    assert len(freed) == 3  # after every implementation that was set up
+    out = capsys.readouterr().out
+    assert re.search(r"ours\s+device\s+2\.0 us\s+pipelined\s+[\d.]+ us\s+launches 1", out), out
+    assert "gone       skipped: not installed" in out and "wrong      3x the tolerance" in out
 
 
 @needs_cupy
