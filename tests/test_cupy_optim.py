@@ -39,11 +39,8 @@ import numpy as np
 import pytest
 
 from conftest import BF16, CHUNK, random_array
-
-try:
-    import cupy
-except ImportError:
-    cupy = None
+from cupy_helpers import (HAVE_GPU, cupy, gpu, needs_cupy, nvrtc_skip_reason,
+                          record_table_copies, spin)
 
 if cupy is not None:
     import clipops.cupy as ccp
@@ -51,25 +48,6 @@ if cupy is not None:
     from clipops import _common, _nvrtc, _optim
 else:
     ccp = cnp = _common = _nvrtc = _optim = None
-
-
-def _gpu_status() -> tuple[bool, str]:
-    if cupy is None:
-        return False, "CuPy is not installed (pip install cupy-cuda13x)"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        return False, f"no usable GPU: {exc}"
-    return (n > 0), ("ok" if n > 0 else "no CUDA device")
-
-
-HAVE_GPU, GPU_REASON = _gpu_status()
-needs_cupy = pytest.mark.skipif(cupy is None, reason="CuPy is not installed (pip install cupy-cuda13x)")
-
-
-def gpu(fn):
-    """Marks a test `gpu` and skips it, with the reason, where no GPU is usable."""
-    return pytest.mark.gpu(pytest.mark.skipif(not HAVE_GPU, reason=GPU_REASON)(fn))
 
 
 def _core():
@@ -602,17 +580,7 @@ def nvrtc_launch(monkeypatch):
                            num_regs=128)
     monkeypatch.setattr(_nvrtc, "get_update_kernel", lambda device: kernel)
     monkeypatch.setattr(_nvrtc.runtime, "getDevice", lambda: 0)
-    pinned = []
-
-    def alloc_pinned(n):
-        pinned.append(ctypes.create_string_buffer(max(n, 1)))
-        return SimpleNamespace(ptr=ctypes.addressof(pinned[-1]))
-
-    monkeypatch.setattr(cupy.cuda, "alloc_pinned_memory", alloc_pinned)
-    monkeypatch.setattr(_nvrtc, "_record_event", lambda stream: SimpleNamespace(done=False))
-    monkeypatch.setattr(_nvrtc, "_in_flight", __import__("collections").deque())
-    monkeypatch.setattr(_nvrtc.runtime, "memcpyAsync", lambda dst, src, n, kind, stream: rec.copies
-                        .append((dst, ctypes.string_at(src, n), kind, stream)))
+    record_table_copies(monkeypatch, rec.copies)
     c = ctypes
     scalars = [c.c_uint64, c.c_uint64, c.c_int, c.c_longlong, c.c_uint64]
 
@@ -818,18 +786,7 @@ def test_route_passes_the_kernel_s_parameter_sizes():
     assert _route_arg_sizes() == [8, 8, 4, 8, 8, 176]
 
 
-def _nvrtc13_skip() -> str | None:
-    if cupy is None:
-        return "CuPy is not installed"
-    try:
-        _nvrtc._nvrtc()
-        _nvrtc.cuda_include_dirs()
-    except _nvrtc.CudaUnavailableError as exc:
-        return f"the NVRTC route cannot build here: {exc}"
-    return None
-
-
-@pytest.mark.skipif(_nvrtc13_skip() is not None, reason=str(_nvrtc13_skip()))
+@pytest.mark.skipif(nvrtc_skip_reason() is not None, reason=str(nvrtc_skip_reason()))
 def test_the_route_s_program_declares_what_the_route_passes(tmp_path, monkeypatch):
     """CuPy's NVRTC (CUDA 13) builds the route's own program (the one cached
     and loaded: _core.KERNEL_PROGRAM) with the route's options; its update
@@ -1653,15 +1610,6 @@ def test_gpu_shared_memory_and_wrong_device_are_refused(route, rng):
             ccp.adamw_update([other, dev[0][1]], dev[1], dev[2], dev[3], step=1)
 
 
-_SPIN = r"""
-extern "C" __global__ void clipops_test_spin(unsigned long long ns) {
-  unsigned long long t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
-}
-"""
-
-
 @gpu
 @pytest.mark.parametrize("count", [1, 5000])
 def test_gpu_call_does_not_wait_for_the_gpu(route, rng, count):
@@ -1678,7 +1626,7 @@ def test_gpu_call_does_not_wait_for_the_gpu(route, rng, count):
         warm = (_gpu(params), _gpu(grads), _gpu(ms), _gpu(vs))
         _call(ccp, "adamw", *warm, step=cupy.zeros((), cupy.int64), learning_rate=lr)  # loads
         stream.synchronize()
-        cupy.RawKernel(_SPIN, "clipops_test_spin")((1,), (1,), (np.uint64(2_000_000_000),))
+        spin(2.0)
         spun = cupy.cuda.Event()
         spun.record()
         t0 = time.perf_counter()
