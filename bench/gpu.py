@@ -351,38 +351,57 @@ def run_case(case: Case, stream, args, routes: list[bool]) -> dict:
 
     makers = [(f"clipops ({'nvrtc' if r else 'nvcc'})",
                lambda xs, c, s, r=r: make_clipops(xs, c, s, r)) for r in routes]
-    for name, module, maker in PEERS:
+    run_impls(record, makers, PEERS, 34, lambda maker: maker(xs, clip, stream),
+              lambda impl: measure(impl, case, xs, ref_norm, clip, stream, args),
+              lambda res: f"   ({res['reps']} reps"
+                          f"{'' if res.get('primed', True) else ', queue NOT primed'})")
+    add_gbs(record, bytes_moved(case))
+    return record
+
+
+def run_impls(record: dict, makers: list, peers: list, width: int, make: Callable,
+              measure_one: Callable, more: Callable[[dict], str]) -> None:
+    """Sets up and measures every implementation of one case into
+    record["results"], printing a line each: clipops' routes (makers: (name,
+    maker)), then each peer (name, module, maker) that is installed. A peer
+    that is missing or fails its setup is reported as skipped, not fatal.
+    make(maker) sets one up, measure_one(impl) gives its row, more(row) ends
+    its printed line; width: the names' column."""
+    makers = list(makers)
+    for name, module, maker in peers:
         reason = peer_missing(module)
         if reason:
             record["results"][name] = {"skipped": reason}
-            print(f"  {name:34s} skipped: {reason}")
+            print(f"  {name:{width}s} skipped: {reason}")
         else:
             makers.append((name, maker))
     for name, maker in makers:
         try:
-            impl = maker(xs, clip, stream)
+            impl = make(maker)
         except Exception as exc:  # a peer that cannot even set up is reported, not fatal
             record["results"][name] = {"skipped": f"setup failed: {exc!r}"}
-            print(f"  {name:34s} skipped: setup failed: {exc!r}")
+            print(f"  {name:{width}s} skipped: setup failed: {exc!r}")
             continue
         with impl.context():
-            res = measure(impl, case, xs, ref_norm, clip, stream, args)
+            res = measure_one(impl)
         res.update(impl.info)
         record["results"][name] = res
         if "skipped" in res or "invalid" in res:
-            print(f"  {name:34s} {res.get('skipped') or res.get('invalid')}")
+            print(f"  {name:{width}s} {res.get('skipped') or res.get('invalid')}")
         else:
             dev = f"{res['device_us']:10.1f} us" if "device_us" in res else " " * 13
-            print(f"  {name:34s} device {dev}   pipelined {res['pipelined_us']:10.1f} us"
-                  f"   ({res['reps']} reps{'' if res.get('primed', True) else ', queue NOT primed'})",
-                  flush=True)
+            print(f"  {name:{width}s} device {dev}   pipelined {res['pipelined_us']:10.1f} us"
+                  f"{more(res)}", flush=True)
         del impl
         cupy.get_default_memory_pool().free_all_blocks()
-    for name, r in record["results"].items():
+
+
+def add_gbs(record: dict, nbytes: int) -> None:
+    """Each timed row's times as bandwidths: the case's bytes moved per second."""
+    for r in record["results"].values():
         for k in ("device_us", "pipelined_us"):
             if k in r:
-                r[k.replace("_us", "_gbs")] = bytes_moved(case) / (r[k] * 1e-6) / 1e9
-    return record
+                r[k.replace("_us", "_gbs")] = nbytes / (r[k] * 1e-6) / 1e9
 
 
 def measure(impl: Impl, case: Case, xs, ref_norm: float, clip: float, stream, args) -> dict:
@@ -397,20 +416,26 @@ def measure(impl: Impl, case: Case, xs, ref_norm: float, clip: float, stream, ar
         del first
         if not check["ok"]:
             return {"invalid": check["why"], "validation": check}
-        for _ in range(args.warmup):
-            impl.sync(impl.run())
-        t0 = time.perf_counter()
+        return time_impl(impl, check, stream, args)
+
+
+def time_impl(impl, check: dict, stream, args) -> dict:
+    """The timings of a validated implementation (Impl or OptimImpl; called
+    under `with stream:`): after args.warmup calls, one call's wall time, then
+    device times (on CuPy's stream) and pipelined wall times over as many
+    repetitions as fit in ~2 s, within [5, args.reps]. `check`: its validation."""
+    for _ in range(args.warmup):
         impl.sync(impl.run())
-        one = time.perf_counter() - t0
-        # as many repetitions as fit in ~2 s, within [5, args.reps]
-        reps = int(max(5, min(args.reps, 2.0 / max(one, 1e-6))))
-        res = {"validation": check, "reps": reps, "single_call_wall_us": one * 1e6}
-        if impl.on_cupy_stream:
-            times, primed = device_times(impl.run, stream, reps)
-            res.update(device_us=median_us(times), device_p10_us=np.percentile(times, 10) * 1e6,
-                       device_p90_us=np.percentile(times, 90) * 1e6, primed=primed)
-        pipe = pipelined_times(impl.run, impl.sync, reps, args.rounds)
-        res.update(pipelined_us=median_us(pipe))
+    t0 = time.perf_counter()
+    impl.sync(impl.run())
+    one = time.perf_counter() - t0
+    reps = int(max(5, min(args.reps, 2.0 / max(one, 1e-6))))
+    res = {"validation": check, "reps": reps, "single_call_wall_us": one * 1e6}
+    if impl.on_cupy_stream:
+        times, primed = device_times(impl.run, stream, reps)
+        res.update(device_us=median_us(times), device_p10_us=np.percentile(times, 10) * 1e6,
+                   device_p90_us=np.percentile(times, 90) * 1e6, primed=primed)
+    res.update(pipelined_us=median_us(pipelined_times(impl.run, impl.sync, reps, args.rounds)))
     return res
 
 
@@ -762,18 +787,7 @@ def measure_optim(impl: OptimImpl, refs: dict, stream, args) -> dict:
         check = validate_optim(impl, refs)
         if not check["ok"]:
             return {"invalid": check["why"], "validation": check}
-        for _ in range(args.warmup):
-            impl.sync(impl.run())
-        t0 = time.perf_counter()
-        impl.sync(impl.run())
-        one = time.perf_counter() - t0
-        reps = int(max(5, min(args.reps, 2.0 / max(one, 1e-6))))
-        res = {"validation": check, "reps": reps, "single_call_wall_us": one * 1e6}
-        if impl.on_cupy_stream:
-            times, primed = device_times(impl.run, stream, reps)
-            res.update(device_us=median_us(times), device_p10_us=np.percentile(times, 10) * 1e6,
-                       device_p90_us=np.percentile(times, 90) * 1e6, primed=primed)
-        res.update(pipelined_us=median_us(pipelined_times(impl.run, impl.sync, reps, args.rounds)))
+        res = time_impl(impl, check, stream, args)
         launches, why = count_launches(impl)
         res["launches"] = launches
         if why:
@@ -802,36 +816,11 @@ def run_optim_case(case: Case, stream, args, routes: list[bool]) -> dict:
               "hyperparameters": ADAMW, "results": {}}
     makers = [(f"{CLIPOPS_OPTIM} ({'nvrtc' if r else 'nvcc'})",
                lambda p, g, c, s, r=r: make_clipops_adamw(p, g, c, s, r)) for r in routes]
-    for name, module, maker in OPTIM_PEERS:
-        reason = peer_missing(module)
-        if reason:
-            record["results"][name] = {"skipped": reason}
-            print(f"  {name:46s} skipped: {reason}")
-        else:
-            makers.append((name, maker))
-    for name, maker in makers:
-        try:
-            impl = maker(p0, gs, clip, stream)
-        except Exception as exc:  # a peer that cannot even set up is reported, not fatal
-            record["results"][name] = {"skipped": f"setup failed: {exc!r}"}
-            print(f"  {name:46s} skipped: setup failed: {exc!r}")
-            continue
-        with impl.context():
-            res = measure_optim(impl, refs, stream, args)
-        res.update(impl.info)
-        record["results"][name] = res
-        if "skipped" in res or "invalid" in res:
-            print(f"  {name:46s} {res.get('skipped') or res.get('invalid')}")
-        else:
-            dev = f"{res['device_us']:10.1f} us" if "device_us" in res else " " * 13
-            print(f"  {name:46s} device {dev}   pipelined {res['pipelined_us']:10.1f} us   "
-                  f"launches {res['launches'] if res['launches'] is not None else '?'}", flush=True)
-        del impl
-        cupy.get_default_memory_pool().free_all_blocks()
-    for r in record["results"].values():
-        for k in ("device_us", "pipelined_us"):
-            if k in r:
-                r[k.replace("_us", "_gbs")] = optim_bytes_moved(case) / (r[k] * 1e-6) / 1e9
+    run_impls(record, makers, OPTIM_PEERS, 46, lambda maker: maker(p0, gs, clip, stream),
+              lambda impl: measure_optim(impl, refs, stream, args),
+              lambda res: "   launches "
+                          f"{res['launches'] if res['launches'] is not None else '?'}")
+    add_gbs(record, optim_bytes_moved(case))
     return record
 
 
@@ -1046,35 +1035,30 @@ def write_plot(path, payload: dict) -> str | None:
 
 def write_clip_plot(plt, path, payload: dict) -> None:
     """Time per clip per case and implementation, log scale, with the copy-bandwidth limit."""
-    recs = payload["cases"]
-    impls = sorted({n for r in recs for n, v in r["results"].items()
-                    if "pipelined_us" in v}, key=lambda n: (not n.startswith("clipops"), n))
-    fig, ax = plt.subplots(figsize=(11, 5))
-    width = 0.8 / max(1, len(impls))
-    for k, name in enumerate(impls):
-        vals = [r["results"].get(name, {}).get("device_us") or r["results"].get(name, {}).get(
-            "pipelined_us") or 0 for r in recs]
-        ax.bar([i + k * width for i in range(len(recs))], vals, width, label=name)
-    bw = payload["copy_bandwidth"]["gbs"]
-    for i, r in enumerate(recs):  # the time the same bytes take at copy bandwidth
-        ax.hlines(r["bytes_moved"] / bw / 1e3, i - width / 2, i + width * (len(impls) - 0.5),
-                  colors="black", linestyles="dashed", label="copy-bandwidth limit" if i == 0 else None)
-    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(recs))])
-    ax.set_xticklabels([f"{r['case']}\n{r['tensors']:,} tensors" for r in recs], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("microseconds per clip (device time; optax: pipelined wall)")
-    ax.set_title(f"Global-norm clipping on {payload['device']['name']}")
-    ax.legend(fontsize=8)
-    save(fig, path, dpi=120)
+    bar_plot(plt, path, payload, payload["cases"], (11, 5), "copy-bandwidth limit",
+             lambda r: f"{r['tensors']:,} tensors",
+             "microseconds per clip (device time; optax: pipelined wall)",
+             f"Global-norm clipping on {payload['device']['name']}")
 
 
 def write_optim_plot(plt, path, payload: dict) -> None:
     """Time per fused clip + AdamW step per case and implementation, log scale,
     with the time 32 B per parameter take at copy bandwidth."""
-    recs = payload["optim_cases"]
+    bar_plot(plt, path, payload, payload["optim_cases"], (9, 5), "32 B/param at copy bandwidth",
+             lambda r: f"{r['elements']:,} parameters",
+             "microseconds per step (device time; optax: pipelined wall)",
+             f"Global-norm clip + AdamW on {payload['device']['name']}")
+
+
+def bar_plot(plt, path, payload: dict, recs: list[dict], figsize, limit: str, size, ylabel: str,
+             title: str) -> None:
+    """One bar per case and timed implementation (clipops' first; device time,
+    else pipelined wall), log scale, and per case a dashed line at the time its
+    bytes take at copy bandwidth (labelled `limit`); size(record) is the second
+    line of a case's label."""
     impls = sorted({n for r in recs for n, v in r["results"].items() if "pipelined_us" in v},
                    key=lambda n: (not n.startswith("clipops"), n))
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=figsize)
     width = 0.8 / max(1, len(impls))
     for k, name in enumerate(impls):
         vals = [r["results"].get(name, {}).get("device_us") or r["results"].get(name, {}).get(
@@ -1083,13 +1067,12 @@ def write_optim_plot(plt, path, payload: dict) -> None:
     bw = payload["copy_bandwidth"]["gbs"]
     for i, r in enumerate(recs):
         ax.hlines(r["bytes_moved"] / bw / 1e3, i - width / 2, i + width * (len(impls) - 0.5),
-                  colors="black", linestyles="dashed",
-                  label="32 B/param at copy bandwidth" if i == 0 else None)
+                  colors="black", linestyles="dashed", label=limit if i == 0 else None)
     ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(recs))])
-    ax.set_xticklabels([f"{r['case']}\n{r['elements']:,} parameters" for r in recs], fontsize=8)
+    ax.set_xticklabels([f"{r['case']}\n{size(r)}" for r in recs], fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("microseconds per step (device time; optax: pipelined wall)")
-    ax.set_title(f"Global-norm clip + AdamW on {payload['device']['name']}")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     save(fig, path, dpi=120)
 

@@ -311,37 +311,48 @@ def _load_module(arch: str, kind: str):
     return module
 
 
-def _load(device: int) -> Kernel:
+def _kernel_in(module, name: str, device: int, what: str) -> Kernel:
+    """Kernel `name` of a loaded module with its largest cooperative grid on
+    `device`; `what` names it in the error when not one block fits."""
     _, threads = _constants()
-    if not runtime.deviceGetAttribute(runtime.cudaDevAttrCooperativeLaunch, device):
-        raise CudaUnavailableError(f"GPU {device} does not support cooperative launches, which "
-                                   "clipops' single-launch kernel needs")
-    cc = int(cupy.cuda.Device(device).compute_capability)
-    arch, kind = select_target(cc, tuple(_nvrtc().getSupportedArchs()))
-    module = _load_module(arch, kind)
-    fn = module.get_function(_common.load_core().KERNEL_NAME)
-    # The occupancy calculator accounts for registers (the kernel uses about 70
-    # per thread) and its 2 KiB of static shared memory; no guessed bound needed.
+    fn = module.get_function(name)
+    # The occupancy calculator accounts for registers and static shared memory
+    # (the clip kernel's 2 KiB); no guessed bound needed.
     per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)
     regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
     if per_sm < 1:
         raise CudaUnavailableError(
-            f"clipops' kernel ({regs} registers per thread, {threads} threads per block) does not "
+            f"clipops' {what} ({regs} registers per thread, {threads} threads per block) does not "
             f"fit on one multiprocessor of GPU {device}")
     sms = runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
     return Kernel(module, fn, per_sm * sms, regs)
 
 
+def _load(device: int) -> Kernel:
+    if not runtime.deviceGetAttribute(runtime.cudaDevAttrCooperativeLaunch, device):
+        raise CudaUnavailableError(f"GPU {device} does not support cooperative launches, which "
+                                   "clipops' single-launch kernel needs")
+    cc = int(cupy.cuda.Device(device).compute_capability)
+    arch, kind = select_target(cc, tuple(_nvrtc().getSupportedArchs()))
+    return _kernel_in(_load_module(arch, kind), _common.load_core().KERNEL_NAME, device, "kernel")
+
+
+def _cached(kernels: dict[int, Kernel], device: int, load) -> Kernel:
+    """kernels[device], made by load(device) once per process (double-checked
+    under _kernels_lock, so concurrent first calls load it once)."""
+    kernel = kernels.get(device)
+    if kernel is None:
+        with _kernels_lock:
+            kernel = kernels.get(device)
+            if kernel is None:
+                kernel = kernels[device] = load(device)
+    return kernel
+
+
 def get_kernel(device: int) -> Kernel:
     """The kernel for `device` (compiled or read from the disk cache on first
     use, then kept for the life of the process). The device must be current."""
-    kernel = _kernels.get(device)
-    if kernel is None:
-        with _kernels_lock:
-            kernel = _kernels.get(device)
-            if kernel is None:
-                kernel = _kernels[device] = _load(device)
-    return kernel
+    return _cached(_kernels, device, _load)
 
 
 # ---- the launch --------------------------------------------------------------
@@ -362,6 +373,15 @@ def _record_event(stream: int) -> cupy.cuda.Event:
     return event
 
 
+def _check_workspace(workspace: int, workspace_bytes: int, needed: int, sizer: str) -> None:
+    """The workspace the caller passed: at least `needed` bytes (what `sizer`,
+    the function that tells the size, returns), 16-byte aligned."""
+    if workspace == 0 or workspace_bytes < needed:
+        raise ValueError(f"the CUDA workspace is missing or smaller than {sizer}()")
+    if workspace % 16:
+        raise ValueError("the CUDA workspace must be 16-byte aligned")
+
+
 def _copy_table_async(table: np.ndarray, dst: int, stream: int) -> None:
     """Copies the table to device address dst in stream order; never waits."""
     with _in_flight_lock:
@@ -373,6 +393,21 @@ def _copy_table_async(table: np.ndarray, dst: int, stream: int) -> None:
     event = _record_event(stream)
     with _in_flight_lock:
         _in_flight.append((event, staging))
+
+
+def _launch(kernel: Kernel, num_items: int, values: tuple, stream: int, what: str) -> None:
+    """One cooperative launch of `kernel` on `stream`, a grid for num_items
+    work items; values: the kernel's parameters in declaration order, as C
+    values (the launch copies them, so they only need to live until it returns)."""
+    _, threads = _constants()
+    grid = grid_size(num_items, kernel.resident_blocks)
+    pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+    try:
+        driver.launchCooperativeKernel(kernel.function.ptr, grid, 1, 1, threads, 1, 1, 0, stream,
+                                       ctypes.addressof(pointers))
+    except driver.CUDADriverError as exc:
+        raise LaunchError(f"launching the {what} ({grid} blocks of {threads} threads, "
+                          f"{kernel.resident_blocks} resident at most) failed: {exc}") from exc
 
 
 def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bool,
@@ -389,17 +424,10 @@ def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bo
     memory (see _copy_table_async)."""
     table, items = build_table(descs)
     partials_at, needed = _layout(len(descs), items)
-    if workspace == 0 or workspace_bytes < needed:
-        raise ValueError("the CUDA workspace is missing or smaller than cuda_workspace_bytes()")
-    if workspace % 16:
-        raise ValueError("the CUDA workspace must be 16-byte aligned")
+    _check_workspace(workspace, workspace_bytes, needed, "cuda_workspace_bytes")
     kernel = get_kernel(runtime.getDevice())
     if len(descs):
         _copy_table_async(table, workspace, stream)
-    _, threads = _constants()
-    grid = grid_size(items, kernel.resident_blocks)
-    # The kernel's parameters in declaration order, as C values; the launch
-    # copies them, so they only need to live until it returns.
     values = (ctypes.c_uint64(workspace), ctypes.c_int(len(descs)), ctypes.c_longlong(items),
               ctypes.c_uint64(workspace + partials_at), ctypes.c_int(norm_dtype),
               ctypes.c_int(1 if scale else 0), ctypes.c_double(clip_norm), ctypes.c_uint64(clip_ptr),
@@ -409,13 +437,7 @@ def clip_cuda(descs: list[tuple[int, int, int, int]], norm_dtype: int, scale: bo
               ctypes.c_int(1 if skip_nonfinite else 0), ctypes.c_int(mode), ctypes.c_double(clip_min),
               ctypes.c_uint64(clip_min_ptr), ctypes.c_double(clip_max), ctypes.c_uint64(clip_max_ptr),
               ctypes.c_double(unscale), ctypes.c_uint64(unscale_ptr))
-    params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-    try:
-        driver.launchCooperativeKernel(kernel.function.ptr, grid, 1, 1, threads, 1, 1, 0, stream,
-                                       ctypes.addressof(params))
-    except driver.CUDADriverError as exc:
-        raise LaunchError(f"launching the clip kernel ({grid} blocks of {threads} threads, "
-                          f"{kernel.resident_blocks} resident at most) failed: {exc}") from exc
+    _launch(kernel, items, values, stream, "clip kernel")
 
 
 # ---- the fused update (csrc/core/optim_kernel.cuh, optim_cuda.cu) --------------
@@ -427,30 +449,16 @@ def _load_update(device: int) -> Kernel:
     """The update kernel from the module that holds the clip kernel (one
     program, one compilation and one cache entry for both), with its own
     cooperative grid limit: it uses more registers than the clip kernel."""
-    _, threads = _constants()
-    module = get_kernel(device).module
-    fn = module.get_function(_common.load_core().UPDATE_KERNEL_NAME)
-    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)
-    regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
-    if per_sm < 1:
-        raise CudaUnavailableError(
-            f"clipops' update kernel ({regs} registers per thread, {threads} threads per block) "
-            f"does not fit on one multiprocessor of GPU {device}")
-    sms = runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
-    return Kernel(module, fn, per_sm * sms, regs)
+    return _kernel_in(get_kernel(device).module, _common.load_core().UPDATE_KERNEL_NAME, device,
+                      "update kernel")
 
 
 def get_update_kernel(device: int) -> Kernel:
     """The update kernel for `device` (loaded with the clip kernel on first
     use, then kept for the life of the process). The device must be current."""
-    kernel = _update_kernels.get(device)
-    if kernel is None:
-        get_kernel(device)  # outside the lock below: it takes _kernels_lock itself
-        with _kernels_lock:
-            kernel = _update_kernels.get(device)
-            if kernel is None:
-                kernel = _update_kernels[device] = _load_update(device)
-    return kernel
+    if device not in _update_kernels:
+        get_kernel(device)  # outside _cached's lock: it takes _kernels_lock itself
+    return _cached(_update_kernels, device, _load_update)
 
 
 def update_cuda_workspace_bytes(params: list[tuple]) -> int:
@@ -479,23 +487,11 @@ def update_cuda(params: list[tuple], args, workspace: int, workspace_bytes: int,
     cannot be built or loaded, LaunchError when the launch fails. Never waits
     for the GPU: the tables go through pinned memory (_copy_table_async)."""
     core = _common.load_core()
-    image, items, states_at, partials_at, kernel_params = core.update_launch_layout(params, args)
-    if workspace == 0 or workspace_bytes < core.update_cuda_workspace_bytes(params):
-        raise ValueError("the CUDA workspace is missing or smaller than "
-                         "update_cuda_workspace_bytes()")
-    if workspace % 16:
-        raise ValueError("the CUDA workspace must be 16-byte aligned")
+    # the core's checks of the input and the workspace, the launchers' own
+    image, items, states_at, partials_at, kernel_params = core.update_launch_layout(
+        params, args, workspace, workspace_bytes)
     kernel = get_update_kernel(runtime.getDevice())
     if params:
         _copy_table_async(np.frombuffer(image, dtype=np.uint8), workspace, stream)
-    _, threads = _constants()
-    grid = grid_size(items, kernel.resident_blocks)
-    values = update_kernel_args(workspace, states_at, len(params), items, partials_at,
-                                kernel_params)
-    pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-    try:
-        driver.launchCooperativeKernel(kernel.function.ptr, grid, 1, 1, threads, 1, 1, 0, stream,
-                                       ctypes.addressof(pointers))
-    except driver.CUDADriverError as exc:
-        raise LaunchError(f"launching the update kernel ({grid} blocks of {threads} threads, "
-                          f"{kernel.resident_blocks} resident at most) failed: {exc}") from exc
+    _launch(kernel, items, update_kernel_args(workspace, states_at, len(params), items,
+                                              partials_at, kernel_params), stream, "update kernel")

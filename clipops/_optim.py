@@ -1,14 +1,15 @@
 """Arguments of the fused clip + optimizer update, as Keras 3 converts them.
 
-Shared by the update's front ends (clipops.numpy now; the CuPy and TensorFlow
-front ends of phase 2): which clip, the float32 hyperparameters with Keras'
-roundings, the weight-decay flags, and the core's ``UpdateArgs``. Array
-handling stays with each front end.
+Shared by the update's front ends (clipops.numpy, clipops.cupy and
+clipops.tensorflow): the host checks of a call, which clip, the float32
+hyperparameters with Keras' roundings, the weight-decay flags, the core's
+``UpdateArgs`` and the messages. Array handling stays with each front end.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,6 +79,30 @@ def check_nonnegative_int(value, what: str) -> int:
     return int(value)
 
 
+def check_step(t: int) -> int:
+    """A host step number: Keras' ``iterations + 1``, so at least 1."""
+    if t < 1:
+        raise ValueError(f"step must be >= 1 (the first update is step 1), got {t}")
+    return t
+
+
+def keras_hyper(rule: str, *, weight_decay=None, momentum=0.0, nesterov=False, beta_1=0.9,
+                beta_2=0.999, epsilon=1e-7) -> dict:
+    """The rule's float hyperparameters as Keras 3 rounds them: float32 of each
+    Python number, ``1 - beta`` taken in double first; weight_decay None is 0.
+    Named as the fields of the core's ``UpdateArgs`` and the TF op's attrs."""
+    h = {"weight_decay": 0.0 if weight_decay is None
+         else keras_float32(weight_decay, "weight_decay")}
+    if rule == "sgd":
+        h["momentum"] = keras_float32(momentum, "momentum")
+        h["nesterov"] = bool(nesterov)
+    else:
+        h["one_minus_beta_1"] = keras_one_minus(beta_1, "beta_1")
+        h["one_minus_beta_2"] = keras_one_minus(beta_2, "beta_2")
+        h["epsilon"] = keras_float32(epsilon, "epsilon")
+    return h
+
+
 def update_args(core, *, rule: str, clip_mode: str, clip_value: float, norm_code: int,
                 unscale: float, skip: bool, learning_rate, weight_decay=None, momentum=0.0,
                 nesterov: bool = False, beta_1=0.9, beta_2=0.999, epsilon=1e-7, step=None):
@@ -94,20 +119,14 @@ def update_args(core, *, rule: str, clip_mode: str, clip_value: float, norm_code
     a.unscale = unscale
     a.skip_nonfinite = skip
     a.learning_rate = keras_float32(learning_rate, "learning_rate")
-    if weight_decay is not None:
-        a.weight_decay = keras_float32(weight_decay, "weight_decay")
-    if rule == "sgd":
-        a.momentum = keras_float32(momentum, "momentum")
-        a.nesterov = bool(nesterov)
-    else:
+    for name, value in keras_hyper(rule, weight_decay=weight_decay, momentum=momentum,
+                                   nesterov=nesterov, beta_1=beta_1, beta_2=beta_2,
+                                   epsilon=epsilon).items():
+        setattr(a, name, value)
+    if rule != "sgd":
         b1 = np.float32(keras_float32(beta_1, "beta_1"))
         b2 = np.float32(keras_float32(beta_2, "beta_2"))
-        a.one_minus_beta_1 = keras_one_minus(beta_1, "beta_1")
-        a.one_minus_beta_2 = keras_one_minus(beta_2, "beta_2")
-        a.epsilon = keras_float32(epsilon, "epsilon")
-        t = check_nonnegative_int(step, "step")
-        if t < 1:
-            raise ValueError(f"step must be >= 1 (the first update is step 1), got {t}")
+        t = check_step(check_nonnegative_int(step, "step"))
         power = _common.load_core().keras_cpu_power
         a.beta_1_power = power(float(b1), t)
         a.beta_2_power = power(float(b2), t)
@@ -146,9 +165,8 @@ def name_tensors(message: str, positions: list[int], names: dict[str, str]) -> s
 
 
 # ---- host checks of the update's front ends ------------------------------------------------
-# What every front end checks before it looks at an array (clipops.cupy does so
-# before it touches a device). clipops.numpy makes the same checks with the same
-# words in its own _update; it can take these over unchanged.
+# What every front end checks, with the same words, before it looks at an array
+# (clipops.cupy before it touches a device).
 
 STATE_NAMES = {"param": "params", "grad": "grads", "m": "momentums", "v": "velocities"}
 
@@ -176,12 +194,58 @@ def check_unscale_clip(unscale, clip_mode: str) -> None:
                          "clip each gradient as it is)")
 
 
-def check_sgd_state(momentum, momentums) -> None:
-    """Keras' SGD keeps momentums exactly when momentum is not 0."""
+class UpdateCall(NamedTuple):
+    """A call's host arguments once checked (check_update_call)."""
+
+    policy: str                    # nonfinite: "nan", "raise" or "skip"
+    params: list
+    grads: list
+    momentums: list | None
+    velocities: list | None
+    clip_mode: str                 # clip_choice's mode
+    clip: object                   # its threshold, as given
+    decay: list[bool]              # per variable: weight decay applies
+
+
+def check_update_call(params, grads, momentums, velocities, *, weight_decay, decay_mask,
+                      global_clipnorm, clipnorm, clipvalue, unscale, nonfinite,
+                      choose_clip=clip_choice) -> UpdateCall:
+    """The checks every front end's update makes first, in this order: the
+    policy, the lists, the clip (``choose_clip``: clip_choice, or a front end's
+    own that also takes tensors), unscale with it, the weight-decay flags.
+
+    Raises:
+      TypeError, ValueError: as the update functions document."""
+    policy = _common.check_nonfinite(nonfinite)
+    params, grads, momentums, velocities = update_lists(params, grads, momentums, velocities)
+    mode, clip = choose_clip(global_clipnorm, clipnorm, clipvalue)
+    check_unscale_clip(unscale, mode)
+    if unscale is not None:
+        _common.check_unscale(unscale)
+    flags = decay_flags(weight_decay, decay_mask, len(params))
+    return UpdateCall(policy, params, grads, momentums, velocities, mode, clip, flags)
+
+
+def check_sgd_state(momentum, momentums, kind: str = "arrays") -> None:
+    """Keras' SGD keeps momentums exactly when momentum is not 0. kind: what the
+    front end's variables are ("arrays", "variables")."""
     if momentum != 0 and momentums is None:
-        raise ValueError("momentum is not 0: pass momentums (float32 arrays like params)")
+        raise ValueError(f"momentum is not 0: pass momentums (float32 {kind} like params)")
     if momentum == 0 and momentums is not None:
         raise ValueError("momentums are given, but momentum is 0 (Keras keeps none then)")
+
+
+def check_adam_state(momentums, velocities, kind: str = "arrays") -> None:
+    """Adam keeps both moments."""
+    if momentums is None or velocities is None:
+        raise ValueError(f"Adam needs momentums and velocities (float32 {kind} like params)")
+
+
+def check_adamw_decay(weight_decay) -> None:
+    """AdamW is Adam with weight decay: None is refused (not taken as no decay)."""
+    if weight_decay is None:
+        raise ValueError("weight_decay must be a number for AdamW (Keras' default is 0.004); "
+                         "adam_update is AdamW without it")
 
 
 def nonfinite_update_message(norm, tensor_norms, positions: list[int]) -> str:
@@ -189,3 +253,15 @@ def nonfinite_update_message(norm, tensor_norms, positions: list[int]) -> str:
     return _common.nonfinite_message(norm, tensor_norms, positions, "grads").replace(
         "Nothing was clipped: the outputs are the inputs.",
         "Nothing was updated: the variables and their state keep their values.")
+
+
+def add_update_docs(sgd_update, adam_update, adamw_update, common_args: str) -> None:
+    """Appends the Args, Returns and Raises the three update functions share (a
+    docstring must be a literal, so they are added here; python -OO strips
+    docstrings, and then this does nothing). AdamW's weight_decay has a default."""
+    if sgd_update.__doc__ is None:
+        return
+    sgd_update.__doc__ += common_args
+    adam_update.__doc__ += common_args
+    adamw_update.__doc__ += common_args.replace(
+        "None: no decay.", "Keras' default 0.004;\n        it must be a number.")

@@ -548,10 +548,7 @@ def _step_argument(step) -> tuple[int | None, object]:
         return None, step
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"{_STEP_KINDS}; got {type(step).__module__}.{type(step).__name__}")
-    t = int(step)
-    if t < 1:
-        raise ValueError(f"step must be >= 1 (the first update is step 1), got {t}")
-    return t, None
+    return _optim.check_step(int(step)), None
 
 
 def _counter(x, device: int) -> cupy.ndarray:
@@ -607,15 +604,13 @@ def _update(rule: str, params, grads, momentums, velocities, *, step=None, learn
             return_norms, **hyper):
     """The checks and the launch shared by sgd_update, adam_update and adamw_update."""
     # ---- host arguments, checked and converted before any device call ----
-    policy = _common.check_nonfinite(nonfinite)
-    params, grads, ms, vs = _optim.update_lists(params, grads, momentums, velocities)
-    n = len(params)
-    mode, clip = _optim.clip_choice(global_clipnorm, clipnorm, clipvalue)
-    _optim.check_unscale_clip(unscale, mode)
+    call = _optim.check_update_call(
+        params, grads, momentums, velocities, weight_decay=weight_decay, decay_mask=decay_mask,
+        global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue, unscale=unscale,
+        nonfinite=nonfinite)
+    policy, ms, vs, flags = call.policy, call.momentums, call.velocities, call.decay
+    mode, clip = call.clip_mode, call.clip
     unscale_on_device = unscale is not None and _is_device_array(unscale)
-    if unscale is not None:
-        _common.check_unscale(unscale)
-    flags = _optim.decay_flags(weight_decay, decay_mask, n)
     _common.check_scalar(learning_rate, "learning_rate")
     lr_on_device = _is_device_array(learning_rate)
     t, counter = (None, None) if rule == "sgd" else _step_argument(step)
@@ -631,7 +626,7 @@ def _update(rule: str, params, grads, momentums, velocities, *, step=None, learn
     # ---- the arrays ----
     device = _current_device()
     descs, positions, keep = [], [], []
-    for i, (p, g) in enumerate(zip(params, grads)):
+    for i, (p, g) in enumerate(zip(call.params, call.grads)):
         if g is None:  # as Keras: a variable without a gradient is neither updated nor decayed
             continue
         p = _state_array(p, f"params[{i}]", device)
@@ -683,7 +678,7 @@ def _update(rule: str, params, grads, momentums, velocities, *, step=None, learn
         return norm
     if norms is None:
         norms = cupy.zeros(0, dtype=ndt)
-    return norm, _common.expand_norms(norms, positions, n, cupy)
+    return norm, _common.expand_norms(norms, positions, len(call.params), cupy)
 
 
 _UPDATE_COMMON_ARGS = """
@@ -725,6 +720,7 @@ _UPDATE_COMMON_ARGS = """
       LaunchError: the launch failed.
       clipops.NonFiniteError: nonfinite="raise" and the norm is inf or NaN.
 """
+
 
 def sgd_update(params, grads, momentums=None, *, learning_rate=0.01, momentum=0.0,
                nesterov=False, weight_decay=None, decay_mask=None, global_clipnorm=None,
@@ -772,11 +768,7 @@ def adam_update(params, grads, momentums, velocities, *, step, learning_rate=0.0
     clipops.numpy.adam_update (beta**t as TensorFlow's CPU pow gives it).
 
     Args:
-      params: float32 GPU arrays (the variables), C-contiguous, updated in place:
-        CuPy arrays or any DLPack / ``__cuda_array_interface__`` producer (torch's
-        ``p.data``; the gradients and state likewise), viewed without a copy.
-      grads: one gradient per variable, of its shape (float32, float16 or
-        bfloat16), or None (the variable is left alone, as Keras does).
+      params, grads: as sgd_update (GPU arrays, DLPack producers among them).
       momentums, velocities: Keras' ``momentums`` and ``velocities`` (m and v):
         float32 arrays like params, updated in place (zeros before the first step).
       step: an int t >= 1, this update's number (Keras' ``iterations + 1``), or
@@ -789,8 +781,7 @@ def adam_update(params, grads, momentums, velocities, *, step, learning_rate=0.0
       learning_rate: a number (cast to float32 as Keras does) or a 0-d GPU float
         array (read by the kernel).
       beta_1, beta_2, epsilon: as ``keras.optimizers.Adam`` (Python numbers)."""
-    if momentums is None or velocities is None:
-        raise ValueError("Adam needs momentums and velocities (float32 arrays like params)")
+    _optim.check_adam_state(momentums, velocities)
     return _update("adam", params, grads, momentums, velocities, step=step,
                    weight_decay=weight_decay, decay_mask=decay_mask,
                    global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue,
@@ -817,9 +808,7 @@ def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.
     Args:
       params, grads, momentums, velocities, step, learning_rate, beta_1, beta_2,
         epsilon: as adam_update."""
-    if weight_decay is None:
-        raise ValueError("weight_decay must be a number for AdamW (Keras' default is 0.004); "
-                         "adam_update is AdamW without it")
+    _optim.check_adamw_decay(weight_decay)
     return adam_update(params, grads, momentums, velocities, step=step,
                        learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                        epsilon=epsilon, weight_decay=weight_decay, decay_mask=decay_mask,
@@ -827,10 +816,4 @@ def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.
                        unscale=unscale, nonfinite=nonfinite, return_norms=return_norms)
 
 
-# The Args shared by the three (a docstring must be a literal, so they are appended here;
-# python -OO strips docstrings).
-if sgd_update.__doc__ is not None:
-    sgd_update.__doc__ += _UPDATE_COMMON_ARGS
-    adam_update.__doc__ += _UPDATE_COMMON_ARGS
-    adamw_update.__doc__ += _UPDATE_COMMON_ARGS.replace(
-        "None: no decay.", "Keras' default 0.004;\n        it must be a number.")
+_optim.add_update_docs(sgd_update, adam_update, adamw_update, _UPDATE_COMMON_ARGS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _common
+from . import _common, _optim
 
 __all__ = ["clip_by_global_norm", "global_norm", "clip_by_norm", "clip_by_value"]
 
@@ -265,8 +265,6 @@ def clip_by_value(arrays, clip_value_min, clip_value_max, in_place: bool = False
 
 __all__ += ["sgd_update", "adam_update", "adamw_update"]
 
-_STATE_NAMES = {"param": "params", "grad": "grads", "m": "momentums", "v": "velocities"}
-
 
 def _writable_float32(a, what: str) -> np.ndarray:
     """A variable or state array the update writes in place."""
@@ -281,6 +279,14 @@ def _writable_float32(a, what: str) -> np.ndarray:
     if not a.flags.aligned:
         raise ValueError(f"{what} is not aligned to its 4-byte elements (a view at an odd byte "
                          "offset)")
+    return a
+
+
+def _state_like(x, p: np.ndarray, what: str, pwhat: str) -> np.ndarray:
+    """An optimizer state array of p's shape."""
+    a = _writable_float32(x, what)
+    if a.shape != p.shape:
+        raise ValueError(f"{what} has shape {a.shape}, but {pwhat} has {p.shape}")
     return a
 
 
@@ -307,44 +313,21 @@ def _gradient(g, shape, what: str) -> tuple[np.ndarray, int]:
 def _update(rule: str, params, grads, momentums, velocities, *, weight_decay, decay_mask,
             global_clipnorm, clipnorm, clipvalue, unscale, nonfinite, return_norms, **hyper):
     """The checks and the call shared by sgd_update, adam_update and adamw_update."""
-    from . import _optim
-
-    policy = _common.check_nonfinite(nonfinite)
-    params = _common.check_list(params, "params")
-    grads = _common.check_list(grads, "grads")
-    n = len(params)
-    lists = {"grads": grads}
-    for name, value in (("momentums", momentums), ("velocities", velocities)):
-        if value is not None:
-            lists[name] = _common.check_list(value, name)
-    for name, lst in lists.items():
-        if len(lst) != n:
-            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
-    mode, clip = _optim.clip_choice(global_clipnorm, clipnorm, clipvalue)
-    if unscale is not None and mode not in ("global_norm", "none"):
-        raise ValueError("unscale goes with global_clipnorm or no clip (clipnorm and clipvalue "
-                         "clip each gradient as it is)")
-    u = 1.0 if unscale is None else float(_common.check_unscale(unscale))
-    flags = _optim.decay_flags(weight_decay, decay_mask, n)
-    ms, vs = lists.get("momentums"), lists.get("velocities")
+    call = _optim.check_update_call(
+        params, grads, momentums, velocities, weight_decay=weight_decay, decay_mask=decay_mask,
+        global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue, unscale=unscale,
+        nonfinite=nonfinite)
+    policy, ms, vs, flags = call.policy, call.momentums, call.velocities, call.decay
+    u = 1.0 if unscale is None else float(unscale)
 
     descs, positions, keep = [], [], []
-    for i, (p, g) in enumerate(zip(params, grads)):
+    for i, (p, g) in enumerate(zip(call.params, call.grads)):
         if g is None:  # as Keras: a variable without a gradient is neither updated nor decayed
             continue
         p = _writable_float32(p, f"params[{i}]")
         g, code = _gradient(g, p.shape, f"grads[{i}]")
-        m = v = None
-        if ms is not None:
-            m = _writable_float32(ms[i], f"momentums[{i}]")
-            if m.shape != p.shape:
-                raise ValueError(f"momentums[{i}] has shape {m.shape}, but params[{i}] has "
-                                 f"{p.shape}")
-        if vs is not None:
-            v = _writable_float32(vs[i], f"velocities[{i}]")
-            if v.shape != p.shape:
-                raise ValueError(f"velocities[{i}] has shape {v.shape}, but params[{i}] has "
-                                 f"{p.shape}")
+        m = None if ms is None else _state_like(ms[i], p, f"momentums[{i}]", f"params[{i}]")
+        v = None if vs is None else _state_like(vs[i], p, f"velocities[{i}]", f"params[{i}]")
         keep.append(g)  # a copied gradient lives until the call returns
         descs.append((p.ctypes.data, g.ctypes.data, code, 0 if m is None else m.ctypes.data,
                       0 if v is None else v.ctypes.data, p.size, flags[i]))
@@ -355,7 +338,7 @@ def _update(rule: str, params, grads, momentums, velocities, *, weight_decay, de
     dtype = _common.np_dtype(norm_code)
     norm = np.zeros((), dtype=dtype)
     norms = np.zeros(len(descs), dtype=dtype)
-    args = _optim.update_args(core, rule=rule, clip_mode=mode, clip_value=clip,
+    args = _optim.update_args(core, rule=rule, clip_mode=call.clip_mode, clip_value=call.clip,
                               norm_code=norm_code, unscale=u, skip=policy != "nan",
                               learning_rate=hyper.pop("learning_rate"), weight_decay=weight_decay,
                               **hyper)
@@ -365,15 +348,12 @@ def _update(rule: str, params, grads, momentums, velocities, *, weight_decay, de
     try:
         core.update_cpu(descs, args)
     except ValueError as exc:
-        raise ValueError(_optim.name_tensors(str(exc), positions, _STATE_NAMES)) from None
+        raise ValueError(_optim.name_tensors(str(exc), positions, _optim.STATE_NAMES)) from None
     del keep
     if policy == "raise" and not np.isfinite(norm):
-        msg = _common.nonfinite_message(norm, norms, positions, "grads")
-        raise _common.NonFiniteError(msg.replace(
-            "Nothing was clipped: the outputs are the inputs.",
-            "Nothing was updated: the variables and their state keep their values."))
+        raise _common.NonFiniteError(_optim.nonfinite_update_message(norm, norms, positions))
     if return_norms:
-        return norm, _common.expand_norms(norms, positions, n, np)
+        return norm, _common.expand_norms(norms, positions, len(call.params), np)
     return norm
 
 
@@ -432,10 +412,7 @@ def sgd_update(params, grads, momentums=None, *, learning_rate=0.01, momentum=0.
         updated in place; else None.
       learning_rate: the float32 learning rate (a schedule's value for this step).
       momentum, nesterov: as ``keras.optimizers.SGD``."""
-    if momentum != 0 and momentums is None:
-        raise ValueError("momentum is not 0: pass momentums (float32 arrays like params)")
-    if momentum == 0 and momentums is not None:
-        raise ValueError("momentums are given, but momentum is 0 (Keras keeps none then)")
+    _optim.check_sgd_state(momentum, momentums)
     return _update("sgd", params, grads, momentums, None, weight_decay=weight_decay,
                    decay_mask=decay_mask, global_clipnorm=global_clipnorm, clipnorm=clipnorm,
                    clipvalue=clipvalue, unscale=unscale, nonfinite=nonfinite,
@@ -466,8 +443,7 @@ def adam_update(params, grads, momentums, velocities, *, step, learning_rate=0.0
         arrays like params, updated in place (zeros before the first step).
       step: the number of this update, from 1 (Keras' ``iterations + 1``).
       learning_rate, beta_1, beta_2, epsilon: as ``keras.optimizers.Adam``."""
-    if momentums is None or velocities is None:
-        raise ValueError("Adam needs momentums and velocities (float32 arrays like params)")
+    _optim.check_adam_state(momentums, velocities)
     return _update("adam", params, grads, momentums, velocities, weight_decay=weight_decay,
                    decay_mask=decay_mask, global_clipnorm=global_clipnorm, clipnorm=clipnorm,
                    clipvalue=clipvalue, unscale=unscale, nonfinite=nonfinite,
@@ -488,9 +464,7 @@ def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.
     Args:
       params, grads, momentums, velocities, step, learning_rate, beta_1, beta_2,
         epsilon: as adam_update."""
-    if weight_decay is None:
-        raise ValueError("weight_decay must be a number for AdamW (Keras' default is 0.004); "
-                         "adam_update is AdamW without it")
+    _optim.check_adamw_decay(weight_decay)
     return adam_update(params, grads, momentums, velocities, step=step,
                        learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                        epsilon=epsilon, weight_decay=weight_decay, decay_mask=decay_mask,
@@ -498,10 +472,4 @@ def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.
                        unscale=unscale, nonfinite=nonfinite, return_norms=return_norms)
 
 
-# The Args shared by the three (a docstring must be a literal, so they are appended here;
-# python -OO strips docstrings).
-if sgd_update.__doc__ is not None:
-    sgd_update.__doc__ += _UPDATE_COMMON_ARGS
-    adam_update.__doc__ += _UPDATE_COMMON_ARGS
-    adamw_update.__doc__ += _UPDATE_COMMON_ARGS.replace(
-        "None: no decay.", "Keras' default 0.004; it must be a number.")
+_optim.add_update_docs(sgd_update, adam_update, adamw_update, _UPDATE_COMMON_ARGS)

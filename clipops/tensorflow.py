@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as _tf_ops
 
-from . import _build_info, _common, _driver, _tf_xla
+from . import _build_info, _common, _driver, _optim, _tf_xla
 from . import clip_by_global_norm as _documented_clip, global_norm as _documented_norm
 from . import clip_by_norm as _documented_clip_by_norm, clip_by_value as _documented_clip_by_value
 from . import sgd_update as _documented_sgd_update, adam_update as _documented_adam_update
@@ -579,29 +579,13 @@ def _fused_update_grad(op, *grads):
                       "clipops.global_norm instead")
 
 
-def keras_hyper(rule: str, *, weight_decay=None, momentum=0.0, nesterov=False, beta_1=0.9,
-                beta_2=0.999, epsilon=1e-7) -> dict:
-    """The op's float attrs as Keras 3 rounds them (clipops/_optim.py): float32 of each
-    Python number, ``1 - beta`` taken in double first."""
-    from . import _optim
-
-    h = {"weight_decay": 0.0 if weight_decay is None
-         else _optim.keras_float32(weight_decay, "weight_decay")}
-    if rule == "sgd":
-        h["momentum"] = _optim.keras_float32(momentum, "momentum")
-        h["nesterov"] = bool(nesterov)
-    else:
-        h["one_minus_beta_1"] = _optim.keras_one_minus(beta_1, "beta_1")
-        h["one_minus_beta_2"] = _optim.keras_one_minus(beta_2, "beta_2")
-        h["epsilon"] = _optim.keras_float32(epsilon, "epsilon")
-    return h
+# The op's float attrs as Keras 3 rounds them (clipops.keras takes them from here too).
+keras_hyper = _optim.keras_hyper
 
 
 def _clip_choice(global_clipnorm, clipnorm, clipvalue):
     """(mode, value): Keras' choice (_optim.clip_choice) for Python numbers; a tensor
     threshold is taken as given (its sign cannot be checked while tracing)."""
-    from . import _optim
-
     given = [(n, v) for n, v in (("norm", clipnorm), ("global_norm", global_clipnorm),
                                  ("value", clipvalue)) if v is not None]
     if any(isinstance(v, (tf.Tensor, tf.Variable)) for _, v in given):
@@ -630,33 +614,18 @@ def _update(rule: str, params, grads, momentums, velocities, *, learning_rate, s
             weight_decay, decay_mask, global_clipnorm, clipnorm, clipvalue, unscale, nonfinite,
             return_norms, name):
     """The checks and the call shared by sgd_update, adam_update and adamw_update."""
-    from . import _optim
-
-    policy = _common.check_nonfinite(nonfinite)
-    params = _common.check_list(params, "params")
-    grads = _common.check_list(grads, "grads")
-    n = len(params)
-    lists = {"grads": grads}
-    for what, value in (("momentums", momentums), ("velocities", velocities)):
-        if value is not None:
-            lists[what] = _common.check_list(value, what)
-    for what, lst in lists.items():
-        if len(lst) != n:
-            raise ValueError(f"{what} has {len(lst)} entries for {n} params")
-    mode, clip_value = _clip_choice(global_clipnorm, clipnorm, clipvalue)
-    if unscale is not None:
-        if mode not in ("global_norm", "none"):
-            raise ValueError("unscale goes with global_clipnorm or no clip (clipnorm and clipvalue "
-                             "clip each gradient as it is)")
-        _common.check_unscale(unscale)
-    flags = _optim.decay_flags(weight_decay, decay_mask, n)
+    call = _optim.check_update_call(
+        params, grads, momentums, velocities, weight_decay=weight_decay, decay_mask=decay_mask,
+        global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue, unscale=unscale,
+        nonfinite=nonfinite, choose_clip=_clip_choice)
+    policy, mode, clip_value, flags = call.policy, call.clip_mode, call.clip, call.decay
+    n = len(call.params)
     if rule == "adam" and isinstance(step, (int, np.integer)) and not isinstance(step, bool):
-        if step < 1:
-            raise ValueError(f"step must be >= 1 (the first update is step 1), got {step}")
+        _optim.check_step(step)  # a tensor step is the op's to take
 
     g_in, p_in, m_in, v_in, decay, positions, codes = [], [], [], [], [], [], []
-    ms, vs = lists.get("momentums"), lists.get("velocities")
-    for i, (p, g) in enumerate(zip(params, grads)):
+    ms, vs = call.momentums, call.velocities
+    for i, (p, g) in enumerate(zip(call.params, call.grads)):
         if g is None:  # as Keras: a variable without a gradient is neither updated nor decayed
             continue
         p = _variable(p, f"params[{i}]")
@@ -711,10 +680,8 @@ def _raise_if_not_updated(norm, norms, positions: list):
     eagerly NonFiniteError; in a graph a failed assertion at run time."""
     if tf.executing_eagerly():
         if not np.isfinite(norm.numpy()):
-            msg = _common.nonfinite_message(norm.numpy(), norms.numpy(), positions, "grads")
-            raise _common.NonFiniteError(msg.replace(
-                "Nothing was clipped: the outputs are the inputs.",
-                "Nothing was updated: the variables and their state keep their values."))
+            raise _common.NonFiniteError(_optim.nonfinite_update_message(
+                norm.numpy(), norms.numpy(), positions))
         return norm
     check = tf.debugging.Assert(
         tf.math.is_finite(norm),
@@ -728,10 +695,7 @@ def sgd_update(params, grads, momentums=None, *, learning_rate=0.01, momentum=0.
                nesterov=False, weight_decay=None, decay_mask=None, global_clipnorm=None,
                clipnorm=None, clipvalue=None, unscale=None, nonfinite="nan", return_norms=False,
                name=None):
-    if momentum != 0 and momentums is None:
-        raise ValueError("momentum is not 0: pass momentums (float32 variables like params)")
-    if momentum == 0 and momentums is not None:
-        raise ValueError("momentums are given, but momentum is 0 (Keras keeps none then)")
+    _optim.check_sgd_state(momentum, momentums, "variables")
     hyper = keras_hyper("sgd", weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
     return _update("sgd", params, grads, momentums, None, learning_rate=learning_rate,
                    step=None, hyper=hyper, weight_decay=weight_decay, decay_mask=decay_mask,
@@ -743,8 +707,7 @@ def adam_update(params, grads, momentums, velocities, *, step, learning_rate=0.0
                 beta_2=0.999, epsilon=1e-7, weight_decay=None, decay_mask=None,
                 global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
                 nonfinite="nan", return_norms=False, name=None):
-    if momentums is None or velocities is None:
-        raise ValueError("Adam needs momentums and velocities (float32 variables like params)")
+    _optim.check_adam_state(momentums, velocities, "variables")
     hyper = keras_hyper("adam", weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2,
                         epsilon=epsilon)
     hyper.update(beta_1=beta_1, beta_2=beta_2)  # for the powers; _update takes them out
@@ -758,9 +721,7 @@ def adamw_update(params, grads, momentums, velocities, *, step, learning_rate=0.
                  weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7, decay_mask=None,
                  global_clipnorm=None, clipnorm=None, clipvalue=None, unscale=None,
                  nonfinite="nan", return_norms=False, name=None):
-    if weight_decay is None:
-        raise ValueError("weight_decay must be a number for AdamW (Keras' default is 0.004); "
-                         "adam_update is AdamW without it")
+    _optim.check_adamw_decay(weight_decay)
     return adam_update(params, grads, momentums, velocities, step=step,
                        learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                        weight_decay=weight_decay, decay_mask=decay_mask,

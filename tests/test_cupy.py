@@ -34,12 +34,9 @@ import pytest
 # >2^31-element test needs that memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-try:
-    import cupy
-except ImportError:
-    cupy = None
-
 from conftest import BF16, BOUNDARY_SIZES, CHUNK, assert_close, model_scale, ref_norm
+from cupy_helpers import (HAVE_GPU, cupy, gpu, needs_cupy, nvrtc_skip_reason,
+                          record_table_copies, spin)
 
 if cupy is not None:
     import clipops.cupy as ccp
@@ -48,25 +45,6 @@ if cupy is not None:
     from clipops import _common
 else:
     ccp = _nvrtc = cnp = _common = None
-
-
-def _gpu_status() -> tuple[bool, str]:
-    if cupy is None:
-        return False, "CuPy is not installed (pip install cupy-cuda13x)"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        return False, f"no usable GPU: {exc}"
-    return (n > 0), ("ok" if n > 0 else "no CUDA device")
-
-
-HAVE_GPU, GPU_REASON = _gpu_status()
-needs_cupy = pytest.mark.skipif(cupy is None, reason="CuPy is not installed (pip install cupy-cuda13x)")
-
-
-def gpu(fn):
-    """Marks a test `gpu` and skips it, with the reason, where no GPU is usable."""
-    return pytest.mark.gpu(pytest.mark.skipif(not HAVE_GPU, reason=GPU_REASON)(fn))
 
 
 def _core():
@@ -464,17 +442,7 @@ def nvrtc_launch(monkeypatch):
                            num_regs=70)
     monkeypatch.setattr(_nvrtc, "get_kernel", lambda device: kernel)
     monkeypatch.setattr(_nvrtc.runtime, "getDevice", lambda: 0)
-    pinned = []  # host buffers standing in for CuPy's pinned memory
-
-    def alloc_pinned(n):
-        pinned.append(ctypes.create_string_buffer(max(n, 1)))
-        return SimpleNamespace(ptr=ctypes.addressof(pinned[-1]))
-
-    monkeypatch.setattr(cupy.cuda, "alloc_pinned_memory", alloc_pinned)
-    monkeypatch.setattr(_nvrtc, "_record_event", lambda stream: SimpleNamespace(done=False))
-    monkeypatch.setattr(_nvrtc, "_in_flight", __import__("collections").deque())
-    monkeypatch.setattr(_nvrtc.runtime, "memcpyAsync", lambda dst, src, n, kind, stream: rec[
-        "copies"].append((dst, ctypes.string_at(src, n), kind, stream)))
+    record_table_copies(monkeypatch, rec["copies"])
     c = ctypes
     types = [c.c_uint64, c.c_int, c.c_longlong, c.c_uint64, c.c_int, c.c_int, c.c_double, c.c_uint64,
              c.c_int, c.c_double, c.c_uint64, c.c_uint64]  # clipops_clip_kernel's parameters
@@ -654,18 +622,7 @@ def test_missing_nvrtc_is_clear(monkeypatch):
         _nvrtc.compile_kernel("-arch=sm_90", "cubin")
 
 
-def _nvrtc_skip_reason() -> str | None:
-    if cupy is None:
-        return "CuPy is not installed"
-    try:
-        _nvrtc._nvrtc()
-        _nvrtc.cuda_include_dirs()
-    except _nvrtc.CudaUnavailableError as exc:
-        return f"the NVRTC route cannot build here: {exc}"
-    return None
-
-
-NVRTC_SKIP = _nvrtc_skip_reason()
+NVRTC_SKIP = nvrtc_skip_reason()
 
 
 @pytest.mark.skipif(NVRTC_SKIP is not None, reason=str(NVRTC_SKIP))
@@ -1100,21 +1057,6 @@ def test_bitwise_identical_over_100_runs(route):
 
 # ---- streams --------------------------------------------------------------------
 
-_SPIN = r"""
-extern "C" __global__ void clipops_test_spin(unsigned long long ns) {
-  unsigned long long t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
-}
-"""
-
-
-def _spin(seconds: float) -> None:
-    """Keeps the current stream busy for `seconds` of GPU time."""
-    kernel = cupy.RawKernel(_SPIN, "clipops_test_spin")
-    kernel((1,), (1,), (np.uint64(int(seconds * 1e9)),))
-
-
 def _clip_on_a_busy_stream(host, clip, seconds: float):
     """Clips `host` on a non-blocking stream whose inputs are written ON that
     stream, behind a `seconds`-long kernel, and returns
@@ -1147,7 +1089,7 @@ def _clip_on_a_busy_stream(host, clip, seconds: float):
         ccp.global_norm(dev)
         inputs.fill(0xFF)
         stream.synchronize()
-        _spin(seconds)
+        spin(seconds)
         spun = cupy.cuda.Event()
         spun.record()
         # a device-to-device copy: queued without waiting, unlike one from pageable host memory

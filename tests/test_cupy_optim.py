@@ -23,6 +23,7 @@ On a GPU machine, after `pip install --no-deps --no-build-isolation .`:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -38,11 +39,8 @@ import numpy as np
 import pytest
 
 from conftest import BF16, CHUNK, random_array
-
-try:
-    import cupy
-except ImportError:
-    cupy = None
+from cupy_helpers import (HAVE_GPU, cupy, gpu, needs_cupy, nvrtc_skip_reason,
+                          record_table_copies, spin)
 
 if cupy is not None:
     import clipops.cupy as ccp
@@ -50,25 +48,6 @@ if cupy is not None:
     from clipops import _common, _nvrtc, _optim
 else:
     ccp = cnp = _common = _nvrtc = _optim = None
-
-
-def _gpu_status() -> tuple[bool, str]:
-    if cupy is None:
-        return False, "CuPy is not installed (pip install cupy-cuda13x)"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        return False, f"no usable GPU: {exc}"
-    return (n > 0), ("ok" if n > 0 else "no CUDA device")
-
-
-HAVE_GPU, GPU_REASON = _gpu_status()
-needs_cupy = pytest.mark.skipif(cupy is None, reason="CuPy is not installed (pip install cupy-cuda13x)")
-
-
-def gpu(fn):
-    """Marks a test `gpu` and skips it, with the reason, where no GPU is usable."""
-    return pytest.mark.gpu(pytest.mark.skipif(not HAVE_GPU, reason=GPU_REASON)(fn))
 
 
 def _core():
@@ -601,17 +580,7 @@ def nvrtc_launch(monkeypatch):
                            num_regs=128)
     monkeypatch.setattr(_nvrtc, "get_update_kernel", lambda device: kernel)
     monkeypatch.setattr(_nvrtc.runtime, "getDevice", lambda: 0)
-    pinned = []
-
-    def alloc_pinned(n):
-        pinned.append(ctypes.create_string_buffer(max(n, 1)))
-        return SimpleNamespace(ptr=ctypes.addressof(pinned[-1]))
-
-    monkeypatch.setattr(cupy.cuda, "alloc_pinned_memory", alloc_pinned)
-    monkeypatch.setattr(_nvrtc, "_record_event", lambda stream: SimpleNamespace(done=False))
-    monkeypatch.setattr(_nvrtc, "_in_flight", __import__("collections").deque())
-    monkeypatch.setattr(_nvrtc.runtime, "memcpyAsync", lambda dst, src, n, kind, stream: rec.copies
-                        .append((dst, ctypes.string_at(src, n), kind, stream)))
+    record_table_copies(monkeypatch, rec.copies)
     c = ctypes
     scalars = [c.c_uint64, c.c_uint64, c.c_int, c.c_longlong, c.c_uint64]
 
@@ -817,18 +786,7 @@ def test_route_passes_the_kernel_s_parameter_sizes():
     assert _route_arg_sizes() == [8, 8, 4, 8, 8, 176]
 
 
-def _nvrtc13_skip() -> str | None:
-    if cupy is None:
-        return "CuPy is not installed"
-    try:
-        _nvrtc._nvrtc()
-        _nvrtc.cuda_include_dirs()
-    except _nvrtc.CudaUnavailableError as exc:
-        return f"the NVRTC route cannot build here: {exc}"
-    return None
-
-
-@pytest.mark.skipif(_nvrtc13_skip() is not None, reason=str(_nvrtc13_skip()))
+@pytest.mark.skipif(nvrtc_skip_reason() is not None, reason=str(nvrtc_skip_reason()))
 def test_the_route_s_program_declares_what_the_route_passes(tmp_path, monkeypatch):
     """CuPy's NVRTC (CUDA 13) builds the route's own program (the one cached
     and loaded: _core.KERNEL_PROGRAM) with the route's options; its update
@@ -1398,6 +1356,63 @@ def test_bench_validation_passes_right_and_fails_wrong_implementations(monkeypat
 
 
 @needs_cupy
+def test_bench_runs_each_implementation_of_a_case_into_its_row(monkeypatch, capsys):
+    """bench/gpu.py's loop over a case's implementations (run_impls) and its
+    timing (time_impl, here through measure_optim), with stand-ins for the
+    device: a timed row, a row timed by wall clock only, an invalid one, a
+    missing peer and one whose setup fails are each reported in their row and
+    line, and the timed rows get their bandwidths (add_gbs)."""
+    gpu = _bench_gpu(monkeypatch)
+    monkeypatch.setattr(gpu, "device_times", lambda run, stream, reps: ([2e-6] * reps, True))
+    monkeypatch.setattr(gpu, "count_launches", lambda impl: (1, None))
+    monkeypatch.setattr(gpu, "validate_optim", lambda impl, refs: (
+        {"ok": True} if impl.good else {"ok": False, "why": "3x the tolerance"}))
+    monkeypatch.setattr(gpu, "peer_missing", lambda module: "not installed" if module == "absent"
+                        else None)
+    freed = []
+    monkeypatch.setattr(gpu.cupy, "get_default_memory_pool",
+                        lambda: SimpleNamespace(free_all_blocks=lambda: freed.append(1)))
+    runs = []
+
+    def impl(good=True, on_cupy_stream=True):
+        return SimpleNamespace(run=lambda: runs.append(1), sync=lambda last: None,
+                               restore=lambda: None, on_cupy_stream=on_cupy_stream,
+                               context=contextlib.nullcontext, info={"route": "stand-in"},
+                               good=good)
+
+    def setup_fails():
+        raise RuntimeError("no such device")
+
+    args = SimpleNamespace(warmup=2, reps=7, rounds=3)
+    record = {"results": {}}
+    gpu.run_impls(record, [("ours", impl)],
+                  [("wall", "present", lambda: impl(on_cupy_stream=False)),
+                   ("gone", "absent", None), ("broken", "present", setup_fails),
+                   ("wrong", "present", lambda: impl(good=False))], 10,
+                  lambda maker: maker(),
+                  lambda i: gpu.measure_optim(i, {}, contextlib.nullcontext(), args),
+                  lambda res: f"   launches {res['launches']}")
+    gpu.add_gbs(record, 3200)
+    rows = record["results"]
+    assert list(rows) == ["gone", "ours", "wall", "broken", "wrong"]
+    ours = rows["ours"]
+    assert ours["device_us"] == pytest.approx(2.0) and ours["reps"] == 7
+    assert ours["device_gbs"] == pytest.approx(3200 / 2e-6 / 1e9) and ours["primed"] is True
+    assert ours["launches"] == 1 and ours["route"] == "stand-in" and ours["validation"]["ok"]
+    assert ours["pipelined_us"] > 0 and ours["pipelined_gbs"] > 0
+    assert "device_us" not in rows["wall"] and rows["wall"]["pipelined_us"] > 0
+    assert rows["gone"] == {"skipped": "not installed"}
+    assert rows["broken"]["skipped"].startswith("setup failed: RuntimeError('no such device'")
+    assert rows["wrong"]["invalid"] == "3x the tolerance" and "pipelined_us" not in rows["wrong"]
+    # per timed run: the optimizer's steps, the warm-up, one timed call, reps x rounds pipelined
+    assert len(runs) == 2 * (gpu.OPTIM_STEPS + 2 + 1 + 7 * 3) + gpu.OPTIM_STEPS
+    assert len(freed) == 3  # after every implementation that was set up
+    out = capsys.readouterr().out
+    assert re.search(r"ours\s+device\s+2\.0 us\s+pipelined\s+[\d.]+ us\s+launches 1", out), out
+    assert "gone       skipped: not installed" in out and "wrong      3x the tolerance" in out
+
+
+@needs_cupy
 @pytest.mark.skipif(HAVE_GPU, reason="a GPU is usable here: bench/gpu.py would run")
 def test_bench_gpu_without_a_gpu_exits_with_its_message(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and
@@ -1595,15 +1610,6 @@ def test_gpu_shared_memory_and_wrong_device_are_refused(route, rng):
             ccp.adamw_update([other, dev[0][1]], dev[1], dev[2], dev[3], step=1)
 
 
-_SPIN = r"""
-extern "C" __global__ void clipops_test_spin(unsigned long long ns) {
-  unsigned long long t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
-}
-"""
-
-
 @gpu
 @pytest.mark.parametrize("count", [1, 5000])
 def test_gpu_call_does_not_wait_for_the_gpu(route, rng, count):
@@ -1620,7 +1626,7 @@ def test_gpu_call_does_not_wait_for_the_gpu(route, rng, count):
         warm = (_gpu(params), _gpu(grads), _gpu(ms), _gpu(vs))
         _call(ccp, "adamw", *warm, step=cupy.zeros((), cupy.int64), learning_rate=lr)  # loads
         stream.synchronize()
-        cupy.RawKernel(_SPIN, "clipops_test_spin")((1,), (1,), (np.uint64(2_000_000_000),))
+        spin(2.0)
         spun = cupy.cuda.Event()
         spun.record()
         t0 = time.perf_counter()

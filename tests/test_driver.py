@@ -1064,29 +1064,44 @@ def test_config_follows_the_environment(tmp_path, monkeypatch):
 
 # ---- on a GPU ---------------------------------------------------------------------------
 
-@pytest.mark.gpu
-def test_the_driver_route_on_a_gpu_gives_the_cpu_kernel_s_bits(tmp_path):
-    """The TF op's GPU route without TF (the device machines have none): the
-    same launcher, here with whichever NVRTC the machine has."""
-    import ctypes
-
-    import numpy as np
-
+def _driver_route_on_a_gpu(cache_dir):
+    """CuPy, with the driver route configured to run on this machine's GPU
+    (whichever NVRTC it has; the cache in cache_dir); skips without a GPU."""
     cupy = pytest.importorskip("cupy", reason="needs CuPy to hold the GPU arrays")
     try:
         if cupy.cuda.runtime.getDeviceCount() == 0:
             raise RuntimeError("no device")
     except Exception:
         pytest.skip("needs a CUDA GPU")
-    from clipops import numpy as cnp
-
     candidates = [os.environ.get("CLIPOPS_NVRTC"), _driver.nvrtc_library(), "libnvrtc.so.13",
                   "/usr/local/cuda/lib64/libnvrtc.so"]
-    nvrtc = next((c for c in filter(None, candidates) if _loads(ctypes, c)), None)
+    nvrtc = next((c for c in filter(None, candidates) if _loads(c)), None)
     if nvrtc is None:
         pytest.fail(f"no NVRTC could be loaded from {candidates}")
     _core.configure_driver(nvrtc, "libcuda.so.1", list(_driver.include_dirs()),
-                           str(_driver.kernel_dir()), str(tmp_path))
+                           str(_driver.kernel_dir()), str(cache_dir))
+    return cupy
+
+
+def _loads(path: str) -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL(path)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.gpu
+def test_the_driver_route_on_a_gpu_gives_the_cpu_kernel_s_bits(tmp_path):
+    """The TF op's GPU route without TF (the device machines have none): the
+    same launcher, here with whichever NVRTC the machine has."""
+    import numpy as np
+
+    cupy = _driver_route_on_a_gpu(tmp_path)
+    from clipops import numpy as cnp
+
     rng = np.random.default_rng(7)
     host = [rng.standard_normal(n).astype(dt) * 3
             for n, dt in ((3, np.float32), (CHUNK + 1, np.float32), (700, np.float16),
@@ -1112,23 +1127,9 @@ def test_the_driver_route_on_a_gpu_gives_the_cpu_kernel_s_bits(tmp_path):
 def test_update_driver_on_a_gpu_gives_the_cpu_kernel_s_bits(tmp_path):
     """The TF op's GPU route of the fused update (update_driver) without TF: AdamW with a
     global clip, every scalar a device pointer, against update_cpu on the same inputs."""
-    import ctypes
-
     import numpy as np
 
-    cupy = pytest.importorskip("cupy", reason="needs CuPy to hold the GPU arrays")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            raise RuntimeError("no device")
-    except Exception:
-        pytest.skip("needs a CUDA GPU")
-    candidates = [os.environ.get("CLIPOPS_NVRTC"), _driver.nvrtc_library(), "libnvrtc.so.13",
-                  "/usr/local/cuda/lib64/libnvrtc.so"]
-    nvrtc = next((c for c in filter(None, candidates) if _loads(ctypes, c)), None)
-    if nvrtc is None:
-        pytest.fail(f"no NVRTC could be loaded from {candidates}")
-    _core.configure_driver(nvrtc, "libcuda.so.1", list(_driver.include_dirs()),
-                           str(_driver.kernel_dir()), str(tmp_path))
+    cupy = _driver_route_on_a_gpu(tmp_path)
     rng = np.random.default_rng(11)
     sizes = (3, CHUNK + 1, 700, 5 * CHUNK - 1)
     host = {k: [rng.standard_normal(n).astype(np.float32) * s for n in sizes]
@@ -1175,11 +1176,3 @@ def test_update_driver_on_a_gpu_gives_the_cpu_kernel_s_bits(tmp_path):
     for k in ("p", "m", "v"):
         for i in range(len(sizes)):
             assert dev[k][i].get().tobytes() == host[k][i].tobytes(), (k, i)
-
-
-def _loads(ctypes, path: str) -> bool:
-    try:
-        ctypes.CDLL(path)
-        return True
-    except OSError:
-        return False

@@ -476,44 +476,66 @@ def test_nvrtc_table_dtype_matches_the_c_struct():
 TEETH = ["no_grid_sync", "no_syncthreads", "find_tensor_off_by_one", "vector_overrun"]
 
 
-@pytest.mark.parametrize("variant", TEETH)
-def test_teeth_a_broken_kernel_fails(rng, variant):
-    """Each variant (CMake CLIPOPS_EMULATION_TEETH=ON) breaks the kernel one
-    way; the checks above must catch it in some thread or block order."""
+def teeth_module(variant: str):
+    """The emulation built with a broken kernel (clipops._emulation_teeth_<variant>),
+    on a 3-block device; skips where the variants were not built."""
     try:
         mod = importlib.import_module(f"clipops._emulation_teeth_{variant}")
     except ImportError:
         pytest.skip("the teeth variants are built with CLIPOPS_EMULATION_TEETH=ON (CI does)")
     sms, per_sm = RESIDENT[3]
     mod.set_device(mod.device(sms, per_sm))
-    arrays = sized_list(rng, 13, [np.float32, np.float16])
+    return mod
+
+
+def failures_in_each_order(mod, check) -> list[str]:
+    """check() under forward, reverse and random thread and block orders; the
+    first line of each failure (an AssertionError or the launch's RuntimeError)."""
     failures = []
     for threads, blocks in [("forward", "forward"), ("reverse", "reverse"), ("random", "random")]:
         mod.configure(thread_order=threads, block_order=blocks, seed=5)
         try:
-            assert_same_bits(arrays, ref_norm(arrays) * 0.5, mod=mod)
+            check()
         except (AssertionError, RuntimeError) as exc:
             failures.append(f"{threads}/{blocks}: {str(exc).splitlines()[0]}")
-    assert failures, f"the {variant} kernel passed every check"
+    return failures
 
 
-def test_teeth_vector_overrun_is_an_address_sanitizer_report():
-    """In the sanitizer build (CI: LD_PRELOAD of libasan), the over-reading
-    variant on exactly sized tensors is stopped by AddressSanitizer."""
+def assert_address_sanitizer_stops(script: str) -> None:
+    """In the sanitizer build (.ci/run: LD_PRELOAD of libasan), `script` (run
+    from tests/ with the vector_overrun variant) ends in AddressSanitizer's
+    heap-buffer-overflow report; skips elsewhere."""
     if "libasan" not in os.environ.get("LD_PRELOAD", ""):
         pytest.skip("needs the AddressSanitizer build, run by .ci/run")
     try:
         importlib.import_module("clipops._emulation_teeth_vector_overrun")
     except ImportError:
         pytest.skip("the teeth variants are built with CLIPOPS_EMULATION_TEETH=ON (CI does)")
-    script = ("import numpy as np, test_emulation as T\n"
-              "from clipops import _emulation_teeth_vector_overrun as mod\n"
-              "arrays = [np.ones(1027, np.float32), np.ones(5, np.float32)]\n"
-              "T.run(arrays, 1.0, exact=True, mod=mod)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=os.path.dirname(__file__), timeout=300)
     assert proc.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("variant", TEETH)
+def test_teeth_a_broken_kernel_fails(rng, variant):
+    """Each variant (CMake CLIPOPS_EMULATION_TEETH=ON) breaks the kernel one
+    way; the checks above must catch it in some thread or block order."""
+    mod = teeth_module(variant)
+    arrays = sized_list(rng, 13, [np.float32, np.float16])
+    failures = failures_in_each_order(
+        mod, lambda: assert_same_bits(arrays, ref_norm(arrays) * 0.5, mod=mod))
+    assert failures, f"the {variant} kernel passed every check"
+
+
+def test_teeth_vector_overrun_is_an_address_sanitizer_report():
+    """In the sanitizer build (CI: LD_PRELOAD of libasan), the over-reading
+    variant on exactly sized tensors is stopped by AddressSanitizer."""
+    assert_address_sanitizer_stops(
+        "import numpy as np, test_emulation as T\n"
+        "from clipops import _emulation_teeth_vector_overrun as mod\n"
+        "arrays = [np.ones(1027, np.float32), np.ones(5, np.float32)]\n"
+        "T.run(arrays, 1.0, exact=True, mod=mod)\n")
 
 
 # ---- gradient health: per-tensor norms and the non-finite policy -----------------

@@ -6,17 +6,16 @@ and the deliberately broken variants (CLIPOPS_EMULATION_TEETH) fail."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from clipops import _common, _core, _optim
 from conftest import BF16, CHUNK, random_array
-from test_emulation import RESIDENT, check_guards, place, use_device
+from test_emulation import (RESIDENT, assert_address_sanitizer_stops, check_guards,
+                            default_emulation, failures_in_each_order, place, teeth_module,
+                            use_device)
+
+assert default_emulation  # an autouse fixture (imported so that it applies here too)
 
 emu = pytest.importorskip(
     "clipops._emulation",
@@ -160,14 +159,6 @@ def assert_same_bits(case, mod=emu, **kw):
         assert g == w, f"{name} differs from the CPU kernel's"
 
 
-@pytest.fixture(autouse=True)
-def default_emulation():
-    emu.configure()
-    use_device(64)
-    yield
-    emu.configure()
-
-
 # ---- bit for bit the CPU kernel's ------------------------------------------------------------
 
 @pytest.mark.parametrize("resident", [1, 3, 64])
@@ -298,42 +289,22 @@ TEETH = ["optim_no_grid_sync", "optim_decay_ignored", "optim_swap_mv", "optim_st
 
 @pytest.mark.parametrize("variant", TEETH)
 def test_teeth_a_broken_kernel_fails(rng, variant):
-    try:
-        mod = importlib.import_module(f"clipops._emulation_teeth_{variant}")
-    except ImportError:
-        pytest.skip("the teeth variants are built with CLIPOPS_EMULATION_TEETH=ON (CI does)")
-    sms, per_sm = RESIDENT[3]
-    mod.set_device(mod.device(sms, per_sm))
+    mod = teeth_module(variant)
     # the checks above in one case: a norm to sync on, exclusions from the
     # decay, Adam's m and v, powers from the step counter
     case = Case(rng, "adamw", "global_norm", [np.float32, np.float16],
                 sizes=[5, 1027, CHUNK + 3, 13, 2 * CHUNK], from_step=True)
-    failures = []
-    for threads, blocks in [("forward", "forward"), ("reverse", "reverse"), ("random", "random")]:
-        mod.configure(thread_order=threads, block_order=blocks, seed=5)
-        try:
-            assert_same_bits(case, mod=mod)
-        except (AssertionError, RuntimeError) as exc:
-            failures.append(f"{threads}/{blocks}: {str(exc).splitlines()[0]}")
+    failures = failures_in_each_order(mod, lambda: assert_same_bits(case, mod=mod))
     assert failures, f"the {variant} kernel passed every check"
 
 
 def test_teeth_vector_overrun_in_the_update_is_an_address_sanitizer_report():
     """In the sanitizer build (.ci/run: LD_PRELOAD of libasan), the over-reading
     variant on exactly sized buffers is stopped by AddressSanitizer."""
-    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
-        pytest.skip("needs the AddressSanitizer build, run by .ci/run")
-    try:
-        importlib.import_module("clipops._emulation_teeth_vector_overrun")
-    except ImportError:
-        pytest.skip("the teeth variants are built with CLIPOPS_EMULATION_TEETH=ON (CI does)")
-    script = ("import numpy as np, test_emulation_optim as T\n"
-              "from clipops import _emulation_teeth_vector_overrun as mod\n"
-              "mod.set_device(mod.device(3, 1))\n"
-              "case = T.Case(np.random.default_rng(0), 'adamw', 'global_norm', [np.float32],\n"
-              "              sizes=[1027, 5])\n"
-              "T.run_emulated(case, mod=mod, exact=True)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=os.path.dirname(__file__), timeout=300)
-    assert proc.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in proc.stderr, \
-        proc.stderr[-2000:]
+    assert_address_sanitizer_stops(
+        "import numpy as np, test_emulation_optim as T\n"
+        "from clipops import _emulation_teeth_vector_overrun as mod\n"
+        "mod.set_device(mod.device(3, 1))\n"
+        "case = T.Case(np.random.default_rng(0), 'adamw', 'global_norm', [np.float32],\n"
+        "              sizes=[1027, 5])\n"
+        "T.run_emulated(case, mod=mod, exact=True)\n")

@@ -360,14 +360,13 @@ def test_fused_keeps_state_that_is_not_in_the_config(rng, policy, exclude, preci
                 != fused.trainable_weights[i].numpy()).any(), i
 
 
-def _checkpoint_roundtrip(rng, tmp_path, save_fused: bool, kind: str):
-    """Trains 6 steps with Adam (fused or not), saves, loads into the other kind of model."""
-    steps = 6
-    x, y = data(rng, steps)
-
+def trained_and_fresh(x, y, make_optimizer, save_fused: bool):
+    """(src, dst): an mlp() trained on x, y with make_optimizer() (fused when
+    save_fused), and a fresh one with the other kind of optimizer, built, to
+    load src's checkpoint into."""
     def model(fuse):
         m = mlp()
-        opt = keras.optimizers.Adam(1e-3, global_clipnorm=CLIP)
+        opt = make_optimizer()
         m.compile(optimizer=ck.fused(opt) if fuse else opt, loss="mse")
         return m
 
@@ -375,6 +374,15 @@ def _checkpoint_roundtrip(rng, tmp_path, save_fused: bool, kind: str):
     src.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
     dst = model(not save_fused)
     dst.optimizer.build(dst.trainable_variables)
+    return src, dst
+
+
+def _checkpoint_roundtrip(rng, tmp_path, save_fused: bool, kind: str):
+    """Trains 6 steps with Adam (fused or not), saves, loads into the other kind of model."""
+    steps = 6
+    x, y = data(rng, steps)
+    src, dst = trained_and_fresh(x, y, lambda: keras.optimizers.Adam(1e-3, global_clipnorm=CLIP),
+                                 save_fused)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if kind == "weights.h5":

@@ -34,7 +34,7 @@ if keras.backend.backend() != "tensorflow":
 
 import clipops.keras as ck  # noqa: E402
 from test_keras import (BATCH, MIRRORED_SETUP, NORM_RTOL, U32, _op_counts,  # noqa: E402
-                        _run_python, copy_state, data, mlp, policy)
+                        _run_python, copy_state, data, mlp, policy, trained_and_fresh)
 
 assert policy  # a fixture used below (imported so that pytest finds it here)
 
@@ -380,17 +380,7 @@ def test_checkpoints_interchange(rng, tmp_path, rule, save_fused):
     # the fused update writes Keras' own state variables: a checkpoint of either loads into
     # the other, and both then train on with the same bits
     x, y = data(rng, 3)
-
-    def model(fuse):
-        m = mlp()
-        opt = make_optimizer(rule)
-        m.compile(optimizer=ck.fused(opt) if fuse else opt, loss="mse")
-        return m
-
-    src = model(save_fused)
-    src.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
-    dst = model(not save_fused)
-    dst.optimizer.build(dst.trainable_variables)
+    src, dst = trained_and_fresh(x, y, lambda: make_optimizer(rule), save_fused)
     path = tf.train.Checkpoint(model=src, optimizer=src.optimizer).save(str(tmp_path / "c"))
     tf.train.Checkpoint(model=dst, optimizer=dst.optimizer).restore(path).assert_consumed()
     for a, b in zip(src.weights + src.optimizer.variables, dst.weights + dst.optimizer.variables,

@@ -228,6 +228,29 @@ def keras_optimizer(rule, variables, mask):
     return opt
 
 
+def keras_twin(rng, rule, shapes):
+    """Fresh float32 variables of `shapes` and Keras' own optimizer for `rule` on
+    keras.Variable copies of them, every third variable from the second on
+    excluded from weight decay: (params, variables, mask, opt)."""
+    keras = pytest.importorskip("keras")
+    # np.array: a 0-d shape gives a 0-d array (random_array gives a NumPy scalar then)
+    params = [np.array(random_array(rng, s, np.float32)) for s in shapes]
+    variables = [keras.Variable(p.copy(), name=f"w{i}") for i, p in enumerate(params)]
+    mask = [i % 3 != 1 for i in range(len(params))] if decays(rule) else None
+    return params, variables, mask, keras_optimizer(rule, variables, mask)
+
+
+def step_grads(rng, shapes, grad_dtypes, clip, none_at=None) -> list:
+    """One step's fresh gradients of `shapes` (grad_dtypes in turn), None at
+    none_at; larger where `clip` is clipvalue, so that it binds."""
+    grads = [np.array(random_array(rng, s, grad_dtypes[i % len(grad_dtypes)],
+                                   0.5 if clip[0] != "clipvalue" else 2.0))
+             for i, s in enumerate(shapes)]
+    if none_at is not None:
+        grads[none_at] = None
+    return grads
+
+
 def keras_state(opt, rule, i):
     """Keras' m and v of variable i (None where the rule keeps none)."""
     if RULES[rule][0] == "sgd":
@@ -253,19 +276,10 @@ def keras_check(rng, rule, grad_dtypes, clip, shapes, steps=3, none_at=None, uns
     then Keras' optimizer on its own variables); params, m and v must be equal
     bit for bit after every step."""
     tf = pytest.importorskip("tensorflow")
-    keras = pytest.importorskip("keras")
-    # np.array: a 0-d shape gives a 0-d array (random_array gives a NumPy scalar then)
-    params = [np.array(random_array(rng, s, np.float32)) for s in shapes]
-    variables = [keras.Variable(p.copy(), name=f"w{i}") for i, p in enumerate(params)]
-    mask = [i % 3 != 1 for i in range(len(params))] if decays(rule) else None
-    opt = keras_optimizer(rule, variables, mask)
+    params, variables, mask, opt = keras_twin(rng, rule, shapes)
     ms, vs = fresh_state(rng, rule, params, zeros=True)  # Keras' state starts at zero
     for step in range(1, steps + 1):
-        grads = [np.array(random_array(rng, s, grad_dtypes[i % len(grad_dtypes)],
-                                       0.5 if clip[0] != "clipvalue" else 2.0))
-                 for i, s in enumerate(shapes)]
-        if none_at is not None:
-            grads[none_at] = None
+        grads = step_grads(rng, shapes, grad_dtypes, clip, none_at)
         clip_kw = {clip[0]: clip[1]} if clip[0] != "none" else {}
         if unscale is not None:
             clip_kw["unscale"] = unscale

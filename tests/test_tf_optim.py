@@ -22,23 +22,11 @@ import clipops  # noqa: E402
 import clipops.numpy as cn  # noqa: E402
 import clipops.tensorflow as ct  # noqa: E402
 from conftest import BF16, CHUNK, random_array, ref_norm  # noqa: E402
-from test_optim import RULES, grad_error, hyper, ref_step  # noqa: E402  (the float64 reference)
+from test_optim import (RULES, decays, grad_error, has_m, has_v, hyper,  # noqa: E402
+                        keras_state, keras_twin, ref_step, step_grads)  # the rules, float64 reference
 
 GRAD_DTYPES = [np.float32, np.float16] + ([BF16] if BF16 is not None else [])
 SHAPES = [(3, 4), (1,), (5,), (1023,), (CHUNK + 1,), (2, 3, 7), ()]
-
-
-def has_m(rule):
-    fn, kw = RULES[rule]
-    return fn != "sgd" or kw.get("momentum", 0) != 0
-
-
-def has_v(rule):
-    return RULES[rule][0] != "sgd"
-
-
-def decays(rule):
-    return "weight_decay" in RULES[rule][1]
 
 
 def same_bits(a, b) -> bool:
@@ -72,25 +60,6 @@ def fused(rule, state, grads, step, mask=None, **extra):
                                             **kw)
 
 
-def keras_optimizer(rule, variables, mask):
-    """Keras' own optimizer for `rule`, no clip (the test clips with clipops), with `mask`'s
-    weight-decay exclusions, built on `variables`."""
-    fn, kw = RULES[rule]
-    cls = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam,
-           "adamw": keras.optimizers.AdamW}[fn]
-    opt = cls(**kw)
-    if mask is not None:
-        opt.exclude_from_weight_decay(var_list=[v for v, keep in zip(variables, mask) if not keep])
-    opt.build(variables)
-    return opt
-
-
-def keras_state(opt, rule, i):
-    if RULES[rule][0] == "sgd":
-        return (opt.momentums[i].numpy() if has_m(rule) else None), None
-    return opt._momentums[i].numpy(), opt._velocities[i].numpy()
-
-
 def clipped_by_clipops(grads, clip, unscale=None):
     """The gradients Keras is given: clipops' own clip of them (TF front end)."""
     kind, value = clip
@@ -112,17 +81,11 @@ def keras_check(rng, rule, grad_dtypes, clip, shapes=SHAPES, steps=3, none_at=No
     """`steps` updates of fresh gradients by ours (tf.Variables) and by Keras (clipops' clip,
     then Keras' optimizer, eagerly, on its own variables): params, m and v equal bit for bit
     after every step, and the returned norm clipops.global_norm's."""
-    params = [np.array(random_array(rng, s, np.float32)) for s in shapes]
-    variables = [keras.Variable(p.copy(), name=f"w{i}") for i, p in enumerate(params)]
-    mask = [i % 3 != 1 for i in range(len(params))] if decays(rule) else None
-    opt = keras_optimizer(rule, variables, mask)
+    params, variables, mask, opt = keras_twin(rng, rule, shapes)
     state = State(rule, params)
     for step in range(1, steps + 1):
-        grads = [tf.constant(random_array(rng, s, grad_dtypes[i % len(grad_dtypes)],
-                                          0.5 if clip[0] != "clipvalue" else 2.0))
-                 for i, s in enumerate(shapes)]
-        if none_at is not None:
-            grads[none_at] = None
+        grads = [None if g is None else tf.constant(g)
+                 for g in step_grads(rng, shapes, grad_dtypes, clip, none_at)]
         clip_kw = {clip[0]: clip[1]} if clip[0] != "none" else {}
         if unscale is not None:
             clip_kw["unscale"] = unscale
@@ -523,10 +486,7 @@ def test_xla_route_gives_keras_own_xla_bits(rng, rule):
     compiles both alike (FMA contractions included): bit for bit equal to Keras' optimizer
     under XLA applied to clipops' clipped gradients, unclipped and clipped steps."""
     shapes = [(3, 4), (1023,), (CHUNK + 1,), ()]
-    params = [np.array(random_array(rng, s, np.float32)) for s in shapes]
-    variables = [keras.Variable(p.copy(), name=f"w{i}") for i, p in enumerate(params)]
-    mask = [i % 3 != 1 for i in range(len(params))] if decays(rule) else None
-    opt = keras_optimizer(rule, variables, mask)
+    params, variables, mask, opt = keras_twin(rng, rule, shapes)
     state = State(rule, params)
     iterations = tf.Variable(0, dtype=tf.int64)
 

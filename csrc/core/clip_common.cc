@@ -14,6 +14,7 @@
 
 #include "clip_launch.h"
 #include "clipops.h"
+#include "overlap.h"
 
 namespace clipops {
 
@@ -54,31 +55,20 @@ std::string label(int index) {
   }
 }
 
-struct Range {
-  uintptr_t begin, end;
-  int index;     // a tensor, or one of the scalar labels above
-  bool written;  // an output, an input clipped in place, or norm_out
-};
+// A range's owner is a tensor or one of the scalar labels above; it is written
+// when it is an output, an input clipped in place, or norm_out.
+using detail::MemRange;
 
-Range range_of(const void* p, size_t bytes, int index, bool written) {
-  const auto b = reinterpret_cast<uintptr_t>(p);
-  return {b, b + bytes, index, written};
-}
-
-bool overlap(const Range& a, const Range& b) { return a.begin < b.end && b.begin < a.end; }
-
-Status conflict(const Range& a, const Range& b) {
-  return Status::Error(label(a.index) + " and " + label(b.index) +
-                       " share memory that would be written; pass each buffer once, "
-                       "and outputs that alias nothing else");
+MemRange range_of(const void* p, size_t bytes, int index, bool written) {
+  return detail::mem_range(p, bytes, index, 0, written);
 }
 
 // The scalars the kernel reads through pointers and the norm it writes. Every
 // block reads clip_norm/use_norm after block 0 has stored the norm, so norm_out
 // must not alias them (checked even when the caller vouches for its tensors).
-std::vector<Range> scalar_ranges(const ClipArgs& args, int num_tensors) {
+std::vector<MemRange> scalar_ranges(const ClipArgs& args, int num_tensors) {
   const size_t bytes = static_cast<size_t>(detail::dtype_size(args.norm_dtype));
-  std::vector<Range> r;
+  std::vector<MemRange> r;
   if (args.clip_norm.device_ptr != nullptr && args.scale)
     r.push_back(range_of(args.clip_norm.device_ptr, bytes, kClipNorm, false));
   if (args.use_norm.device_ptr != nullptr && args.has_use_norm)
@@ -99,21 +89,12 @@ std::vector<Range> scalar_ranges(const ClipArgs& args, int num_tensors) {
 
 // A written range must not overlap any other range: scaling one tensor would
 // change another's data mid-call. Read-only ranges may share memory.
-Status check_overlaps(std::vector<Range> ranges) {
-  std::sort(ranges.begin(), ranges.end(),
-            [](const Range& a, const Range& b) { return a.begin < b.begin; });
-  // Sweep in address order, remembering the furthest end of any earlier range
-  // and of any earlier written range: an overlap with either is a conflict.
-  const Range* far_any = nullptr;
-  const Range* far_written = nullptr;
-  for (const Range& r : ranges) {
-    if (r.begin == r.end) continue;
-    if (far_written != nullptr && r.begin < far_written->end) return conflict(*far_written, r);
-    if (r.written && far_any != nullptr && r.begin < far_any->end) return conflict(*far_any, r);
-    if (far_any == nullptr || r.end > far_any->end) far_any = &r;
-    if (r.written && (far_written == nullptr || r.end > far_written->end)) far_written = &r;
-  }
-  return Status::Ok();
+Status check_overlaps(std::vector<MemRange> ranges) {
+  MemRange a, b;
+  if (!detail::find_written_overlap(std::move(ranges), &a, &b)) return Status::Ok();
+  return Status::Error(label(a.owner) + " and " + label(b.owner) +
+                       " share memory that would be written; pass each buffer once, "
+                       "and outputs that alias nothing else");
 }
 
 }  // namespace
@@ -155,12 +136,10 @@ Status validate(const TensorDesc* tensors, int num_tensors, const ClipArgs& args
       return Status::Error(where(i) + "the data is not aligned to its " + std::to_string(size) +
                            "-byte elements; copy it to an aligned array first");
   }
-  std::vector<Range> ranges = scalar_ranges(args, num_tensors);
-  for (size_t a = 0; a < ranges.size(); ++a)
-    for (size_t b = a + 1; b < ranges.size(); ++b)
-      if ((ranges[a].written || ranges[b].written) && overlap(ranges[a], ranges[b]))
-        return conflict(ranges[a], ranges[b]);
-  if (!args.check_overlap) return Status::Ok();
+  // The scalars first, and always: the caller vouches for its tensors only.
+  std::vector<MemRange> ranges = scalar_ranges(args, num_tensors);
+  Status status = check_overlaps(ranges);
+  if (!status.ok() || !args.check_overlap) return status;
   for (int i = 0; i < num_tensors; ++i) {
     const TensorDesc& t = tensors[i];
     const size_t bytes = static_cast<size_t>(t.numel) * detail::dtype_size(t.dtype);

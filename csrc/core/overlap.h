@@ -1,6 +1,6 @@
 // Which buffers of a call share memory that is written: a sweep over address
-// ranges. Used by validate_update (optim_common.cc); clip_common.cc's
-// check_overlaps is the same sweep and can move onto this header.
+// ranges, used by the clip's validate (clip_common.cc) and validate_update
+// (optim_common.cc).
 #pragma once
 
 #include <algorithm>
@@ -25,10 +25,12 @@ inline MemRange mem_range(const void* p, size_t bytes, int owner, int part, bool
 
 // Finds two ranges that share memory where at least one is written (empty
 // ranges share nothing; read-only ranges may overlap). Returns false when there
-// are none; else true with the pair in *a and *b.
+// are none; else true with the pair in *a and *b, the lower address first (for
+// ranges that start together, the one given first: the error names them in
+// the caller's order on every platform).
 inline bool find_written_overlap(std::vector<MemRange> ranges, MemRange* a, MemRange* b) {
-  std::sort(ranges.begin(), ranges.end(),
-            [](const MemRange& x, const MemRange& y) { return x.begin < y.begin; });
+  std::stable_sort(ranges.begin(), ranges.end(),
+                   [](const MemRange& x, const MemRange& y) { return x.begin < y.begin; });
   // In address order, remember the furthest end of any earlier range and of any
   // earlier written range: an overlap with either is a conflict.
   const MemRange* far_any = nullptr;

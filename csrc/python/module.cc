@@ -7,7 +7,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cstring>
 #include <new>
 #include <optional>
 #include <string>
@@ -45,6 +44,21 @@ void launch(const std::vector<Desc>& descs, int norm_dtype, bool scale, double c
   {
     py::gil_scoped_release release;
     s = kLauncher(t.data(), static_cast<int>(t.size()), args, reinterpret_cast<void*>(workspace),
+                  workspace_bytes, reinterpret_cast<Stream>(stream));
+  }
+  raise_if_error(s);
+}
+
+// update_cuda and update_driver: the fused update's launchers, likewise.
+template <auto kLauncher, typename Stream>
+void launch_update(const std::vector<clipops_py::ParamTuple>& params,
+                   const clipops::UpdateArgs& args, uintptr_t workspace, size_t workspace_bytes,
+                   uintptr_t stream) {
+  const auto d = clipops_py::to_param_descs(params);
+  clipops::Status s;
+  {
+    py::gil_scoped_release release;
+    s = kLauncher(d.data(), static_cast<int>(d.size()), args, reinterpret_cast<void*>(workspace),
                   workspace_bytes, reinterpret_cast<Stream>(stream));
   }
   raise_if_error(s);
@@ -502,68 +516,37 @@ PYBIND11_MODULE(_core, m) {
         return clipops::update_cuda_workspace_bytes(d.data(), static_cast<int>(d.size()));
       },
       py::arg("params"), "Device workspace bytes update_cuda needs for this list.");
-  m.def(
-      "update_cuda",
-      [](const std::vector<clipops_py::ParamTuple>& params, const clipops::UpdateArgs& args,
-         uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
-        const auto d = clipops_py::to_param_descs(params);
-        clipops::Status s;
-        {
-          py::gil_scoped_release release;
-          s = clipops::update_cuda(d.data(), static_cast<int>(d.size()), args,
-                                   reinterpret_cast<void*>(workspace), workspace_bytes,
-                                   reinterpret_cast<cudaStream_t>(stream));
-        }
-        raise_if_error(s);
-      },
-      py::arg("params"), py::arg("args"), py::arg("workspace"), py::arg("workspace_bytes"),
-      py::arg("stream"),
-      "The fused update as one cooperative launch on `stream` over device buffers; never waits.");
+  m.def("update_cuda", &launch_update<clipops::update_cuda, cudaStream_t>, py::arg("params"),
+        py::arg("args"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+        "The fused update as one cooperative launch on `stream` over device buffers; never waits.");
   // The NVRTC route (clipops/_nvrtc.py) launches the update kernel itself; it
-  // takes the checks and the kernel's inputs from here, the functions
-  // optim_cuda.cu uses, so that no layout is written twice.
+  // takes the checks and the kernel's inputs from here, from the function both
+  // C++ launchers use (prepare_update_launch), so that no layout is written twice.
   m.def(
       "update_launch_layout",
-      [](const std::vector<clipops_py::ParamTuple>& params, const clipops::UpdateArgs& args) {
+      [](const std::vector<clipops_py::ParamTuple>& params, const clipops::UpdateArgs& args,
+         uintptr_t workspace, size_t workspace_bytes) {
         const auto d = clipops_py::to_param_descs(params);
         const int n = static_cast<int>(d.size());
-        raise_if_error(clipops::validate_update(d.data(), n, args));
-        std::vector<clipops::detail::TensorEntry> grads;
-        std::vector<clipops::detail::StateEntry> states;
-        const long long items = clipops::detail::build_update_tables(d.data(), n, &grads, &states);
-        // both tables at their workspace offsets, as optim_cuda.cu copies them
-        const size_t states_at = clipops::detail::update_states_offset(n);
-        std::string image(states_at + sizeof(clipops::detail::StateEntry) * n, '\0');
-        if (n > 0) {
-          std::memcpy(&image[0], grads.data(), sizeof(clipops::detail::TensorEntry) * n);
-          std::memcpy(&image[states_at], states.data(), sizeof(clipops::detail::StateEntry) * n);
-        }
+        std::vector<char> image;
+        long long items = 0;
+        raise_if_error(clipops::detail::prepare_update_launch(
+            d.data(), n, args, reinterpret_cast<const void*>(workspace), workspace_bytes, &image,
+            &items));
         const clipops::detail::UpdateParams kernel_params = clipops::detail::update_params(args);
         return py::make_tuple(
-            py::bytes(image), items, states_at, clipops::detail::update_partials_offset(n),
+            py::bytes(image.data(), image.size()), items,
+            clipops::detail::update_states_offset(n), clipops::detail::update_partials_offset(n),
             py::bytes(reinterpret_cast<const char*>(&kernel_params), sizeof kernel_params));
       },
-      py::arg("params"), py::arg("args"),
-      "validate_update, then what update_cuda copies and launches: (table image: the gradients' "
-      "TensorEntry table and the StateEntry table at their workspace offsets, work items, the "
-      "StateEntry table's offset, the partials' offset, the UpdateParams struct as bytes). "
-      "Raises ValueError on invalid input.");
-  m.def(
-      "update_driver",
-      [](const std::vector<clipops_py::ParamTuple>& params, const clipops::UpdateArgs& args,
-         uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
-        const auto d = clipops_py::to_param_descs(params);
-        clipops::Status s;
-        {
-          py::gil_scoped_release release;
-          s = clipops::update_driver(d.data(), static_cast<int>(d.size()), args,
-                                     reinterpret_cast<void*>(workspace), workspace_bytes,
-                                     reinterpret_cast<CUstream>(stream));
-        }
-        raise_if_error(s);
-      },
       py::arg("params"), py::arg("args"), py::arg("workspace"), py::arg("workspace_bytes"),
-      py::arg("stream"),
-      "update_cuda through the driver route (the TF op's GPU route; tests/test_driver.py). "
+      "prepare_update_launch (validate_update, the workspace's size and alignment), then what "
+      "update_cuda copies and launches: (table image: the gradients' TensorEntry table and the "
+      "StateEntry table at their workspace offsets, work items, the StateEntry table's offset, "
+      "the partials' offset, the UpdateParams struct as bytes). Raises ValueError on invalid "
+      "input.");
+  m.def("update_driver", &launch_update<clipops::update_driver, CUstream>, py::arg("params"),
+        py::arg("args"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+        "update_cuda through the driver route (the TF op's GPU route; tests/test_driver.py). "
       "Raises ValueError on invalid input, RuntimeError otherwise.");
 }
