@@ -209,11 +209,14 @@ def headline_png(micro: dict, mnist: dict, path: Path, optim: dict | None = None
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), [r["what"].replace(" (", "\n(") for r in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("TF time / clipops time, same run (> 1: clipops faster); CPU. "
+    ax.set_xlabel("TF time / clipops time, same run (> 1: clipops faster); CPU.\n"
                   f"GPU: {NO_GPU}")
     ax.legend(fontsize=8, loc="lower right")
-    m1, m2 = _machine(micro), _machine(mnist)
-    ax.set_title(f"clip: {machine_line(m1)}\ntraining step: {machine_line(m2)}", fontsize=8)
+    title = [f"clip: {machine_line(_machine(micro))}",
+             f"training step: {machine_line(_machine(mnist))}"]
+    if optim:
+        title.append(f"optimizer step: {machine_line(_machine(optim))}")
+    fig.suptitle("\n".join(title), fontsize=8)   # the whole figure's width: the lines are long
     return save(fig, path)
 
 

@@ -440,6 +440,7 @@ def test_headline_reads_ratios_and_verdicts_from_the_result_files(tmp_path):
     readme.write_text(f"top\n{headline.README_BEGIN}\nstale\n{headline.README_END}\nrest\n")
     rc = headline.main(["--micro", str(tmp_path / "micro.json"), "--mnist",
                         str(tmp_path / "mnist.json"), "--out", str(tmp_path / "out"),
+                        "--optim", str(tmp_path / "absent.json"),  # not the committed one
                         "--docs", str(docs), "--readme", str(readme)])
     assert rc == 0
     md = (tmp_path / "out" / "headline.md").read_text()
@@ -481,7 +482,7 @@ def test_headline_marks_a_smoke_run_and_leaves_docs_without_markers_alone(tmp_pa
     readme.write_text("no markers here either\n")
     rc = headline.main(["--micro", str(tmp_path / "micro.json"), "--mnist",
                         str(tmp_path / "mnist.json"), "--out", str(tmp_path), "--docs", str(docs),
-                        "--readme", str(readme)])
+                        "--optim", str(tmp_path / "absent.json"), "--readme", str(readme)])
     assert rc == 1 and docs.read_text() == "no markers here\n"
     assert readme.read_text() == "no markers here either\n"
     assert "SMOKE" in (tmp_path / "headline.md").read_text()
