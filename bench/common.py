@@ -227,3 +227,29 @@ def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     return path
+
+
+def step_clock():
+    """A Keras callback that times each model.fit step, batch begin to batch end (a CPU step
+    has finished when its function call returns), in ``.times`` (seconds); after the clock
+    stops it reads a fused optimizer's recorded global norm into ``.norms``. Keras and
+    clipops.keras are imported here, after the caller has imported TensorFlow quietly."""
+    import keras
+    import clipops.keras as clipops_keras
+
+    class StepClock(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.times: list[float] = []
+            self.norms: list[float] = []
+            self._t = 0.0
+
+        def on_train_batch_begin(self, batch, logs=None) -> None:
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None) -> None:
+            self.times.append(time.perf_counter() - self._t)
+            if clipops_keras.is_fused(self.model.optimizer):
+                self.norms.append(float(self.model.optimizer.last_global_norm.numpy()))
+
+    return StepClock()

@@ -55,7 +55,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from common import (OUT, import_tensorflow, load_average, machine_info, paired_ci, summarize,
-                    time_calls, wants_verbose, write_json)
+                    step_clock, time_calls, wants_verbose, write_json)
 
 tf, TF_LOG_LINES_HIDDEN = import_tensorflow(verbose=wants_verbose(__name__))
 import keras  # noqa: E402
@@ -518,25 +518,6 @@ FIT_MODES = {"fit": False, "fit-xla": True}  # mode name: jit_compile
 FIT_CLIP = 15.0
 
 
-class _StepClock(keras.callbacks.Callback):
-    """Times each model.fit step (batch begin to batch end; a CPU step has finished when its
-    function call returns) and, after the clock stops, reads clipops' recorded norm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-        self.norms: list[float] = []
-        self._t = 0.0
-
-    def on_train_batch_begin(self, batch, logs=None) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None) -> None:
-        self.times.append(time.perf_counter() - self._t)
-        if clipops_keras.is_fused(self.model.optimizer):
-            self.norms.append(float(self.model.optimizer.last_global_norm.numpy()))
-
-
 def _fit_model(impl: str, jit_compile: bool, init: list[np.ndarray] | None) -> keras.Model:
     """The classic recipe as a Keras model: 784-512-256-10 ReLU, MSE on one-hot, SGD(0.1),
     global_clipnorm 15, clipped by Keras or by clipops.keras.fused."""
@@ -559,7 +540,7 @@ def fit_compare(mode: str, data: mnist_data.MnistData, args: argparse.Namespace)
     keras.utils.set_random_seed(args.seed)
     init = [w.numpy() for w in _fit_model("tf", False, None).weights]  # Keras' default init
     models = {impl: _fit_model(impl, FIT_MODES[mode], init) for impl in IMPLS}
-    clocks = {impl: _StepClock() for impl in IMPLS}
+    clocks = {impl: step_clock() for impl in IMPLS}
     y_all = np.eye(10, dtype=np.float32)[data.y_train]
     per_epoch = len(data.y_train) // BATCH_FIT
     epochs = max(1, -(-args.steps // per_epoch))

@@ -94,7 +94,7 @@ import numpy as np
 from cases import Case, mnist_shapes, resnet50_shapes
 from cases import case as make_case
 from common import (OUT, copy_bandwidth_gbs, import_tensorflow, load_average, machine_info,
-                    paired_ci, summarize, wants_verbose, write_json)
+                    paired_ci, step_clock, summarize, wants_verbose, write_json)
 from report import (Progress, machine_line, ms, pct, pyplot, save, table, verdict,
                     verdict_kind)
 
@@ -735,25 +735,6 @@ def evaluate_targets(cases: dict, fit_rows: list[dict]) -> list[dict]:
 FIT_MODES = {"fit": False, "fit-xla": True}  # mode name: jit_compile
 
 
-class StepClock(keras.callbacks.Callback):
-    """Times each model.fit step, batch begin to batch end (a CPU step has finished
-    when its function call returns); then, untimed, reads a fused optimizer's norm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-        self.norms: list[float] = []
-        self._t = 0.0
-
-    def on_train_batch_begin(self, batch, logs=None) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None) -> None:
-        self.times.append(time.perf_counter() - self._t)
-        if clipops_keras.is_fused(self.model.optimizer):
-            self.norms.append(float(self.model.optimizer.last_global_norm.numpy()))
-
-
 def fit_model(fused: bool, jit_compile: bool, init: list[np.ndarray] | None, clip: float,
               weight_decay: float = WEIGHT_DECAY) -> keras.Model:
     """The MNIST MLP 784-512-256-10 (ReLU), sparse softmax cross-entropy, AdamW(1e-3,
@@ -809,7 +790,7 @@ def fit_compare(mode: str, data, steps: int, seed: int) -> dict:
               "fused": fit_model(True, jit, init, FIT_CLIP)}
     fused_note = "update fused" if _fit_update_fused(models["fused"]) else \
         "clip fused (Keras' own update)"
-    clocks = {k: StepClock() for k in models}
+    clocks = {k: step_clock() for k in models}
     chunk = max(1, min(FIT_CHUNK, steps))
     chunks = -(-steps // chunk) + 1  # the first is warm-up (traces)
     x, y = fit_batches(data.x_train, data.y_train, chunks * chunk, np.random.default_rng(seed))
