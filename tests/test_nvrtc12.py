@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-_nvrtc = pytest.importorskip("clipops._nvrtc", reason="the NVRTC route's options need CuPy")
+_nvrtc = pytest.importorskip("clipops._nvrtc", reason="the NVRTC route's options need CuPy",
+                             exc_type=ImportError)
 
 NVRTC = Path("nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.12")
 # cooperative_groups.h, and the <nv/target> of CCCL it includes
