@@ -836,7 +836,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_json("micro", payload, args.out)
     md_path, png_path = plot.render_all(path)
     print(md_path.read_text())
-    print(f"wrote {path}, {md_path}, {png_path} in {payload['wall_s']:.0f} s")
+    print(f"wrote {path}, {md_path}{f', {png_path}' if png_path else ''} in "
+          f"{payload['wall_s']:.0f} s")
     failed = [n for n, c in cases.items() if not c["validation"]["ok"]]
     if failed:
         print(f"VALIDATION FAILED for {', '.join(failed)}", file=sys.stderr)

@@ -64,8 +64,8 @@ import agreement  # noqa: E402
 import clipops  # noqa: E402
 import clipops.keras as clipops_keras  # noqa: E402
 import mnist_data  # noqa: E402
-from report import (Progress, machine_line, ms, pct, pyplot, save, table, verdict,  # noqa: E402
-                    verdict_kind)
+from report import (Progress, can_plot, machine_line, ms, pct, pyplot, save, table,  # noqa: E402
+                    verdict, verdict_kind)
 
 ClipFn = Callable[..., tuple]
 IMPLS: dict[str, ClipFn] = {"tf": tf.clip_by_global_norm, "clipops": clipops.clip_by_global_norm}
@@ -908,7 +908,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": time.perf_counter() - start}, out_dir)
     (out_dir / "mnist.md").write_text(report_md)
     print("\n" + report_md)
-    if not args.no_plot and pairs:  # drawn from the file just written, as a rerun would
+    if not args.no_plot and pairs and can_plot("mnist_steps.png, mnist_norms.png"):
+        # drawn from the file just written, as a rerun would
         saved = json.loads(json_path.read_text())
         title = f"MNIST training step, TF against clipops: {device}, {machine_line(saved)}"
         steps_png = plot_steps(step_rows(saved["pairs"], saved["fit_rows"]), title,

@@ -95,7 +95,7 @@ from cases import Case, mnist_shapes, resnet50_shapes
 from cases import case as make_case
 from common import (OUT, copy_bandwidth_gbs, import_tensorflow, load_average, machine_info,
                     paired_ci, step_clock, summarize, wants_verbose, write_json)
-from report import (Progress, machine_line, ms, pct, pyplot, save, table, verdict,
+from report import (Progress, can_plot, machine_line, ms, pct, pyplot, save, table, verdict,
                     verdict_kind)
 
 # ---- the step's hyperparameters (Keras' AdamW defaults but the learning rate) --------
@@ -990,7 +990,8 @@ def render_all(json_path: Path, draw: bool = True) -> tuple[Path, Path | None]:
     payload = json.loads(Path(json_path).read_text())
     md = Path(json_path).with_suffix(".md")
     md.write_text(markdown(payload))
-    png = plot(payload, Path(json_path).with_suffix(".png")) if draw else None
+    png = Path(json_path).with_suffix(".png")
+    png = plot(payload, png) if draw and can_plot(png.name) else None
     return md, png
 
 

@@ -57,7 +57,7 @@ import sys
 from pathlib import Path
 
 from report import ms as _ms
-from report import pyplot, save, table
+from report import can_plot, pyplot, save, table
 
 MAIN_IMPLS = ("tf_eager", "tf_function", "tf_xla", "clipops_eager", "clipops_function",
               "numpy", "numpy_inplace", "producer", "tf_function_fwd", "clipops_function_fwd",
@@ -325,12 +325,15 @@ def render_plot(p: dict, png: Path) -> None:
     save(fig, png)
 
 
-def render_all(json_path: Path) -> tuple[Path, Path]:
-    """Reads the JSON file and writes <stem>.md and <stem>.png beside it."""
+def render_all(json_path: Path) -> tuple[Path, Path | None]:
+    """Reads the JSON file and writes <stem>.md and <stem>.png beside it (the png where
+    matplotlib is installed; else None)."""
     json_path = Path(json_path)
     payload = json.loads(json_path.read_text())
     md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
     md.write_text(render_markdown(payload))
+    if not can_plot(png.name):
+        return md, None
     render_plot(payload, png)
     return md, png
 
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the benchmark's JSON file (default: %(default)s)")
     args = p.parse_args(argv)
     for path in render_all(args.json):
-        print(f"wrote {path}")
+        if path is not None:
+            print(f"wrote {path}")
     return 0
 
 

@@ -77,6 +77,18 @@ def verdict_kind(diff: dict | None) -> str | None:
 
 # ---- plots --------------------------------------------------------------------
 
+def can_plot(what: str) -> bool:
+    """Whether matplotlib is installed; if not, says on stderr that `what` is not drawn
+    (the tables and the JSON file are written all the same)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib is not installed: {what} not drawn (pip install matplotlib)",
+              file=sys.stderr)
+        return False
+    return True
+
+
 def pyplot():
     """matplotlib.pyplot drawing to files (no display needed)."""
     import matplotlib
