@@ -53,6 +53,17 @@ def _machine(payload: dict) -> dict:
     return payload.get("machine", payload)
 
 
+def _speedups(results: dict, modes: dict) -> dict:
+    """{mode: TF's (or Keras') median, clipops' median and their ratio} for each mode whose
+    two rows (the peer's, clipops') were both timed."""
+    out = {}
+    for mode, (peer, ours) in modes.items():
+        if peer in results and ours in results:
+            t, o = results[peer]["median_s"], results[ours]["median_s"]
+            out[mode] = {"tf_s": t, "clipops_s": o, "speedup": t / o}
+    return out
+
+
 def clip_rows(micro: dict) -> list[dict]:
     """The clip alone, per case and mode: TF's and clipops' medians and TF / clipops."""
     rows = []
@@ -61,11 +72,7 @@ def clip_rows(micro: dict) -> list[dict]:
         results = (c or {}).get("results") or {}
         row = {"what": f"clip alone, {label} ({c['num_tensors']} tensors, "
                        f"{c['nbytes'] / 1e6:.1f} MB)" if c else f"clip alone, {label}",
-               "modes": {}}
-        for mode, (tf_impl, co_impl) in MODES.items():
-            if tf_impl in results and co_impl in results:
-                t, o = results[tf_impl]["median_s"], results[co_impl]["median_s"]
-                row["modes"][mode] = {"tf_s": t, "clipops_s": o, "speedup": t / o}
+               "modes": _speedups(results, MODES)}
         if row["modes"]:
             rows.append(row)
     return rows
@@ -97,11 +104,7 @@ def optim_rows(optim: dict | None) -> list[dict]:
         c = optim["cases"].get(case) or {}
         results = c.get("results") or {}
         row = {"what": f"{label} ({int(c['numel']) / 1e6:.1f}M params)" if c else label,
-               "modes": {}}
-        for mode, (keras_row, ours) in OPTIM_MODES.items():
-            if keras_row in results and ours in results:
-                t, o = results[keras_row]["median_s"], results[ours]["median_s"]
-                row["modes"][mode] = {"tf_s": t, "clipops_s": o, "speedup": t / o}
+               "modes": _speedups(results, OPTIM_MODES)}
         if row["modes"]:
             rows.append(row)
     for f in optim.get("fit_rows") or []:
